@@ -1,0 +1,93 @@
+"""Causal recurrent beat network: frames of filtered ECG in, per-frame beat classes out.
+
+Every frame (``frame_size`` samples at ``fs`` Hz) goes through a small dense encoder, a
+unidirectional recurrent cell (LSTM, GRU or vanilla RNN) and a linear head over
+``CLASS_NAMES`` (background, N, S, V, F, Q). A beat whose R peak lies in frame ``f`` is
+reported at frame ``f + output_delay_frames``, so the network sees that much signal after
+the R peak before it decides. ``forward(frames, state)`` returns the new state, so a
+stream can be run window by window.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+CLASS_NAMES = ("background", "N", "S", "V", "F", "Q")
+
+State = tuple[Tensor, ...]
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the network; saved in every checkpoint and ONNX file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    fs: float = Field(360.0, gt=0, description="model sampling rate (Hz)")
+    frame_size: int = Field(12, ge=1, description="samples per frame at fs")
+    encoder_dim: int = Field(32, ge=1, description="width of the frame encoder")
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    output_delay_frames: int = Field(8, ge=0, description="frames between an R peak and its output")
+
+    @property
+    def num_classes(self) -> int:
+        return len(CLASS_NAMES)
+
+    @property
+    def output_delay_s(self) -> float:
+        return self.output_delay_frames * self.frame_size / self.fs
+
+
+class BeatNet(nn.Module):
+    """Frame encoder -> recurrent cell -> per-frame class logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Sequential(
+            nn.Linear(config.frame_size, config.encoder_dim), nn.GELU(),
+            nn.Linear(config.encoder_dim, config.encoder_dim), nn.GELU(),
+        )
+        cell_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[config.cell]
+        self.rnn = cell_class(config.encoder_dim, config.hidden_size, num_layers=config.num_layers,
+                              batch_first=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.num_classes)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return ("h", "c") if self.config.cell == "lstm" else ("h",)
+
+    def initial_state(self, batch_size: int) -> State:
+        """Zero state, each tensor of shape (num_layers, batch_size, hidden_size)."""
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        return tuple(torch.zeros(shape) for _ in self.state_names)
+
+    def forward(self, frames: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """Run a batch of frame sequences.
+
+        Args:
+            frames: (batch, time, frame_size) filtered ECG in mV.
+            state: the recurrent state tensors, each (num_layers, batch, hidden_size).
+
+        Returns:
+            (logits of shape (batch, time, num_classes), *new_state).
+        """
+        hidden, new_state = self.run_rnn(frames, state)
+        return (self.head(self.dropout(hidden)), *new_state)
+
+    def run_rnn(self, frames: Tensor, state: State) -> tuple[Tensor, State]:
+        """Encoder and recurrent cell only: hidden outputs (batch, time, hidden_size) and new state."""
+        rnn_state = (state[0], state[1]) if self.config.cell == "lstm" else state[0]
+        hidden, new_state = self.rnn(self.encoder(frames), rnn_state)
+        return hidden, (tuple(new_state) if isinstance(new_state, tuple) else (new_state,))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

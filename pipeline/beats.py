@@ -1,0 +1,109 @@
+"""Beat picking from per-frame class probabilities, carried across window edges.
+
+A beat is a run of consecutive frames whose P(beat) = 1 - P(background) is at least the
+threshold. It is emitted when the run ends: at the frame of highest P(beat), with the
+class whose probability summed over the run is largest. A run that crosses a window
+edge is carried to the next window, so window-by-window picking equals one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class PickedBeats:
+    """Beats picked from a batch of streams; arrays of equal length, one entry per beat.
+
+    Attributes:
+        row: row of the beat's stream in the batch.
+        frame: global frame index (since the stream started) of the output frame with peak P(beat).
+        class_index: index into the model's class names (1..n_classes-1; 0 is background).
+        confidence: summed probability of the chosen class over summed P(beat) in the run (0-1).
+    """
+
+    row: NDArray[np.int64]
+    frame: NDArray[np.int64]
+    class_index: NDArray[np.int64]
+    confidence: NDArray[np.float32]
+
+
+class BeatPickerState:
+    """Run-in-progress state of each stream slot (arrays indexed by slot)."""
+
+    def __init__(self, n_slots: int, n_classes: int) -> None:
+        self.in_run = np.zeros(n_slots, dtype=bool)
+        self.peak_p = np.zeros(n_slots, dtype=np.float32)
+        self.peak_frame = np.zeros(n_slots, dtype=np.int64)
+        self.class_sum = np.zeros((n_slots, n_classes - 1), dtype=np.float32)
+        self.frames_seen = np.zeros(n_slots, dtype=np.int64)
+
+    def reset(self, slots: NDArray[np.int64]) -> None:
+        """Forget the carry-over of these slots (a new or restarted stream)."""
+        self.in_run[slots] = False
+        self.frames_seen[slots] = 0
+
+
+def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArray[np.int64],
+               threshold: float) -> PickedBeats:
+    """Pick the beats that end in this window and update the slots' state in place.
+
+    Args:
+        probs: (n_rows, n_frames, n_classes) per-frame class probabilities, background first.
+        state: per-slot carry-over, updated.
+        slots: state slot of each row.
+        threshold: P(beat) that opens and keeps a run (0-1).
+    """
+    n_frames = probs.shape[1]
+    p_beat = 1.0 - probs[:, :, 0]
+    above = p_beat >= threshold
+    in_run = state.in_run[slots]
+    peak_p = state.peak_p[slots]
+    peak_frame = state.peak_frame[slots]
+    class_sum = state.class_sum[slots]
+    first_frame = state.frames_seen[slots]
+    out: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]] = []
+    for t in range(n_frames):
+        ending = in_run & ~above[:, t]
+        if ending.any():
+            idx = np.flatnonzero(ending)
+            sums = class_sum[idx]
+            best = sums.argmax(axis=1)
+            conf = sums[np.arange(idx.size), best] / np.maximum(sums.sum(axis=1), 1e-9)
+            out.append((idx, peak_frame[idx], best + 1, conf.astype(np.float32)))
+            in_run[idx] = False
+        on = above[:, t]
+        if on.any():
+            idx = np.flatnonzero(on)
+            starting = idx[~in_run[idx]]
+            class_sum[starting] = 0.0
+            peak_p[starting] = -1.0
+            in_run[idx] = True
+            class_sum[idx] += probs[idx, t, 1:]
+            higher = idx[p_beat[idx, t] > peak_p[idx]]
+            peak_p[higher] = p_beat[higher, t]
+            peak_frame[higher] = first_frame[higher] + t
+    state.in_run[slots] = in_run
+    state.peak_p[slots] = peak_p
+    state.peak_frame[slots] = peak_frame
+    state.class_sum[slots] = class_sum
+    state.frames_seen[slots] = first_frame + n_frames
+    if not out:
+        empty = np.zeros(0, dtype=np.int64)
+        return PickedBeats(empty, empty, empty, np.zeros(0, dtype=np.float32))
+    row, frame, cls, conf = (np.concatenate(parts) for parts in zip(*out, strict=True))
+    order = np.lexsort((frame, row))
+    return PickedBeats(row[order], frame[order], cls[order], conf[order].astype(np.float32))
+
+
+def r_peak_time_s(frame: NDArray[np.int64], output_delay_frames: int, frame_size: int,
+                  fs: float) -> NDArray[np.float64]:
+    """R-peak time (s since the stream's first sample) of beats output at global `frame`s.
+
+    The beat's R peak lies `output_delay_frames` earlier; its time is that frame's centre.
+    """
+    r_frame = frame - output_delay_frames
+    return np.asarray((r_frame * frame_size + frame_size / 2) / fs, dtype=np.float64)

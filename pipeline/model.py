@@ -1,0 +1,106 @@
+"""The exported beat model in ONNX Runtime: metadata, state layout and batched steps.
+
+The ONNX file is the single source of truth: the daemon takes the model rate, frame size,
+filter, class names, beat threshold and output delay from its metadata, never from
+constants of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.dsp import FilterSpec
+
+FRAMES_INPUT = "frames"
+PROBS_OUTPUT = "probs"
+STATE_OUT_SUFFIX = "_out"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "ecgmon-lstm.onnx"
+
+
+class ModelError(RuntimeError):
+    """The model file is missing, unreadable or not an ecgmon beat model."""
+
+
+class ModelInfo(BaseModel):
+    """What the daemon needs to know about a model, read from the ONNX metadata."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    version: str
+    fs: float = Field(gt=0, description="model sampling rate (Hz)")
+    frame_size: int = Field(ge=1, description="samples per frame at fs")
+    output_delay_frames: int = Field(ge=0)
+    class_names: tuple[str, ...]
+    beat_threshold: float = Field(gt=0, lt=1)
+    filter: dict[str, Any]
+    config_hash: str = ""
+    training_data: str = ""
+    ds2_metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def filter_spec(self) -> FilterSpec:
+        return FilterSpec(float(self.filter["low_hz"]), float(self.filter["high_hz"]), int(self.filter["order"]))
+
+    @property
+    def frame_s(self) -> float:
+        return self.frame_size / self.fs
+
+    def to_metadata(self) -> dict[str, str]:
+        """ONNX metadata_props: each field JSON-encoded under its own key."""
+        return {key: json.dumps(value) for key, value in self.model_dump(mode="json").items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> ModelInfo:
+        try:
+            return cls.model_validate({key: json.loads(value) for key, value in props.items()})
+        except (ValidationError, json.JSONDecodeError) as err:
+            raise ModelError(f"model metadata is incomplete or invalid: {err}") from err
+
+
+class BeatModel:
+    """One ONNX Runtime session of the beat model, run on batches of streams."""
+
+    def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelError(f"cannot load model {path}: {err}") from err
+        self.info = ModelInfo.from_metadata(dict(self._session.get_modelmeta().custom_metadata_map))
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        if FRAMES_INPUT not in inputs or outputs[0] != PROBS_OUTPUT:
+            raise ModelError(f"{path}: expected input {FRAMES_INPUT!r} and first output {PROBS_OUTPUT!r}")
+        self.state_names = tuple(name for name in inputs if name != FRAMES_INPUT)
+        if outputs[1:] != [name + STATE_OUT_SUFFIX for name in self.state_names]:
+            raise ModelError(f"{path}: state outputs {outputs[1:]} do not match state inputs {self.state_names}")
+        self.state_shapes = tuple(self._state_shape(inputs[name].shape, path) for name in self.state_names)
+
+    @staticmethod
+    def _state_shape(shape: list[Any], path: Path) -> tuple[int, int]:
+        layers, _batch, hidden = shape
+        if not isinstance(layers, int) or not isinstance(hidden, int):
+            raise ModelError(f"{path}: state shape {shape} must be (layers, batch, hidden)")
+        return layers, hidden
+
+    def initial_state(self, n_streams: int) -> list[NDArray[np.float32]]:
+        """Zero state for `n_streams` streams, one array (layers, n_streams, hidden) per state tensor."""
+        return [np.zeros((layers, n_streams, hidden), dtype=np.float32) for layers, hidden in self.state_shapes]
+
+    def run(self, frames: NDArray[np.float32], state: list[NDArray[np.float32]]
+            ) -> tuple[NDArray[np.float32], list[NDArray[np.float32]]]:
+        """One batched step: frames (streams, time, frame_size) in mV -> probs (streams, time, classes)."""
+        feeds = {FRAMES_INPUT: frames, **dict(zip(self.state_names, state, strict=True))}
+        probs, *new_state = self._session.run(None, feeds)
+        return probs, new_state

@@ -1,0 +1,114 @@
+"""Many ECG streams through one beat model, window by window with carried state.
+
+Each stream owns a slot: its DSP state (filter, resampler, framer), its recurrent state
+and its beat-picking carry-over. Windows from many streams are batched into one model
+run (one run per distinct frame count), state gathered from and scattered back to the
+slots. `ecgmon evaluate` and the daemon both go through this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pipeline.beats import BeatPickerState, pick_beats, r_peak_time_s
+from pipeline.dsp import Preprocessor
+from pipeline.model import BeatModel
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One detected beat.
+
+    Attributes:
+        stream_id: the stream it belongs to.
+        time_s: R-peak time (s) since the stream's first sample.
+        class_name: AAMI class ("N", "S", "V", "F", "Q").
+        confidence: the class's share of the beat probability (0-1).
+    """
+
+    stream_id: str
+    time_s: float
+    class_name: str
+    confidence: float
+
+
+class BeatStreams:
+    """Per-stream state in slots, batched inference across streams."""
+
+    def __init__(self, model: BeatModel, capacity: int = 64) -> None:
+        self.model = model
+        self.info = model.info
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        self._preprocessors: dict[str, Preprocessor] = {}
+        self._state = model.initial_state(capacity)
+        self._picker = BeatPickerState(capacity, len(self.info.class_names))
+        self._capacity = capacity
+
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._slot_of
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def open(self, stream_id: str, fs: float) -> None:
+        """Start (or restart from cold) `stream_id`, sampled at `fs` (Hz)."""
+        if stream_id not in self._slot_of:
+            if not self._free:
+                self._grow()
+            self._slot_of[stream_id] = self._free.pop()
+        slot = self._slot_of[stream_id]
+        self._preprocessors[stream_id] = Preprocessor(self.info.filter_spec, fs, self.info.fs, self.info.frame_size)
+        for array in self._state:
+            array[:, slot] = 0.0
+        self._picker.reset(np.array([slot]))
+
+    def close(self, stream_id: str) -> None:
+        """Forget `stream_id` and free its slot."""
+        self._free.append(self._slot_of.pop(stream_id))
+        del self._preprocessors[stream_id]
+
+    def fs_of(self, stream_id: str) -> float:
+        return self._preprocessors[stream_id].fs_in
+
+    def process(self, windows: Sequence[tuple[str, NDArray[np.floating]]]) -> list[Beat]:
+        """Run one window (samples in mV at the stream's fs) of each listed open stream.
+
+        A stream appears at most once per call. Returns the beats completed by these windows.
+        """
+        frames_of = [(stream_id, self._preprocessors[stream_id](samples)) for stream_id, samples in windows]
+        by_length: dict[int, list[tuple[str, NDArray[np.float32]]]] = {}
+        for stream_id, frames in frames_of:
+            if len(frames):
+                by_length.setdefault(len(frames), []).append((stream_id, frames))
+        beats: list[Beat] = []
+        for group in by_length.values():
+            beats.extend(self._run_group(group))
+        return beats
+
+    def _run_group(self, group: list[tuple[str, NDArray[np.float32]]]) -> list[Beat]:
+        ids = [stream_id for stream_id, _ in group]
+        slots = np.array([self._slot_of[stream_id] for stream_id in ids], dtype=np.int64)
+        frames = np.stack([f for _, f in group])
+        probs, new_state = self.model.run(frames, [array[:, slots] for array in self._state])
+        for array, new in zip(self._state, new_state, strict=True):
+            array[:, slots] = new
+        picked = pick_beats(probs, self._picker, slots, self.info.beat_threshold)
+        info = self.info
+        time_s = r_peak_time_s(picked.frame, info.output_delay_frames, info.frame_size, info.fs)
+        return [Beat(ids[row], float(t), info.class_names[c], float(conf))
+                for row, t, c, conf in zip(picked.row, time_s, picked.class_index, picked.confidence, strict=True)]
+
+    def _grow(self) -> None:
+        old = self._capacity
+        self._capacity *= 2
+        self._state = [np.concatenate([a, np.zeros_like(a)], axis=1) for a in self._state]
+        picker = BeatPickerState(self._capacity, len(self.info.class_names))
+        for name in ("in_run", "peak_p", "peak_frame", "class_sum", "frames_seen"):
+            getattr(picker, name)[:old] = getattr(self._picker, name)
+        self._picker = picker
+        self._free.extend(range(self._capacity - 1, old - 1, -1))

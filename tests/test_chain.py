@@ -1,0 +1,150 @@
+"""The whole offline chain on real records: train a tiny model, export ONNX, evaluate it.
+
+Also: PyTorch and ONNX Runtime agree, and streaming in 1 s windows equals one pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wfdb
+
+from models.network import BeatNet, ModelConfig
+from pipeline.cli import main
+from pipeline.dsp import Preprocessor
+from pipeline.model import SHIPPED_MODEL, BeatModel
+from pipeline.streams import BeatStreams
+from train.config import TrainConfig
+from train.data import load_record
+from train.dataset import frame_record
+from train.trainer import load_model, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, physionet: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main(["--log-level", "WARNING", "train", "--config", str(REPO / "configs" / "train-lstm.yaml"),
+                 "--set", "name=tiny", "--set", f"out_dir={out}", "--set", f"data.physionet_dir={physionet}",
+                 "--set", "data.train_records=[mitdb/101, mitdb/208]", "--set", "data.val_records=[mitdb/118]",
+                 "--set", "optim.epochs=2", "--set", "optim.segment_s=60", "--set", "optim.batch_streams=16"])
+    assert code == 0
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run: Path) -> Path:
+    path = tiny_run / "model.onnx"
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(path)]) == 0
+    return path
+
+
+def test_training_writes_checkpoints_with_config(tiny_run: Path) -> None:
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert all(h["grad_norm_max"] > 0 for h in history)
+    net, config, _ = load_model(tiny_run / "last.pt")  # rebuilt from the checkpoint alone
+    assert config.name == "tiny" and isinstance(net, BeatNet)
+
+
+def test_resume_continues_from_last_epoch(tiny_run: Path, tmp_path: Path) -> None:
+    code = main(["--log-level", "WARNING", "train", "--config", str(tiny_run / "config.json"), "--resume",
+                 "--set", "optim.epochs=3"])
+    assert code == 0
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_onnx_metadata(tiny_onnx: Path) -> None:
+    model = BeatModel(tiny_onnx)
+    assert model.info.fs == 360.0 and model.info.frame_size == 12
+    assert model.info.class_names == ("background", "N", "S", "V", "F", "Q")
+    assert model.info.filter["causal"] is True
+    assert model.state_names == ("h", "c")
+    assert "mitdb/101" in model.info.training_data
+
+
+@pytest.mark.parametrize("name", ["100", "208"])
+def test_torch_and_onnx_runtime_agree(tiny_run: Path, tiny_onnx: Path, physionet: Path, name: str) -> None:
+    net, config, _ = load_model(tiny_run / "best.pt")
+    record = load_record(physionet / "mitdb", name)
+    frames = frame_record(record, config.model, config.filter.spec(), 3).frames[:1800]
+    with torch.no_grad():
+        logits, h, c = net(torch.from_numpy(frames)[None], *net.initial_state(1))
+    model = BeatModel(tiny_onnx)
+    probs, (h_onnx, c_onnx) = model.run(frames[None], model.initial_state(1))
+    np.testing.assert_allclose(probs, torch.softmax(logits, -1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(h_onnx, h.numpy(), atol=1e-4)
+    np.testing.assert_allclose(c_onnx, c.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_other_cells_export_and_agree(tmp_path: Path, cell: str) -> None:
+    torch.manual_seed(0)
+    config = TrainConfig(model=ModelConfig(cell=cell, hidden_size=16, num_layers=2))
+    net = BeatNet(config.model).eval()
+    save_checkpoint(tmp_path / "c.pt", net, torch.optim.SGD(net.parameters(), lr=0.1), config, 0, [], 0.0)
+    assert main(["export", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "m.onnx")]) == 0
+    model = BeatModel(tmp_path / "m.onnx")
+    assert model.state_names == ("h",) and model.state_shapes == ((2, 16),)
+    frames = np.random.default_rng(0).normal(size=(3, 50, 12)).astype(np.float32)
+    with torch.no_grad():
+        logits, h = net(torch.from_numpy(frames), *net.initial_state(3))
+    probs, (h_onnx,) = model.run(frames, model.initial_state(3))
+    np.testing.assert_allclose(probs, torch.softmax(logits, -1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(h_onnx, h.numpy(), atol=1e-4)
+
+
+def test_onnx_windows_equal_one_pass(tiny_onnx: Path, physionet: Path) -> None:
+    """Per-frame outputs: 1 s windows with carried state vs one pass over 2 min of record 208."""
+    model = BeatModel(tiny_onnx)
+    record = load_record(physionet / "mitdb", "208")
+    frames = Preprocessor(model.info.filter_spec, record.fs, model.info.fs, model.info.frame_size)(
+        record.signal_mv[: 360 * 120])
+    whole, _ = model.run(frames[None], model.initial_state(1))
+    state = model.initial_state(1)
+    parts = []
+    for t0 in range(0, len(frames), 30):
+        probs, state = model.run(frames[None, t0:t0 + 30], state)
+        parts.append(probs)
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-4)
+
+
+def test_beats_stream_equal_one_pass(physionet: Path) -> None:
+    """Beats of the shipped model: 1 s windows batched with other streams vs one pass."""
+    model = BeatModel(SHIPPED_MODEL)
+    record = load_record(physionet / "mitdb", "208")
+    x = record.signal_mv[: 360 * 120]
+    streams = BeatStreams(model, capacity=2)  # grows to 4 slots on the way
+    for sid in ("one-pass", "windows", "other-a", "other-b"):
+        streams.open(sid, record.fs)
+    one_pass = streams.process([("one-pass", x)])
+    windowed = []
+    for a in range(0, len(x), 360):
+        windowed += streams.process([("windows", x[a:a + 360]), ("other-a", x[a:a + 360] * 0.5),
+                                     ("other-b", np.zeros(360))])
+    mine = [(round(b.time_s, 6), b.class_name) for b in windowed if b.stream_id == "windows"]
+    assert mine == [(round(b.time_s, 6), b.class_name) for b in one_pass]
+    assert len(mine) > 100
+
+
+def test_evaluate_writes_annotations_report_and_plots(tiny_onnx: Path, tiny_run: Path, physionet: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_onnx), "--records", "mitdb/100", "mitdb/231",
+                 "--physionet-dir", str(physionet), "--out", str(out), "--annotator", "tiny",
+                 "--history", str(tiny_run / "history.json")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["record"] for r in report["per_record"]] == ["100", "231"]
+    assert report["gross"]["qrs_se"] > 0.5  # two epochs on two records already find most beats
+    ann = wfdb.rdann(str(out / "annotations" / "100"), "tiny")
+    counts = np.array(report["per_record"][0]["matrix"])
+    assert len(ann.sample) >= counts[:, :5].sum()
+    for png in ("confusion.png", "per_record.png", "training_curves.png"):
+        assert (out / png).stat().st_size > 1000

@@ -1,0 +1,48 @@
+"""Training configs: strict validation naming the key, and the DS2 guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, load_train_config
+from train.trainer import DataLeakError, check_split
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_validate() -> None:
+    configs = sorted((REPO / "configs").glob("train-*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_train_config(path).model.cell in ("lstm", "gru", "rnn")
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  epochs: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_train_config(path)
+
+
+def test_bad_value_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  cell: transformer\n")
+    with pytest.raises(ConfigError, match=r"model\.cell"):
+        load_train_config(path)
+
+
+def test_override_with_unknown_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"model\.hidden"):
+        load_train_config(path, {"model.hidden": 3})
+
+
+@pytest.mark.parametrize("field", ["train_records", "val_records"])
+def test_ds2_never_trains_or_validates(tmp_path: Path, field: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  {field}: [mitdb/101, mitdb/232]\n")
+    with pytest.raises(DataLeakError, match="232"):
+        check_split(load_train_config(path))

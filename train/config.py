@@ -1,0 +1,104 @@
+"""Training configuration: strict (unknown keys and bad values are errors naming the key)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.network import ModelConfig
+from pipeline.dsp import FilterSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilterConfig(Strict):
+    """Causal band-pass applied at the input rate (Hz)."""
+
+    low_hz: float = Field(0.5, gt=0)
+    high_hz: float = Field(40.0, gt=0)
+    order: int = Field(2, ge=1, le=8)
+
+    def spec(self) -> FilterSpec:
+        return FilterSpec(self.low_hz, self.high_hz, self.order)
+
+
+class DataConfig(Strict):
+    """Which records train, validate and test the model."""
+
+    physionet_dir: Path = Path("../shared/physionet")
+    lead: str = "MLII"
+    train_records: list[str] = Field(default_factory=lambda: ["mitdb/DS1"],
+                                     description="'db/record', or 'mitdb/DS1' and 'svdb/all' for whole sets")
+    val_records: list[str] = Field(default_factory=lambda: ["106", "118", "201", "223"],
+                                   description="MIT-BIH DS1 records held out for early stopping")
+    test_records: list[str] = Field(default_factory=lambda: ["mitdb/DS2"])
+
+
+class OptimConfig(Strict):
+    """Truncated BPTT and optimiser settings. Times in seconds of ECG."""
+
+    epochs: int = Field(20, ge=1)
+    batch_streams: int = Field(32, ge=1, description="parallel record segments per batch")
+    segment_s: float = Field(180.0, gt=0, description="length of one stream segment (s)")
+    chunk_s: float = Field(10.0, gt=0, description="truncated BPTT length (s)")
+    warmup_s: float = Field(2.0, ge=0, description="loss ignored at the start of each segment (s)")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables")
+    class_weight_power: float = Field(0.5, ge=0, description="weight of class c = (n_N / n_c) ** power")
+    class_weight_max: float = Field(10.0, ge=1)
+    label_width_frames: int = Field(3, ge=1, description="frames labelled per beat, centred")
+    amplitude_jitter: float = Field(0.2, ge=0, description="random gain 1 +- this per segment")
+    threads: int = Field(2, ge=1)
+    seed: int = 0
+    patience: int | None = Field(6, ge=1, description="stop after this many epochs without a better val score")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (min)")
+
+
+class DecisionConfig(Strict):
+    """Beat picking on the per-frame outputs; exported as model metadata."""
+
+    beat_threshold: float = Field(0.5, gt=0, lt=1, description="P(beat) that opens a beat")
+
+
+class TrainConfig(Strict):
+    name: str = "ecgmon-lstm"
+    model: ModelConfig = ModelConfig()
+    filter: FilterConfig = FilterConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    decision: DecisionConfig = DecisionConfig()
+    out_dir: Path = Path("runs")
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    def hash(self) -> str:
+        """Short stable hash of the whole config (hex)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names each bad key."""
+
+
+def load_train_config(path: Path, overrides: dict[str, object] | None = None) -> TrainConfig:
+    """Load and validate a YAML training config; `overrides` maps dotted keys to values."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path}: {problems}") from err

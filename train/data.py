@@ -1,0 +1,121 @@
+"""PhysioNet records (WFDB): reading, download, AAMI EC57 beat classes and the inter-patient split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import wfdb
+from numpy.typing import NDArray
+from wfdb.io import download
+
+log = logging.getLogger(__name__)
+
+PHYSIONET_INDEX_URL = "https://physionet.org/files/"
+
+# AAMI EC57 classes from MIT-BIH beat symbols (de Chazal et al. 2004); every other symbol is no beat.
+AAMI_CLASS_OF_SYMBOL: dict[str, str] = {
+    **dict.fromkeys("NLRej", "N"),
+    **dict.fromkeys("aSAJ", "S"),
+    **dict.fromkeys("VE", "V"),
+    "F": "F",
+    **dict.fromkeys("/fQ", "Q"),
+}
+
+# de Chazal et al. 2004 inter-patient split of the MIT-BIH Arrhythmia Database.
+DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124",
+       "201", "203", "205", "207", "208", "209", "215", "220", "223", "230")
+DS2 = ("100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212",
+       "213", "214", "219", "221", "222", "228", "231", "232", "233", "234")
+PACED = ("102", "104", "107", "217")
+
+# Versions of the databases this project reads (PhysioNet paths are <db>/<version>).
+DB_VERSIONS = {"mitdb": "1.0.0", "svdb": "1.0.0", "nstdb": "1.0.0", "cudb": "1.0.0"}
+
+
+@dataclass(frozen=True)
+class EcgRecord:
+    """One lead of a WFDB record with its reference beats.
+
+    Attributes:
+        name: record name, e.g. "100".
+        signal_mv: the chosen lead in mV, shape (n_samples,).
+        fs: sampling rate (Hz).
+        sig_name: the chosen lead's name, e.g. "MLII".
+        beat_samples: reference beat positions (samples at fs), AAMI beats only.
+        beat_classes: AAMI class letter of each reference beat ("N", "S", "V", "F", "Q").
+    """
+
+    name: str
+    signal_mv: NDArray[np.float64]
+    fs: float
+    sig_name: str
+    beat_samples: NDArray[np.int64]
+    beat_classes: NDArray[np.str_]
+
+
+def download_records(db: str, records: list[str] | None, dest: Path,
+                     index_url: str = PHYSIONET_INDEX_URL) -> None:
+    """Download WFDB records (header, signal and .atr files) of `db` into `dest` with wfdb.
+
+    Args:
+        db: PhysioNet database slug, e.g. "mitdb".
+        records: record names, or None for every record listed in the database's RECORDS.
+        dest: local folder, created if missing.
+        index_url: PhysioNet files index (a local mirror in tests).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    download.set_db_index_url(index_url)
+    try:
+        pn_dir = f"{db}/{DB_VERSIONS.get(db, '1.0.0')}"
+
+        def fetch(file_name: str) -> None:
+            download.dl_pn_file((file_name, "", pn_dir, str(dest), False, False))
+
+        if records is None:
+            fetch("RECORDS")
+            records = (dest / "RECORDS").read_text().split()
+        for record in records:
+            fetch(f"{record}.hea")
+            header = wfdb.rdheader(str(dest / record))
+            for file_name in sorted(set(header.file_name)):
+                fetch(file_name)
+            fetch(f"{record}.atr")
+    finally:
+        download.set_db_index_url(PHYSIONET_INDEX_URL)
+
+
+def ensure_records(db_dir: Path, records: list[str], db: str | None = None,
+                   index_url: str = PHYSIONET_INDEX_URL) -> None:
+    """Download the `records` missing from `db_dir` (database slug defaults to the folder name)."""
+    missing = [r for r in records if not (db_dir / f"{r}.hea").exists()]
+    if missing:
+        log.info("downloading %d records of %s into %s", len(missing), db or db_dir.name, db_dir)
+        download_records(db or db_dir.name, missing, db_dir, index_url)
+
+
+def list_records(db_dir: Path) -> list[str]:
+    """Record names listed in the folder's RECORDS file."""
+    return (db_dir / "RECORDS").read_text().split()
+
+
+def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord:
+    """Read one lead of a record and its AAMI beats.
+
+    Args:
+        db_dir: folder holding the WFDB files.
+        name: record name.
+        lead: preferred lead name; the first lead is used when the record has no such lead.
+    """
+    path = str(db_dir / name)
+    rec = wfdb.rdrecord(path, physical=True)
+    channel = rec.sig_name.index(lead) if lead in rec.sig_name else 0
+    ann = wfdb.rdann(path, "atr")
+    symbols = np.asarray(ann.symbol)
+    is_beat = np.isin(symbols, list(AAMI_CLASS_OF_SYMBOL))
+    classes = np.asarray([AAMI_CLASS_OF_SYMBOL[s] for s in symbols[is_beat]], dtype=np.str_)
+    signal_mv = np.nan_to_num(rec.p_signal[:, channel].astype(np.float64))
+    return EcgRecord(name=name, signal_mv=signal_mv, fs=float(rec.fs), sig_name=rec.sig_name[channel],
+                     beat_samples=np.asarray(ann.sample[is_beat], dtype=np.int64), beat_classes=classes)

@@ -1,0 +1,87 @@
+"""Training examples: records filtered by the shared DSP, framed, with per-frame beat labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.network import CLASS_NAMES, ModelConfig
+from pipeline.dsp import FilterSpec, Preprocessor
+from train.data import DS1, DS2, EcgRecord, ensure_records, list_records, load_record
+
+
+@dataclass(frozen=True)
+class FramedRecord:
+    """A record as the network sees it.
+
+    Attributes:
+        name: "db/record".
+        frames: (n_frames, frame_size) filtered ECG at the model rate, mV.
+        labels: (n_frames,) class index per output frame (0 = background), already delayed.
+    """
+
+    name: str
+    frames: NDArray[np.float32]
+    labels: NDArray[np.int64]
+
+
+def resolve_records(specs: list[str], default_db: str = "mitdb") -> list[tuple[str, str]]:
+    """Expand record specs into (db, record) pairs.
+
+    A spec is "db/record", a bare MIT-BIH record name, "mitdb/DS1", "mitdb/DS2" or "db/all"
+    (every record in the folder's RECORDS file; resolved by `load_framed`).
+    """
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        db, _, name = spec.rpartition("/")
+        db = db or default_db
+        if name == "DS1":
+            pairs.extend((db, r) for r in DS1)
+        elif name == "DS2":
+            pairs.extend((db, r) for r in DS2)
+        else:
+            pairs.append((db, name))
+    return pairs
+
+
+def expand_all(pairs: list[tuple[str, str]], physionet_dir: Path) -> list[tuple[str, str]]:
+    """Replace ("db", "all") by every record of that database folder."""
+    out: list[tuple[str, str]] = []
+    for db, name in pairs:
+        out.extend((db, r) for r in list_records(physionet_dir / db)) if name == "all" else out.append((db, name))
+    return out
+
+
+def frame_labels(record: EcgRecord, config: ModelConfig, n_frames: int, width: int) -> NDArray[np.int64]:
+    """Per-frame labels: `width` frames centred on each beat's frame, shifted by the output delay."""
+    labels = np.zeros(n_frames, dtype=np.int64)
+    r_frame = np.floor(record.beat_samples / record.fs * config.fs / config.frame_size).astype(np.int64)
+    out_frame = r_frame + config.output_delay_frames
+    class_index = np.array([CLASS_NAMES.index(c) for c in record.beat_classes], dtype=np.int64)
+    for offset in range(-(width // 2), width - width // 2):
+        f = out_frame + offset
+        ok = (f >= 0) & (f < n_frames)
+        labels[f[ok]] = class_index[ok]
+    return labels
+
+
+def frame_record(record: EcgRecord, config: ModelConfig, spec: FilterSpec, label_width: int) -> FramedRecord:
+    """Filter, resample and frame one record with the daemon's DSP, and label its frames."""
+    frames = Preprocessor(spec, record.fs, config.fs, config.frame_size)(record.signal_mv)
+    return FramedRecord(record.name, frames, frame_labels(record, config, len(frames), label_width))
+
+
+def load_framed(specs: list[str], physionet_dir: Path, lead: str, config: ModelConfig, spec: FilterSpec,
+                label_width: int) -> list[FramedRecord]:
+    """Read (downloading when missing) and frame every record named by `specs`."""
+    pairs = expand_all(resolve_records(specs), physionet_dir)
+    out = []
+    for db, name in pairs:
+        ensure_records(physionet_dir / db, [name], db)
+        record = load_record(physionet_dir / db, name, lead)
+        framed = frame_record(record, config, spec, label_width)
+        out.append(FramedRecord(f"{db}/{name}", framed.frames, framed.labels))
+    return out

@@ -1,0 +1,121 @@
+"""Beat-by-beat scoring after ANSI/AAMI EC57.
+
+A detected beat matches a reference beat within 150 ms; beats in the first 5 minutes
+(the learning period) are not scored. Each record yields a 6 x 6 matrix: rows are the
+reference (N, S, V, F, Q, X = no reference beat), columns the detection (N, S, V, F, Q,
+O = missed). Gross statistics sum the matrices over records before dividing.
+
+Class rules: Se_c = TP / (reference c beats, missed ones included); +P_c = TP / (detections
+labelled c, false detections included). As EC57 allows, F beats labelled V do not count
+against V +P, and Q reference beats labelled S or V do not count against S or V +P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+AAMI = ("N", "S", "V", "F", "Q")
+MATCH_WINDOW_S = 0.150
+LEARNING_PERIOD_S = 300.0
+ROWS = (*AAMI, "X")
+COLS = (*AAMI, "O")
+
+
+def match_beats(ref_s: NDArray[np.floating[Any]], det_s: NDArray[np.floating[Any]],
+                window_s: float = MATCH_WINDOW_S) -> NDArray[np.int64]:
+    """For each reference beat (times in s, sorted), the index of its matched detection or -1.
+
+    Greedy in time order: each reference beat takes the nearest unmatched detection within
+    `window_s`, preferring one that is not closer to the next reference beat.
+    """
+    match = np.full(len(ref_s), -1, dtype=np.int64)
+    used = np.zeros(len(det_s), dtype=bool)
+    j = 0
+    for i, t in enumerate(ref_s):
+        while j < len(det_s) and det_s[j] < t - window_s:
+            j += 1
+        best, best_dist = -1, window_s
+        k = j
+        while k < len(det_s) and det_s[k] <= t + window_s:
+            dist = abs(det_s[k] - t)
+            closer_to_next = i + 1 < len(ref_s) and abs(ref_s[i + 1] - det_s[k]) < dist
+            if not used[k] and dist <= best_dist and not closer_to_next:
+                best, best_dist = k, dist
+            k += 1
+        if best >= 0:
+            match[i] = best
+            used[best] = True
+    return match
+
+
+def confusion(ref_s: NDArray[np.floating[Any]], ref_class: NDArray[np.str_],
+              det_s: NDArray[np.floating[Any]], det_class: NDArray[np.str_],
+              skip_s: float = LEARNING_PERIOD_S) -> NDArray[np.int64]:
+    """The 6 x 6 EC57 matrix of one record (rows reference N S V F Q X, columns N S V F Q O)."""
+    matrix = np.zeros((6, 6), dtype=np.int64)
+    match = match_beats(ref_s, det_s)
+    matched = np.zeros(len(det_s), dtype=bool)
+    matched[match[match >= 0]] = True
+    for i, t in enumerate(ref_s):
+        if t < skip_s:
+            continue
+        col = AAMI.index(det_class[match[i]]) if match[i] >= 0 else 5
+        matrix[AAMI.index(ref_class[i]), col] += 1
+    for k in np.flatnonzero(~matched):
+        if det_s[k] >= skip_s:
+            matrix[5, AAMI.index(det_class[k])] += 1
+    return matrix
+
+
+@dataclass(frozen=True)
+class Ec57Stats:
+    """Gross statistics (fractions 0-1) from a summed matrix."""
+
+    matrix: NDArray[np.int64]
+
+    def _ratio(self, num: float, den: float) -> float:
+        return float(num / den) if den else float("nan")
+
+    @property
+    def qrs_se(self) -> float:
+        m = self.matrix
+        return self._ratio(m[:5, :5].sum(), m[:5, :].sum())
+
+    @property
+    def qrs_ppv(self) -> float:
+        m = self.matrix
+        return self._ratio(m[:5, :5].sum(), m[:, :5].sum())
+
+    def se(self, cls: str) -> float:
+        c = AAMI.index(cls)
+        return self._ratio(self.matrix[c, c], self.matrix[c, :].sum())
+
+    def ppv(self, cls: str) -> float:
+        c = AAMI.index(cls)
+        column = self.matrix[:, c].copy()
+        if cls == "V":
+            column[AAMI.index("F")] = 0
+        if cls in ("S", "V"):
+            column[AAMI.index("Q")] = 0
+        return self._ratio(self.matrix[c, c], column.sum())
+
+    def f1(self, cls: str) -> float:
+        se, ppv = self.se(cls), self.ppv(cls)
+        return 2 * se * ppv / (se + ppv) if se + ppv > 0 else 0.0
+
+    @property
+    def macro_f1(self) -> float:
+        """Mean F1 over the classes that have reference beats."""
+        present = [c for c in AAMI if self.matrix[AAMI.index(c), :].sum() > 0]
+        return float(np.mean([self.f1(c) for c in present])) if present else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"qrs_se": self.qrs_se, "qrs_ppv": self.qrs_ppv, "macro_f1": self.macro_f1}
+        for cls in AAMI:
+            out[f"{cls}_se"], out[f"{cls}_ppv"], out[f"{cls}_f1"] = self.se(cls), self.ppv(cls), self.f1(cls)
+        out["matrix"] = {"rows": list(ROWS), "cols": list(COLS), "counts": self.matrix.tolist()}
+        return out

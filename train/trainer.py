@@ -1,0 +1,216 @@
+"""Training loop: stateful truncated BPTT over record segments, early stopping on DS1 validation records.
+
+Each epoch cuts every training record into segments (random start offset), runs
+`batch_streams` segments side by side, chunk by chunk, carrying the recurrent state
+(detached) from one chunk to the next. Checkpoints carry the full config, so a model can be
+rebuilt from the checkpoint alone, and a run can resume from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.network import CLASS_NAMES, BeatNet, count_parameters
+from pipeline.beats import BeatPickerState, pick_beats, r_peak_time_s
+from train.config import TrainConfig
+from train.data import DS2
+from train.dataset import FramedRecord, load_framed, resolve_records
+from train.ec57 import Ec57Stats, confusion
+
+log = logging.getLogger(__name__)
+
+
+class DataLeakError(ValueError):
+    """A DS2 (test) record was named for training or validation."""
+
+
+def check_split(config: TrainConfig) -> None:
+    """DS2 never trains, validates or tunes anything."""
+    for role, specs in (("train", config.data.train_records), ("val", config.data.val_records)):
+        for db, name in resolve_records(specs):
+            if db == "mitdb" and (name in DS2 or name == "DS2"):
+                raise DataLeakError(f"data.{role}_records names MIT-BIH DS2 record {name}: DS2 is test-only")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weights(records: list[FramedRecord], power: float, cap: float) -> Tensor:
+    """Weight of class c = min(cap, (n_N / n_c) ** power); background and N weigh 1."""
+    counts = np.bincount(np.concatenate([r.labels for r in records]), minlength=len(CLASS_NAMES))
+    n_normal = counts[CLASS_NAMES.index("N")]
+    weights = np.ones(len(CLASS_NAMES))
+    for c in range(2, len(CLASS_NAMES)):
+        weights[c] = min(cap, (n_normal / max(counts[c], 1)) ** power)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def segment_batches(records: list[FramedRecord], segment: int, batch: int, jitter: float,
+                    rng: np.random.Generator) -> list[tuple[Tensor, Tensor]]:
+    """One epoch of batches: segments of `segment` frames from random offsets, shuffled."""
+    frames, labels = [], []
+    for record in records:
+        start = int(rng.integers(0, segment)) if len(record.frames) > 2 * segment else 0
+        for s in range(start, len(record.frames) - segment + 1, segment):
+            gain = 1.0 + rng.uniform(-jitter, jitter)
+            frames.append(record.frames[s:s + segment] * gain)
+            labels.append(record.labels[s:s + segment])
+    order = rng.permutation(len(frames))
+    return [(torch.from_numpy(np.stack([frames[i] for i in idx]).astype(np.float32)),
+             torch.from_numpy(np.stack([labels[i] for i in idx])))
+            for idx in np.array_split(order, max(1, len(order) // batch))]
+
+
+@torch.no_grad()
+def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[np.ndarray]:
+    """Per-frame class probabilities of whole records, one pass each."""
+    model.eval()
+    out = []
+    for record in records:
+        logits, *_ = model(torch.from_numpy(record.frames)[None], *model.initial_state(1))
+        out.append(torch.softmax(logits, -1)[0].numpy())
+    return out
+
+
+def score_records(model: BeatNet, records: list[FramedRecord], threshold: float) -> Ec57Stats:
+    """Gross EC57 statistics of `model` on framed records (reference beats taken from their labels)."""
+    cfg = model.config
+    matrix = np.zeros((6, 6), dtype=np.int64)
+    for record, probs in zip(records, predict_probs(model, records), strict=True):
+        picked = pick_beats(probs[None], BeatPickerState(1, len(CLASS_NAMES)), np.array([0]), threshold)
+        det_s = r_peak_time_s(picked.frame, cfg.output_delay_frames, cfg.frame_size, cfg.fs)
+        det_class = np.array([CLASS_NAMES[c] for c in picked.class_index], dtype=np.str_)
+        ref_frame, ref_class = reference_beats(record)
+        ref_s = r_peak_time_s(ref_frame, cfg.output_delay_frames, cfg.frame_size, cfg.fs)
+        matrix += confusion(ref_s, ref_class, det_s, det_class)
+    return Ec57Stats(matrix)
+
+
+def reference_beats(record: FramedRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Centre output frame and class of each labelled beat (labels are runs of one class)."""
+    labels = record.labels
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], labels, [0]))) != 0)
+    starts, ends = edges[:-1], edges[1:]
+    keep = labels[starts] > 0
+    centre = (starts[keep] + ends[keep] - 1) // 2
+    return centre, np.array([CLASS_NAMES[c] for c in labels[centre]], dtype=np.str_)
+
+
+def validation_score(stats: Ec57Stats) -> float:
+    """Mean of QRS F1, S F1 and V F1: what early stopping maximises."""
+    qrs_f1 = 2 * stats.qrs_se * stats.qrs_ppv / max(stats.qrs_se + stats.qrs_ppv, 1e-9)
+    return float(np.nanmean([qrs_f1, stats.f1("S"), stats.f1("V")]))
+
+
+def save_checkpoint(path: Path, model: BeatNet, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    epoch: int, history: list[dict[str, Any]], best_score: float) -> None:
+    torch.save({"config": config.model_dump(mode="json"), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                "best_score": best_score}, path)
+
+
+def load_model(checkpoint: Path) -> tuple[BeatNet, TrainConfig, dict[str, Any]]:
+    """Rebuild the network from a checkpoint alone."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = TrainConfig.model_validate(ckpt["config"])
+    model = BeatNet(config.model)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, config, ckpt
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train per `config`; returns the run folder holding best.pt, last.pt and history.json."""
+    check_split(config)
+    set_seed(config.optim.seed)
+    torch.set_num_threads(config.optim.threads)
+    run_dir = config.out_dir / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    mc, oc, data = config.model, config.optim, config.data
+
+    def load(specs: list[str]) -> list[FramedRecord]:
+        return load_framed(specs, data.physionet_dir, data.lead, mc, config.filter.spec(), oc.label_width_frames)
+
+    train_records, val_records = load(data.train_records), load(data.val_records)
+    log.info("training on %d records, validating on %d", len(train_records), len(val_records))
+    model = BeatNet(mc)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_records, oc.class_weight_power,
+                                                       oc.class_weight_max), reduction="none")
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score, best_epoch = 0, -math.inf, 0
+    if resume and (run_dir / "last.pt").exists():
+        _, _, ckpt = load_model(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, best_score = ckpt["epoch"] + 1, ckpt["history"], ckpt["best_score"]
+        best_epoch = max(history, key=lambda h: h["val_score"])["epoch"]
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    log.info("model: %s, %d parameters", mc.cell, count_parameters(model))
+
+    frames_per_s = mc.fs / mc.frame_size
+    segment, chunk, warmup = (round(s * frames_per_s) for s in (oc.segment_s, oc.chunk_s, oc.warmup_s))
+    total_epochs = oc.epochs
+    started = time.monotonic()
+    for epoch in range(start_epoch, total_epochs):
+        rng = np.random.default_rng(oc.seed + epoch)
+        batches = segment_batches(train_records, segment, oc.batch_streams, oc.amplitude_jitter, rng)
+        lr = oc.lr * 0.5 * (1 + math.cos(math.pi * epoch / total_epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        losses, grad_norms = [], []
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
+        for frames, labels in bar:
+            state = model.initial_state(frames.shape[0])
+            for t0 in range(0, frames.shape[1], chunk):
+                logits, *state_list = model(frames[:, t0:t0 + chunk], *state)
+                state = tuple(s.detach() for s in state_list)
+                per_frame = loss_fn(logits.reshape(-1, logits.shape[-1]), labels[:, t0:t0 + chunk].reshape(-1))
+                mask = (torch.arange(t0, t0 + logits.shape[1]) >= warmup).float().repeat(frames.shape[0])
+                loss = (per_frame * mask).sum() / mask.sum().clamp(min=1)
+                optimizer.zero_grad()
+                loss.backward()
+                max_norm = oc.grad_clip if oc.grad_clip is not None else math.inf
+                grad_norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", grad=f"{grad_norms[-1]:.2f}")
+        stats = score_records(model, val_records, config.decision.beat_threshold)
+        score = validation_score(stats)
+        entry = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
+                 "grad_norm_median": float(np.median(grad_norms)), "grad_norm_max": float(np.max(grad_norms)),
+                 "clipped_fraction": float(np.mean(np.array(grad_norms) > (oc.grad_clip or math.inf))),
+                 "val_score": score, "val": {k: v for k, v in stats.summary().items() if k != "matrix"},
+                 "elapsed_s": time.monotonic() - started}
+        history.append(entry)
+        log.info("epoch %d: loss %.4f, grad norm median %.2f, val QRS Se %.4f +P %.4f, S F1 %.3f, V F1 %.3f, "
+                 "score %.4f", epoch + 1, entry["train_loss"], entry["grad_norm_median"], stats.qrs_se,
+                 stats.qrs_ppv, stats.f1("S"), stats.f1("V"), score)
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            save_checkpoint(run_dir / "best.pt", model, optimizer, config, epoch, history, best_score)
+        save_checkpoint(run_dir / "last.pt", model, optimizer, config, epoch, history, best_score)
+        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        if oc.patience is not None and epoch - best_epoch >= oc.patience:
+            log.info("early stop: no better validation score for %d epochs", oc.patience)
+            break
+        if oc.max_minutes is not None and time.monotonic() - started > oc.max_minutes * 60:
+            log.info("stopping after %.1f min (max_minutes)", (time.monotonic() - started) / 60)
+            break
+    return run_dir
