@@ -2,7 +2,7 @@
 
 A beat is a run of consecutive frames whose P(beat) = 1 - P(background) is at least the
 threshold. It is emitted when the run ends: at the frame of highest P(beat), with the
-class whose probability summed over the run is largest. A run that crosses a window
+class whose probability summed over the run, times that class's decision weight, is largest. A run that crosses a window
 edge is carried to the next window, so window-by-window picking equals one pass.
 """
 
@@ -15,6 +15,26 @@ from numpy.typing import NDArray
 
 
 @dataclass(frozen=True)
+class Decision:
+    """Decision rule of a model (exported in its metadata).
+
+    Attributes:
+        beat_threshold: P(beat) that opens and keeps a run (0-1).
+        class_weights: weight of each non-background class when choosing a beat's class.
+    """
+
+    beat_threshold: float
+    class_weights: tuple[float, ...]
+
+    def classify(self, class_sum: NDArray[np.float32]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """Class index (1-based) and confidence of beats with summed class probabilities (n_beats, n_classes-1)."""
+        best = np.argmax(class_sum * np.asarray(self.class_weights, dtype=np.float32), axis=1)
+        chosen = class_sum[np.arange(len(best)), best]
+        confidence = (chosen / np.maximum(class_sum.sum(axis=1), 1e-9)).astype(np.float32)
+        return best.astype(np.int64) + 1, confidence
+
+
+@dataclass(frozen=True)
 class PickedBeats:
     """Beats picked from a batch of streams; arrays of equal length, one entry per beat.
 
@@ -23,12 +43,14 @@ class PickedBeats:
         frame: global frame index (since the stream started) of the output frame with peak P(beat).
         class_index: index into the model's class names (1..n_classes-1; 0 is background).
         confidence: summed probability of the chosen class over summed P(beat) in the run (0-1).
+        class_sum: (n_beats, n_classes-1) class probabilities summed over each beat's run.
     """
 
     row: NDArray[np.int64]
     frame: NDArray[np.int64]
     class_index: NDArray[np.int64]
     confidence: NDArray[np.float32]
+    class_sum: NDArray[np.float32]
 
 
 class BeatPickerState:
@@ -48,32 +70,29 @@ class BeatPickerState:
 
 
 def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArray[np.int64],
-               threshold: float) -> PickedBeats:
+               decision: Decision) -> PickedBeats:
     """Pick the beats that end in this window and update the slots' state in place.
 
     Args:
         probs: (n_rows, n_frames, n_classes) per-frame class probabilities, background first.
         state: per-slot carry-over, updated.
         slots: state slot of each row.
-        threshold: P(beat) that opens and keeps a run (0-1).
+        decision: the model's beat threshold and class weights.
     """
     n_frames = probs.shape[1]
     p_beat = 1.0 - probs[:, :, 0]
-    above = p_beat >= threshold
+    above = p_beat >= decision.beat_threshold
     in_run = state.in_run[slots]
     peak_p = state.peak_p[slots]
     peak_frame = state.peak_frame[slots]
     class_sum = state.class_sum[slots]
     first_frame = state.frames_seen[slots]
-    out: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]] = []
+    out: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]] = []
     for t in range(n_frames):
         ending = in_run & ~above[:, t]
         if ending.any():
             idx = np.flatnonzero(ending)
-            sums = class_sum[idx]
-            best = sums.argmax(axis=1)
-            conf = sums[np.arange(idx.size), best] / np.maximum(sums.sum(axis=1), 1e-9)
-            out.append((idx, peak_frame[idx], best + 1, conf.astype(np.float32)))
+            out.append((idx, peak_frame[idx], class_sum[idx]))
             in_run[idx] = False
         on = above[:, t]
         if on.any():
@@ -91,12 +110,16 @@ def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArra
     state.peak_frame[slots] = peak_frame
     state.class_sum[slots] = class_sum
     state.frames_seen[slots] = first_frame + n_frames
-    if not out:
-        empty = np.zeros(0, dtype=np.int64)
-        return PickedBeats(empty, empty, empty, np.zeros(0, dtype=np.float32))
-    row, frame, cls, conf = (np.concatenate(parts) for parts in zip(*out, strict=True))
+    if out:
+        row = np.concatenate([o[0] for o in out])
+        frame = np.concatenate([o[1] for o in out])
+        sums = np.concatenate([o[2] for o in out])
+    else:
+        row = frame = np.zeros(0, dtype=np.int64)
+        sums = np.zeros((0, probs.shape[2] - 1), dtype=np.float32)
     order = np.lexsort((frame, row))
-    return PickedBeats(row[order], frame[order], cls[order], conf[order].astype(np.float32))
+    class_index, confidence = decision.classify(sums[order])
+    return PickedBeats(row[order], frame[order], class_index, confidence, sums[order])
 
 
 def r_peak_time_s(frame: NDArray[np.int64], output_delay_frames: int, frame_size: int,

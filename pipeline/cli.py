@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
 
 from pipeline.model import SHIPPED_MODEL
+from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 DEFAULT_PHYSIONET = Path("../shared/physionet")
 
@@ -84,6 +87,72 @@ def cmd_compare_cells(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.serve import serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"invalid config: {err}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"{args.config or 'defaults'}: valid")
+        return 0
+    logging.getLogger().setLevel(config.log_level)
+    return serve(config)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.replay import ReplayPlan, load_signals, replay
+
+    signals = load_signals(args.records, args.physionet_dir, args.lead)
+    client = _connect(args.broker, "ecgmon-replay")
+    plan = ReplayPlan(devices=args.devices or len(signals), window_s=args.window_s, speed=args.speed,
+                      duration_s=args.duration_s, encoding=args.encoding, offset_step_s=args.offset_step_s)
+    try:
+        sent = replay(client, Topics(args.topic_prefix), signals, plan)
+    finally:
+        client.disconnect()
+    print(f"published {sent} windows")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    import threading
+
+    from pipeline.alerts import AlarmPrinter
+
+    client = _connect(args.broker, "ecgmon-alerts")
+    with (open(args.json_out, "a") if args.json_out else nullcontext()) as json_out:
+        AlarmPrinter(sys.stdout, json_out).attach(client, Topics(args.topic_prefix))
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            client.disconnect()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    count = run_demo(args.records, args.physionet_dir, args.speed, args.duration_s, args.encoding)
+    print(f"demo finished: {count} alarm events")
+    return 0
+
+
+def _connect(broker: str, client_id: str) -> MqttClient:
+    host, _, port = broker.rpartition(":")
+    client = MqttClient(host or "127.0.0.1", int(port), f"{client_id}-{os.getpid()}")
+    try:
+        client.connect()
+    except ConnectError as err:
+        raise SystemExit(str(err)) from err
+    return client
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecgmon", description="Streaming ECG arrhythmia monitor. "
                                      "Not a medical device.")
@@ -129,6 +198,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=["rnn", "gru", "lstm"])
     p.add_argument("--minutes", type=float, default=6.0, help="training wall-time budget per cell (min)")
     p.add_argument("--out", type=Path, default=Path("docs/cells"), help="folder for the write-up's figures")
+    p = add("serve", cmd_serve, "Run the daemon: ECG windows in over MQTT, beats and alarms out.")
+    p.add_argument("--config", type=Path, help="daemon config YAML (configs/daemon.yaml); defaults if omitted")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    def add_broker(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker host:port")
+        p.add_argument("--topic-prefix", default="ecgmon")
+
+    def add_records(p: argparse.ArgumentParser, default: list[str]) -> None:
+        p.add_argument("--records", nargs="+", default=default, help="db/record, mitdb/DS2, ...")
+        p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET)
+        p.add_argument("--speed", type=float, default=1.0, help="1 = real time, 10 = ten times faster")
+        p.add_argument("--duration-s", type=float, help="seconds of ECG to send (default: whole records)")
+        p.add_argument("--encoding", choices=["binary", "json"], default="binary")
+
+    p = add("replay", cmd_replay, "Publish PhysioNet records as live devices over MQTT.")
+    add_broker(p)
+    add_records(p, ["mitdb/200"])
+    p.add_argument("--devices", type=int, help="number of devices (default: one per record)")
+    p.add_argument("--window-s", type=float, default=1.0, help="window length (s), 0.25-10")
+    p.add_argument("--lead", default="MLII")
+    p.add_argument("--offset-step-s", type=float, default=0.0, help="start offset between devices (s)")
+
+    p = add("alerts", cmd_alerts, "Subscribe to alarms and print them as they happen.")
+    add_broker(p)
+    p.add_argument("--json-out", type=Path, help="also append each alarm as a JSON line to this file")
+
+    p = add("demo", cmd_demo, "Local broker + daemon + shipped model + a replayed MIT-BIH record; prints alarms.")
+    add_records(p, ["mitdb/200"])
+    p.set_defaults(speed=10.0, duration_s=180.0)
     return parser
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.beats import Decision
 from pipeline.dsp import FilterSpec
 
 FRAMES_INPUT = "frames"
@@ -39,6 +40,7 @@ class ModelInfo(BaseModel):
     output_delay_frames: int = Field(ge=0)
     class_names: tuple[str, ...]
     beat_threshold: float = Field(gt=0, lt=1)
+    class_weights: tuple[float, ...] = Field(description="decision weight of each non-background class")
     filter: dict[str, Any]
     config_hash: str = ""
     training_data: str = ""
@@ -47,6 +49,10 @@ class ModelInfo(BaseModel):
     @property
     def filter_spec(self) -> FilterSpec:
         return FilterSpec(float(self.filter["low_hz"]), float(self.filter["high_hz"]), int(self.filter["order"]))
+
+    @property
+    def decision(self) -> Decision:
+        return Decision(self.beat_threshold, self.class_weights)
 
     @property
     def frame_s(self) -> float:

@@ -97,7 +97,7 @@ class BeatStreams:
         probs, new_state = self.model.run(frames, [array[:, slots] for array in self._state])
         for array, new in zip(self._state, new_state, strict=True):
             array[:, slots] = new
-        picked = pick_beats(probs, self._picker, slots, self.info.beat_threshold)
+        picked = pick_beats(probs, self._picker, slots, self.info.decision)
         info = self.info
         time_s = r_peak_time_s(picked.frame, info.output_delay_frames, info.frame_size, info.fs)
         return [Beat(ids[row], float(t), info.class_names[c], float(conf))

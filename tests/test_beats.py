@@ -6,7 +6,9 @@ import itertools
 
 import numpy as np
 
-from pipeline.beats import BeatPickerState, pick_beats
+from pipeline.beats import BeatPickerState, Decision, pick_beats
+
+DECISION = Decision(0.5, (1.0,) * 5)
 
 
 def synthetic_probs(rng: np.random.Generator, n_streams: int, n_frames: int) -> np.ndarray:
@@ -26,7 +28,7 @@ def test_one_beat_per_run_with_its_class_and_peak() -> None:
     probs[0, :, 0] = 1.0
     probs[0, 3:6, 0] = [0.4, 0.1, 0.3]
     probs[0, 3:6, 3] = [0.6, 0.9, 0.7]  # V
-    picked = pick_beats(probs, BeatPickerState(1, 6), np.array([0]), 0.5)
+    picked = pick_beats(probs, BeatPickerState(1, 6), np.array([0]), DECISION)
     assert picked.frame.tolist() == [4]
     assert picked.class_index.tolist() == [3]
     assert picked.confidence[0] > 0.99
@@ -35,15 +37,22 @@ def test_one_beat_per_run_with_its_class_and_peak() -> None:
 def test_windowed_equals_one_pass() -> None:
     rng = np.random.default_rng(0)
     probs = synthetic_probs(rng, 3, 600)
-    whole = pick_beats(probs, BeatPickerState(3, 6), np.arange(3), 0.5)
+    whole = pick_beats(probs, BeatPickerState(3, 6), np.arange(3), DECISION)
     state = BeatPickerState(8, 6)
     slots = np.array([5, 1, 7])  # slots need not be rows
     parts = []
     edges = [0, 7, 30, 31, 95, 300, 451, 600]
     for a, b in itertools.pairwise(edges):
-        parts.append(pick_beats(probs[:, a:b], state, slots, 0.5))
+        parts.append(pick_beats(probs[:, a:b], state, slots, DECISION))
     got = sorted((int(r), int(f), int(c)) for p in parts for r, f, c in zip(p.row, p.frame, p.class_index,
                                                                             strict=True))
     want = sorted(zip(whole.row.tolist(), whole.frame.tolist(), whole.class_index.tolist(), strict=True))
     assert got == want
     assert len(want) > 40
+
+
+def test_class_weights_change_the_choice() -> None:
+    sums = np.array([[0.5, 0.4, 0.1, 0.0, 0.0]], dtype=np.float32)  # N slightly ahead of S
+    assert Decision(0.5, (1.0,) * 5).classify(sums)[0].tolist() == [1]
+    cls, conf = Decision(0.5, (1.0, 1.5, 1.0, 1.0, 1.0)).classify(sums)
+    assert cls.tolist() == [2] and conf[0] == np.float32(0.4)

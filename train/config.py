@@ -51,6 +51,7 @@ class OptimConfig(Strict):
     warmup_s: float = Field(2.0, ge=0, description="loss ignored at the start of each segment (s)")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="per-step decay of the weight average that ships")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables")
     class_weight_power: float = Field(0.5, ge=0, description="weight of class c = (n_N / n_c) ** power")
     class_weight_max: float = Field(10.0, ge=1)

@@ -46,6 +46,8 @@ class EcgRecord:
         sig_name: the chosen lead's name, e.g. "MLII".
         beat_samples: reference beat positions (samples at fs), AAMI beats only.
         beat_classes: AAMI class letter of each reference beat ("N", "S", "V", "F", "Q").
+        adc_gain: ADC units per mV of the chosen lead.
+        baseline: ADC value of 0 mV of the chosen lead.
     """
 
     name: str
@@ -54,6 +56,8 @@ class EcgRecord:
     sig_name: str
     beat_samples: NDArray[np.int64]
     beat_classes: NDArray[np.str_]
+    adc_gain: float = 200.0
+    baseline: int = 0
 
 
 def download_records(db: str, records: list[str] | None, dest: Path,
@@ -118,4 +122,5 @@ def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord
     classes = np.asarray([AAMI_CLASS_OF_SYMBOL[s] for s in symbols[is_beat]], dtype=np.str_)
     signal_mv = np.nan_to_num(rec.p_signal[:, channel].astype(np.float64))
     return EcgRecord(name=name, signal_mv=signal_mv, fs=float(rec.fs), sig_name=rec.sig_name[channel],
-                     beat_samples=np.asarray(ann.sample[is_beat], dtype=np.int64), beat_classes=classes)
+                     beat_samples=np.asarray(ann.sample[is_beat], dtype=np.int64), beat_classes=classes,
+                     adc_gain=float(rec.adc_gain[channel]), baseline=int(rec.baseline[channel]))

@@ -54,10 +54,14 @@ def match_beats(ref_s: NDArray[np.floating[Any]], det_s: NDArray[np.floating[Any
 
 def confusion(ref_s: NDArray[np.floating[Any]], ref_class: NDArray[np.str_],
               det_s: NDArray[np.floating[Any]], det_class: NDArray[np.str_],
-              skip_s: float = LEARNING_PERIOD_S) -> NDArray[np.int64]:
-    """The 6 x 6 EC57 matrix of one record (rows reference N S V F Q X, columns N S V F Q O)."""
+              skip_s: float = LEARNING_PERIOD_S, match: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
+    """The 6 x 6 EC57 matrix of one record (rows reference N S V F Q X, columns N S V F Q O).
+
+    `match` (from `match_beats`) can be passed when the same beats are scored under several labellings.
+    """
     matrix = np.zeros((6, 6), dtype=np.int64)
-    match = match_beats(ref_s, det_s)
+    if match is None:
+        match = match_beats(ref_s, det_s)
     matched = np.zeros(len(det_s), dtype=bool)
     matched[match[match >= 0]] = True
     for i, t in enumerate(ref_s):

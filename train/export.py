@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.network import CLASS_NAMES, BeatNet
+from pipeline.beats import Decision
 from pipeline.model import FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
 from train.trainer import load_model
 
@@ -34,18 +35,21 @@ class StreamingBeatNet(nn.Module):
         return (torch.softmax(logits, dim=-1), *new_state)
 
 
-def model_info(net: BeatNet, config_hash: str, training_data: str, beat_threshold: float,
+def model_info(net: BeatNet, config_hash: str, training_data: str, decision: Decision,
                filter_dict: dict[str, Any], ds2_metrics: dict[str, Any]) -> ModelInfo:
     mc = net.config
     return ModelInfo(version=f"{package_version('ecgmon')}+{mc.cell}.{config_hash}", fs=mc.fs,
                      frame_size=mc.frame_size, output_delay_frames=mc.output_delay_frames,
-                     class_names=CLASS_NAMES, beat_threshold=beat_threshold, filter=filter_dict,
+                     class_names=CLASS_NAMES, beat_threshold=decision.beat_threshold,
+                     class_weights=decision.class_weights, filter=filter_dict,
                      config_hash=config_hash, training_data=training_data, ds2_metrics=ds2_metrics)
 
 
 def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None = None) -> ModelInfo:
     """Write `checkpoint` as ONNX (opset 17) to `out`; `ds2_metrics` is embedded when given."""
-    net, config, _ = load_model(checkpoint)
+    net, config, ckpt = load_model(checkpoint)
+    decision = Decision(config.decision.beat_threshold,
+                        tuple(ckpt.get("class_weights") or (1.0,) * (len(CLASS_NAMES) - 1)))
     wrapper = StreamingBeatNet(net).eval()
     frames = torch.zeros(2, 5, config.model.frame_size)
     state = net.initial_state(2)
@@ -68,7 +72,7 @@ def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None 
                           opset_version=OPSET, dynamo=False)
     training_data = (f"train: {', '.join(config.data.train_records)}; val (early stopping): "
                      f"{', '.join(config.data.val_records)}; lead {config.data.lead}")
-    info = model_info(net, config.hash(), training_data, config.decision.beat_threshold,
+    info = model_info(net, config.hash(), training_data, decision,
                       config.filter.spec().to_dict(), ds2_metrics or {})
     proto = onnx.load(str(out))
     metadata = {**info.to_metadata(), "model_config": json.dumps(config.model.model_dump(mode="json"))}

@@ -1,0 +1,61 @@
+"""`ecgmon alerts`: subscribe to alarms and print them readably (optionally as JSON lines too)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from pipeline.mqtt import MqttClient, Topics
+
+
+def format_alarm(doc: dict[str, Any]) -> str:
+    """One line: time, priority, state, device, message, heart rate, id."""
+    when = time.strftime("%H:%M:%S", time.localtime(float(doc.get("time", 0))))
+    evidence = doc.get("evidence", {})
+    details = []
+    if evidence.get("heart_rate_bpm") is not None:
+        details.append(f"HR {evidence['heart_rate_bpm']:.0f} bpm")
+    for key in ("seconds_without_qrs", "seconds_without_data", "v_beats_last_minute", "reason"):
+        if key in evidence:
+            details.append(f"{key.replace('_', ' ')}: {evidence[key]}")
+    return (f"{when}  {doc.get('priority', '?').upper():<6} {doc.get('state', '?'):<8} {doc.get('device', '?'):<16} "
+            f"{doc.get('message', doc.get('type', '?'))}{'  (' + ', '.join(details) + ')' if details else ''}"
+            f"  [{doc.get('alarm_id', '?')}]")
+
+
+class AlarmPrinter:
+    """Prints every alarm event and daemon status change; appends JSON lines when `json_out` is given."""
+
+    def __init__(self, out: TextIO, json_out: TextIO | None = None,
+                 on_alarm: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._out, self._json_out, self._on_alarm = out, json_out, on_alarm
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def attach(self, client: MqttClient, topics: Topics) -> None:
+        client.subscribe(topics.alarms(), self._alarm, qos=1)
+        client.subscribe(topics.status, self._status, qos=1)
+
+    def _alarm(self, topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        with self._lock:
+            self.count += 1
+            self._write(self._out, format_alarm(doc))
+            if self._json_out is not None:
+                self._write(self._json_out, json.dumps(doc))
+        if self._on_alarm is not None:
+            self._on_alarm(doc)
+
+    def _status(self, topic: str, payload: bytes) -> None:
+        doc = json.loads(payload)
+        with self._lock:
+            self._write(self._out, f"daemon {doc.get('state')} (model {doc.get('model_version', '?')}"
+                                   f"{', DEGRADED' if doc.get('degraded') else ''})")
+
+    @staticmethod
+    def _write(stream: TextIO, line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()

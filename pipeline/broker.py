@@ -1,0 +1,84 @@
+"""A local MQTT broker for the demo and the tests: Debian's `mosquitto` on a free loopback port."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """No broker could be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary (Debian installs it in /usr/sbin), or None."""
+    return shutil.which("mosquitto") or next(
+        (str(p) for p in (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto")) if p.exists()), None)
+
+
+class LocalBroker:
+    """mosquitto listening on 127.0.0.1:<port>, anonymous, in memory; `extra_config` lines are appended."""
+
+    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self._extra = extra_config
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="ecgmon-broker-"))
+
+    def start(self, timeout_s: float = 10.0) -> LocalBroker:
+        binary = find_mosquitto()
+        if binary is None:
+            raise BrokerError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
+        conf = self._dir / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+                        f"log_dest file {self._dir / 'mosquitto.log'}\nmax_queued_messages 100000\n{self._extra}")
+        self._process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BrokerError(f"mosquitto exited with {self._process.returncode}: {self.log_text()[-500:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    log.info("mosquitto up on %s:%d", self.host, self.port)
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def log_text(self) -> str:
+        path = self._dir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,136 @@
+"""Daemon configuration: strict YAML (unknown keys are errors) with environment overrides.
+
+Any key can be overridden by an environment variable ``ECGMON_<SECTION>__<KEY>``, e.g.
+``ECGMON_MQTT__PASSWORD`` or ``ECGMON_MQTT__HOST``: that is how secrets reach the daemon,
+never through the committed file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from pipeline.model import SHIPPED_MODEL
+
+ENV_PREFIX = "ECGMON_"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = "ecgmon-daemon"
+    topic_prefix: str = Field("ecgmon", pattern=r"^[A-Za-z0-9_\-/]+$")
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive_s: int = Field(30, ge=5)
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to max")
+    reconnect_max_s: float = Field(30.0, gt=0)
+    session_expiry_s: int = Field(3600, ge=0, description="persistent session kept this long by the broker")
+    qos_in: int = Field(1, ge=0, le=1, description="QoS of the ECG subscription")
+
+
+class ModelSection(Strict):
+    path: Path = SHIPPED_MODEL
+    intra_op_threads: int = Field(1, ge=1)
+    inter_op_threads: int = Field(1, ge=1)
+
+
+class StreamsConfig(Strict):
+    max_message_bytes: int = Field(64_000, ge=1000, description="larger payloads are rejected")
+    max_gap_s: float = Field(0.05, gt=0, description="t0 further than this from the expected time is a gap (s)")
+    idle_evict_s: float = Field(120.0, gt=0, description="streams silent this long are forgotten (s)")
+    queue_windows: int = Field(20_000, ge=1, description="bound of the inbound window queue")
+
+
+class BatchingConfig(Strict):
+    max_wait_ms: float = Field(20.0, ge=0, description="longest wait to fill a batch (ms)")
+    max_batch: int = Field(4096, ge=1, description="most windows in one model run")
+
+
+class OutputConfig(Strict):
+    beats: bool = Field(True, description="publish per-beat results (QoS 0)")
+    stats_interval_s: float = Field(10.0, gt=0)
+
+
+class AlarmConfig(Strict):
+    """Alarm thresholds; defaults from bedside-monitor practice and PhysioNet/CinC 2015."""
+
+    warmup_s: float = Field(10.0, ge=0, description="physiological alarms held back after a stream (re)starts (s)")
+    asystole_s: float = Field(4.0, gt=0, description="no QRS for this long (s)")
+    brady_bpm: float = Field(40.0, gt=0)
+    brady_beats: int = Field(5, ge=2)
+    tachy_bpm: float = Field(140.0, gt=0)
+    tachy_beats: int = Field(17, ge=2)
+    vt_beats: int = Field(5, ge=3, description="consecutive V beats")
+    vt_bpm: float = Field(100.0, gt=0)
+    svt_beats: int = Field(5, ge=3, description="consecutive S beats")
+    svt_bpm: float = Field(100.0, gt=0)
+    bigeminy_cycles: int = Field(3, ge=2, description="consecutive N-V pairs")
+    trigeminy_cycles: int = Field(3, ge=2, description="consecutive N-N-V triplets")
+    pvc_per_min: float = Field(10.0, gt=0, description="V beats in the last minute")
+    update_interval_s: float = Field(10.0, ge=0, description="at most one 'updated' event per alarm this often (s)")
+    event_hold_s: float = Field(30.0, gt=0, description="a pattern alarm clears this long after it was last seen")
+    clear_after_beats: int = Field(5, ge=1, description="normal beats that clear a rate or run alarm")
+    signal_loss_s: float = Field(10.0, gt=0, description="no data for this long (s)")
+    flat_mv: float = Field(0.01, gt=0, description="window peak-to-peak below this is a flat line / leads off")
+    saturation_mv: float = Field(5.0, gt=0, description="|sample| at or above this is saturation (mV)")
+    noise_mv: float = Field(0.15, gt=0, description="median |second difference| above this is poor quality (mV)")
+
+
+class MetricsConfig(Strict):
+    port: int | None = Field(9464, ge=0, le=65535, description="Prometheus port; null disables, 0 picks one")
+    host: str = "127.0.0.1"
+
+
+class DaemonConfig(Strict):
+    mqtt: MqttConfig = MqttConfig()
+    model: ModelSection = ModelSection()
+    streams: StreamsConfig = StreamsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    output: OutputConfig = OutputConfig()
+    alarms: AlarmConfig = AlarmConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    drain_timeout_s: float = Field(5.0, gt=0, description="longest wait for in-flight windows at shutdown")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+
+class ConfigError(ValueError):
+    """The config file or an ECGMON_ variable does not validate; the message names each bad key."""
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ECGMON_<SECTION>__<KEY> variables onto the raw config (values parsed as YAML scalars)."""
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        *parents, leaf = name[len(ENV_PREFIX):].lower().split("__")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value if leaf == "password" else yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Load the YAML file (or defaults when None) with environment overrides; raise ConfigError."""
+    try:
+        raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_env(raw, os.environ if env is None else env)
+    try:
+        return DaemonConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path or 'defaults'}: {problems}") from err

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one daemon (own registry, so several daemons can share a process in tests)."""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class DaemonMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages_in = Counter("ecgmon_messages_in", "ECG window messages received", registry=r)
+        self.rejected = Counter("ecgmon_messages_rejected", "messages rejected, by reason", ["reason"], registry=r)
+        self.dropped = Counter("ecgmon_windows_dropped", "valid windows not analysed, by reason", ["reason"],
+                               registry=r)
+        self.windows = Counter("ecgmon_windows_processed", "windows analysed", registry=r)
+        self.beats = Counter("ecgmon_beats", "beats detected, by AAMI class", ["aami_class"], registry=r)
+        self.alarms = Counter("ecgmon_alarm_events", "alarm events, by type and state", ["type", "state"],
+                              registry=r)
+        self.latency = Histogram("ecgmon_window_latency_seconds", "receipt of a window to publication of its results",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
+        self.batch_size = Histogram("ecgmon_batch_windows", "windows per model run",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=r)
+        self.active_streams = Gauge("ecgmon_active_streams", "devices with live state", registry=r)
+        self.queue_depth = Gauge("ecgmon_queue_windows", "windows waiting for analysis", registry=r)
+        self.active_alarms = Gauge("ecgmon_active_alarms", "alarms currently raised", registry=r)
+
+        self._server: WSGIServer | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on host:port (0 picks a free port); returns the port."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,167 @@
+"""The one MQTT wrapper (paho-mqtt 2.x, MQTT v5): connect, reconnect with backoff, resubscribe.
+
+Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each payload):
+
+- ``<prefix>/ecg/<device>``: ECG windows from sensors (JSON or binary).
+- ``<prefix>/beats/<device>``: beats completed by each window (QoS 0).
+- ``<prefix>/alarms/<device>``: alarm lifecycle events (QoS 1).
+- ``<prefix>/errors/<device>``: rejected messages and the reason (QoS 0, rate-limited).
+- ``<prefix>/status``: daemon availability, retained, with a last will (``offline``).
+- ``<prefix>/stats``: periodic daemon statistics (QoS 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix."""
+
+    prefix: str
+
+    def ecg(self, device: str = "+") -> str:
+        return f"{self.prefix}/ecg/{device}"
+
+    def beats(self, device: str = "+") -> str:
+        return f"{self.prefix}/beats/{device}"
+
+    def alarms(self, device: str = "+") -> str:
+        return f"{self.prefix}/alarms/{device}"
+
+    def errors(self, device: str = "+") -> str:
+        return f"{self.prefix}/errors/{device}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}/stats"
+
+    def device_of(self, topic: str) -> str:
+        """The device segment of a per-device topic."""
+        return topic.rsplit("/", 1)[-1]
+
+
+class ConnectError(ConnectionError):
+    """The broker could not be reached or refused the connection."""
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttClient:
+    """A paho client with MQTT v5, persistent session, optional last will and automatic resubscription."""
+
+    def __init__(self, host: str, port: int, client_id: str, *, username: str | None = None,
+                 password: str | None = None, keepalive_s: int = 30, session_expiry_s: int = 0,
+                 will: tuple[str, bytes] | None = None, reconnect_min_s: float = 0.5,
+                 reconnect_max_s: float = 30.0, tls: dict[str, Any] | None = None) -> None:
+        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self._session_expiry_s = session_expiry_s
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls is not None:
+            self._client.tls_set(**tls)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=max(1, round(reconnect_min_s)), max_delay=round(reconnect_max_s))
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect and start the network thread; raise ConnectError if no CONNACK within `timeout_s`."""
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self._session_expiry_s
+        try:
+            self._client.connect(self.host, self.port, self.keepalive_s, clean_start=self._session_expiry_s == 0,
+                                 properties=properties)
+        except OSError as err:
+            raise ConnectError(f"cannot reach MQTT broker {self.host}:{self.port}: {err}") from err
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self._client.loop_stop()
+            raise ConnectError(f"MQTT broker {self.host}:{self.port} did not accept the connection "
+                               f"within {timeout_s:g} s")
+
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect; `handler(topic, payload)` runs on the network thread."""
+        with self._lock:
+            self._subscriptions[topic] = (qos, handler)
+        self._client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        self._client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a message; QoS 1 messages queued while disconnected go out after reconnect."""
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False) -> None:
+        self.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos, retain=retain)
+
+    def disconnect(self) -> None:
+        """Disconnect cleanly (the last will is not sent) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # paho callbacks (network thread)
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker %s:%d refused the connection: %s", self.host, self.port, reason)
+            return
+        if self.reconnects:
+            log.info("MQTT reconnected to %s:%d (session present: %s)", self.host, self.port, flags.session_present)
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic, (qos, _) in subscriptions:
+            client.subscribe(topic, qos)
+        self._connected.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode,
+                       properties: Properties | None) -> None:
+        if self._connected.is_set():
+            self.reconnects += 1
+            log.warning("MQTT connection to %s:%d lost (%s); reconnecting with backoff", self.host, self.port,
+                        reason)
+        self._connected.clear()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [h for topic, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(topic,
+                                                                                                     message.topic)]
+        for handler in handlers:
+            handler(message.topic, bytes(message.payload))

@@ -1,0 +1,104 @@
+"""Publish PhysioNet records as live devices: many devices, real time or faster, JSON or binary.
+
+Reading WFDB records needs the `[train]` extra (wfdb). Device i replays record
+i mod n_records from offset (i * offset_step_s) mod its duration, so many devices from few
+records are not in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pipeline.codec import encode_binary, encode_json
+from pipeline.mqtt import MqttClient, Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplaySignal:
+    """One lead as ADC samples: mV = (adc - baseline) / gain."""
+
+    name: str
+    fs: float
+    lead: str
+    adc: NDArray[np.int16]
+    gain: float
+    baseline: int
+
+
+def load_signals(specs: list[str], physionet_dir: Path, lead: str) -> list[ReplaySignal]:
+    """Read records ("db/record", "mitdb/DS2", ...) as ADC samples, downloading when missing."""
+    from train.data import ensure_records, load_record
+    from train.dataset import expand_all, resolve_records
+
+    out = []
+    for db, name in expand_all(resolve_records(specs), physionet_dir):
+        ensure_records(physionet_dir / db, [name], db)
+        r = load_record(physionet_dir / db, name, lead)
+        adc = np.round(r.signal_mv * r.adc_gain + r.baseline).astype(np.int16)
+        out.append(ReplaySignal(f"{db}-{name}", r.fs, r.sig_name, adc, r.adc_gain, r.baseline))
+    return out
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What to publish. Times in seconds of ECG; `speed` 1 is real time."""
+
+    devices: int = 1
+    window_s: float = 1.0
+    speed: float = 1.0
+    duration_s: float | None = None
+    encoding: str = "binary"
+    offset_step_s: float = 0.0
+    t0: float | None = None  # signal time of the first sample (default: now)
+    device_prefix: str = ""
+
+
+def device_ids(signals: list[ReplaySignal], plan: ReplayPlan) -> list[str]:
+    """Device i is named after its record, e.g. "mitdb-208" or "mitdb-208-0003" when devices repeat records."""
+    if plan.devices <= len(signals):
+        return [plan.device_prefix + s.name for s in signals[:plan.devices]]
+    return [f"{plan.device_prefix}{signals[i % len(signals)].name}-{i:05d}" for i in range(plan.devices)]
+
+
+def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan: ReplayPlan,
+           stop: threading.Event | None = None) -> int:
+    """Publish windows for every device until the records (or duration_s) end; returns windows sent."""
+    ids = device_ids(signals, plan)
+    t0 = time.time() if plan.t0 is None else plan.t0
+    started = time.monotonic()
+    assigned = [signals[i % len(signals)] for i in range(plan.devices)]
+    offsets = [round(((i * plan.offset_step_s) % (len(s.adc) / s.fs)) * s.fs) for i, s in enumerate(assigned)]
+    longest = max(len(s.adc) / s.fs for s in assigned)
+    n_windows = int((plan.duration_s or longest) / plan.window_s)
+    sent = 0
+    for k in range(n_windows):
+        if stop is not None and stop.is_set():
+            break
+        wait = started + k * plan.window_s / plan.speed - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        for device, signal, offset in zip(ids, assigned, offsets, strict=True):
+            a = offset + round(k * plan.window_s * signal.fs)
+            b = offset + round((k + 1) * plan.window_s * signal.fs)
+            if b > len(signal.adc):
+                continue
+            t_first = t0 + k * plan.window_s
+            if plan.encoding == "binary":
+                payload = encode_binary(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
+                                        signal.baseline)
+            else:
+                payload = encode_json(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
+                                      signal.baseline)
+            client.publish(topics.ecg(device), payload, qos=1)
+            sent += 1
+    log.info("replay done: %d windows from %d devices", sent, len(ids))
+    return sent

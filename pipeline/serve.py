@@ -1,0 +1,39 @@
+"""Process life of `ecgmon serve`: start, wait for a signal, drain and stop; a second signal forces exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+from pipeline.config import DaemonConfig
+from pipeline.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+EXIT_FORCED = 130
+
+
+def serve(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM or SIGINT; exit code 0 after a graceful stop, 1 if start-up failed."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.error("second %s: exiting now without draining", signal.Signals(signum).name)
+            os._exit(EXIT_FORCED)
+        log.info("%s: shutting down gracefully (again to force)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon = Daemon(config)
+    if not daemon.start():
+        return 1
+    while not stop.wait(0.5):
+        pass
+    daemon.stop()
+    log.info("stopped")
+    return 0

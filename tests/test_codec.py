@@ -1,0 +1,71 @@
+"""ECG window messages: both encodings round-trip, and every kind of bad input has its reason."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from pipeline.codec import BINARY_HEADER, DecodeError, decode_window, encode_binary, encode_json
+
+LIMIT = 64_000
+
+
+def test_binary_round_trip_to_mv() -> None:
+    adc = np.arange(-180, 180, dtype=np.int16)
+    w = decode_window(encode_binary(7, 1.5e9, 360.0, "MLII", adc, 200.0, 1024), LIMIT)
+    assert (w.seq, w.t0, w.fs, w.lead) == (7, 1.5e9, 360.0, "MLII")
+    np.testing.assert_array_equal(w.samples_mv, (adc.astype(np.float64) - 1024) / 200.0)
+    assert w.duration_s == pytest.approx(1.0)
+
+
+def test_json_round_trip() -> None:
+    samples = np.linspace(-1, 1, 128)
+    w = decode_window(encode_json(0, 10.0, 128.0, "II", samples), LIMIT)
+    np.testing.assert_array_equal(w.samples_mv, samples)
+
+
+def good_json(**changes: object) -> bytes:
+    doc: dict[str, object] = {"v": 1, "seq": 1, "t0": 100.0, "fs": 360, "lead": "MLII", "samples": [0.1] * 360}
+    doc.update(changes)
+    return json.dumps({k: v for k, v in doc.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"\x00\x01garbage", "bad_format"),
+    (b"{not json", "bad_json"),
+    (b"[1, 2]", "bad_format"),
+    (b"{}garbage", "bad_json"),
+    (b" 17", "bad_json"),
+    (good_json(samples=None), "missing_field"),
+    (good_json(seq="1"), "bad_field"),
+    (good_json(seq=-1), "bad_seq"),
+    (good_json(seq=2**32), "bad_seq"),
+    (good_json(fs=50), "bad_fs"),
+    (good_json(fs=5000), "bad_fs"),
+    (good_json(samples=[]), "empty"),
+    (good_json(samples=[0.1] * 10), "bad_length"),
+    (good_json(samples=[0.1] * 4000), "bad_length"),
+    (good_json(samples=["a"] * 360), "bad_field"),
+    (good_json(v=2), "bad_version"),
+    (good_json(gain=0), "bad_field"),
+    (good_json(t0=True), "bad_field"),
+    (good_json(lead="\n"), "bad_field"),
+    (good_json().replace(b"0.1, 0.1", b"NaN, 0.1", 1), "non_finite"),
+    (good_json().replace(b"0.1, 0.1", b"Infinity, 0.1", 1), "non_finite"),
+    (b"ECGW\x01", "truncated"),
+    (encode_binary(1, 0.0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)[:-1], "truncated"),
+    (b"ECGW\x02" + encode_binary(1, 0.0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)[5:], "bad_version"),
+    (b"{" + b" " * LIMIT + b"}", "too_large"),
+])
+def test_rejections_have_reasons(payload: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_window(payload, LIMIT)
+    assert info.value.reason == reason
+
+
+def test_binary_header_size_is_documented() -> None:
+    assert BINARY_HEADER.size == 32
+    assert struct.calcsize("<4sBBHIdffhH") == 32
