@@ -83,7 +83,8 @@ class AlarmConfig(Strict):
     signal_loss_s: float = Field(10.0, gt=0, description="no data for this long (s)")
     flat_mv: float = Field(0.01, gt=0, description="window peak-to-peak below this is a flat line / leads off")
     saturation_mv: float = Field(5.0, gt=0, description="|sample| at or above this is saturation (mV)")
-    noise_mv: float = Field(0.15, gt=0, description="median |second difference| above this is poor quality (mV)")
+    noise_mv: float = Field(0.3, gt=0, description="median |second difference| above this is poor quality (mV); "
+                            "white noise of 0.18 mV rms reaches it")
 
 
 class MetricsConfig(Strict):

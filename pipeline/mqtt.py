@@ -93,6 +93,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self.reconnects = 0
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -133,6 +134,7 @@ class MqttClient:
 
     def disconnect(self) -> None:
         """Disconnect cleanly (the last will is not sent) and stop the network thread."""
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -153,7 +155,7 @@ class MqttClient:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode,
                        properties: Properties | None) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             self.reconnects += 1
             log.warning("MQTT connection to %s:%d lost (%s); reconnecting with backoff", self.host, self.port,
                         reason)

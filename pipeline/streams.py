@@ -101,7 +101,8 @@ class BeatStreams:
         info = self.info
         time_s = r_peak_time_s(picked.frame, info.output_delay_frames, info.frame_size, info.fs)
         return [Beat(ids[row], float(t), info.class_names[c], float(conf))
-                for row, t, c, conf in zip(picked.row, time_s, picked.class_index, picked.confidence, strict=True)]
+                for row, t, c, conf in zip(picked.row, time_s, picked.class_index, picked.confidence, strict=True)
+                if t >= 0]  # a "beat" before the first sample is a cold-start artefact
 
     def _grow(self) -> None:
         old = self._capacity

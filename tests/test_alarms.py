@@ -85,7 +85,7 @@ def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
 
 @pytest.mark.parametrize(("alarm_type", "samples"), [
     ("saturation", np.concatenate([np.zeros(300), np.full(60, 6.0)])),
-    ("poor_signal", np.random.default_rng(0).normal(0, 0.3, 360)),
+    ("poor_signal", np.random.default_rng(0).normal(0, 0.5, 360)),
 ])
 def test_signal_checks(alarm_type: str, samples: np.ndarray) -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)

@@ -1,0 +1,117 @@
+"""The daemon against a real mosquitto: streaming equals offline, schemas, gaps, duplicates, rejections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.broker import LocalBroker
+from pipeline.codec import encode_binary, encode_json
+from pipeline.daemon import Daemon
+from pipeline.model import BeatModel
+from pipeline.mqtt import MqttClient, Topics
+from pipeline.replay import ReplayPlan, load_signals, replay
+from tests.conftest import Collector
+from train.data import load_record
+from train.ec57 import Ec57Stats, confusion
+from train.evaluate import stream_records
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
+TOPICS = Topics("ecgmon")
+
+
+def validate(doc: dict[str, Any], schema: str) -> None:
+    jsonschema.validate(doc, SCHEMAS[schema])
+
+
+@pytest.mark.parametrize(("spec", "encoding"), [("mitdb/200", "binary"), ("svdb/800", "json")])
+def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBroker, publisher: MqttClient,
+                                               start_daemon: Callable[..., Daemon],
+                                               collect: Callable[[str], Collector], spec: str,
+                                               encoding: str) -> None:
+    """A whole record through mosquitto and the daemon gives the beats of `ecgmon evaluate`."""
+    daemon = start_daemon()
+    beats = collect(TOPICS.beats())
+    signals = load_signals([spec], physionet, "MLII")
+    t0 = 1_700_000_000.0
+    sent = replay(publisher, TOPICS, signals, ReplayPlan(speed=1e6, encoding=encoding, t0=t0))
+    docs = beats.wait_for(lambda d: len(d) == sent, timeout=120)
+    for doc in docs[:50]:
+        validate(doc, "Beats")
+    online = [(b["time"] - t0, b["class"]) for d in sorted(docs, key=lambda d: d["seq"]) for b in d["beats"]]
+
+    db, name = spec.split("/")
+    record = load_record(physionet / db, name)
+    samples, classes = stream_records(daemon._model or BeatModel(Path()), [record], 1.0)[0]
+    offline_s = samples / record.fs
+    online_s = np.array([t for t, _ in online])
+    assert len(online) == len(offline_s) > 1000
+    np.testing.assert_allclose(online_s, offline_s, atol=1.5 / record.fs)  # same beats, to the sample
+    assert [c for _, c in online] == classes.tolist()
+    ref_s, ref_class = record.beat_samples / record.fs, record.beat_classes
+    a = Ec57Stats(confusion(ref_s, ref_class, online_s, np.array([c for _, c in online])))
+    b = Ec57Stats(confusion(ref_s, ref_class, offline_s, classes))
+    for key in ("qrs_se", "qrs_ppv", "V_f1", "N_f1"):
+        assert a.summary()[key] == pytest.approx(b.summary()[key], abs=1e-3)
+
+
+def window(seq: int, t0: float, x: np.ndarray, encoding: str = "json") -> bytes:
+    if encoding == "json":
+        return encode_json(seq, t0, 360.0, "MLII", x)
+    return encode_binary(seq, t0, 360.0, "MLII", np.round(x * 200).astype(np.int16), 200.0)
+
+
+def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: MqttClient,
+                                                   start_daemon: Callable[..., Daemon],
+                                                   collect: Callable[[str], Collector]) -> None:
+    messages = collect("ecgmon/#")
+    daemon = start_daemon(output={"stats_interval_s": 1.0})
+    status = messages.wait_for(lambda d: any(s.get("state") == "online" for s in d), "status")
+    validate(status[-1], "Status")
+    x = load_record(physionet / "mitdb", "100").signal_mv[:360 * 12]
+    t0 = 1000.0
+    for seq in range(6):
+        publisher.publish(TOPICS.ecg("bed-1"), window(seq, t0 + seq, x[seq * 360:(seq + 1) * 360]), qos=1)
+    publisher.publish(TOPICS.ecg("bed-1"), window(5, t0 + 5, x[5 * 360:6 * 360]), qos=1)  # duplicate
+    publisher.publish(TOPICS.ecg("bed-1"), window(9, t0 + 9, x[9 * 360:10 * 360]), qos=1)  # gap
+    publisher.publish(TOPICS.ecg("bed-1"), b"\x00garbage", qos=1)
+    publisher.publish(TOPICS.ecg("bed-2"), b'{"seq": 1}', qos=1)
+    publisher.publish(TOPICS.ecg("bed-2"), window(0, t0, x[:360], "binary"), qos=1)
+
+    beats = messages.wait_for(lambda d: {(b["device"], b["seq"]) for b in d} >= {("bed-1", 9), ("bed-2", 0)},
+                              "beats")
+    assert sorted(b["seq"] for b in beats if b["device"] == "bed-1") == [0, 1, 2, 3, 4, 5, 9]
+    gap = messages.wait_for(lambda d: any(a["type"] == "data_gap" for a in d), "alarms")
+    validate(gap[0], "Alarm")
+    assert gap[0]["state"] == "raised" and gap[0]["evidence"]["expected_seq"] == 6
+    errors = messages.wait_for(lambda d: len(d) >= 1, "errors")
+    validate(errors[0], "Rejection")
+    assert errors[0]["reason"] == "bad_format"  # the second rejection falls in the log's rate limit
+    stats = messages.wait_for(lambda d: any(s.get("rejected") == 2 for s in d), "stats")
+    validate(stats[-1], "Stats")
+    assert stats[-1]["dropped_duplicate"] == 1 and stats[-1]["gaps"] == 1
+    assert daemon.metrics.rejected.labels("missing_field")._value.get() == 1
+    daemon.stop()
+    offline = messages.wait_for(lambda d: d[-1].get("state") == "offline", "status")
+    assert offline[-1]["model_version"] == daemon.model_version
+
+
+def test_idle_streams_are_evicted(publisher: MqttClient, start_daemon: Callable[..., Daemon],
+                                  collect: Callable[[str], Collector]) -> None:
+    alarms = collect(TOPICS.alarms())
+    daemon = start_daemon(streams={"idle_evict_s": 2.0}, alarms={"signal_loss_s": 1.0})
+    rng = np.random.default_rng(0)
+    for device in ("a", "b", "c"):
+        publisher.publish(TOPICS.ecg(device), window(0, 50.0, rng.normal(0, 0.1, 360)), qos=1)
+    docs = alarms.wait_for(lambda d: sum(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d) == 3,
+                           timeout=15)
+    assert {a["evidence"].get("reason", "") for a in docs if a["state"] == "cleared"} == {
+        "device silent 2 s: state evicted"}
+    assert daemon.stats()["active_streams"] == 0 and daemon.stats()["evicted"] == 3
