@@ -3,8 +3,9 @@
 Every alarm has a stable id and a lifecycle raised -> updated -> cleared, and an IEC
 60601-1-8 priority. Physiological alarms are held back (neither raised, updated nor
 cleared) while a technical alarm makes the beats unreliable, and that technical alarm says
-so; likewise during the model's warm-up after a stream starts or restarts. Times are signal times (s, Unix time of the ECG), so a replayed record gives the
-same alarms at any speed.
+so; likewise during the model's warm-up after a stream starts or restarts. Times are
+signal times (s, Unix time of the ECG), so a replayed record gives the same alarms at any
+speed.
 """
 
 from __future__ import annotations
@@ -108,29 +109,41 @@ class DeviceAlarms:
 
     # --- inputs -------------------------------------------------------------------------------
     def on_beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
-        """Beats (signal time s, AAMI class) completed in a window; `now` is the window's end time."""
+        """Beats (signal time s, AAMI class) completed in a window; `now` is the window's end time.
+
+        The rules run after each beat, so a pattern that ends inside a window is not missed.
+        """
+        events: list[AlarmEvent] = []
         for t, cls in beats:
             self.times.append(t)
             self.classes.append(cls)
             if cls == "V":
                 self.v_times.append(t)
+            events += self._evaluate(t, new_beat=True)
+        if not beats:
+            events += self._evaluate(now, new_beat=False)
+        return events
+
+    def _evaluate(self, now: float, new_beat: bool) -> list[AlarmEvent]:
         while self.v_times and self.v_times[0] < now - 60.0:
             self.v_times.popleft()
         if self._technical_active() or now - self.started < self.config.warmup_s:
             return []
-        events: list[AlarmEvent] = self._set("asystole", False, now, {}) if beats else []
+        events: list[AlarmEvent] = self._set("asystole", False, now, {}) if new_beat else []
         for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule):
-            events += rule(now, bool(beats))
+            events += rule(now, new_beat)
         return events
 
     def on_window(self, check: SignalCheck, now: float, analysed_until: float) -> list[AlarmEvent]:
         """Technical checks of a window ending at `now`; asystole up to `analysed_until` (s, signal time)."""
-        events = []
+        events: list[AlarmEvent] = []
         for alarm_type, present, detail in (
                 ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
                 ("saturation", check.saturated, {}),
                 ("poor_signal", check.noisy and not check.flat, {"noise_mv": round(check.noise_mv, 4)})):
             events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": "suspended"})
+        if any(e.state == "cleared" for e in events):
+            self._restart(now)
         if self.gap_since is not None and now - self.gap_since >= self.config.warmup_s:
             self.gap_since = None
             events += self._set("data_gap", False, now, {})
@@ -143,16 +156,25 @@ class DeviceAlarms:
 
     def on_gap(self, now: float, detail: dict[str, Any]) -> list[AlarmEvent]:
         """The stream had a gap and restarts cold at `now`."""
-        self.times.clear()
-        self.classes.clear()
-        self.started = self.gap_since = now
+        self._restart(now)
+        self.gap_since = now
         return self._set("data_gap", True, now, {**detail, "physiological_alarms": "suspended"})
 
     def on_silence(self, now: float, silent_s: float) -> list[AlarmEvent]:
         """No data has arrived for `silent_s` seconds (wall clock)."""
         lost = silent_s >= self.config.signal_loss_s
-        return self._set("signal_loss", lost, now, {"seconds_without_data": round(silent_s, 1),
-                                                    "physiological_alarms": "suspended"}, update=False)
+        events = self._set("signal_loss", lost, now, {"seconds_without_data": round(silent_s, 1),
+                                                      "physiological_alarms": "suspended"}, update=False)
+        if events and not lost:
+            self._restart(now)
+        return events
+
+    def _restart(self, now: float) -> None:
+        """Forget the beats: after a technical problem the rhythm context is unreliable (warm-up again)."""
+        self.times.clear()
+        self.classes.clear()
+        self.v_times.clear()
+        self.started = now
 
     def clear_all(self, now: float, reason: str) -> list[AlarmEvent]:
         """Clear every active alarm (the device's state is being dropped)."""

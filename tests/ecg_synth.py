@@ -46,4 +46,5 @@ def synthesize(templates: dict[str, list[NDArray[np.float64]]], rhythm: list[tup
         r = round(t * FS)
         if r - a >= 0 and r + b <= n:
             signal[r - a:r + b] += template[pre - a:pre + b]
-    return signal
+    result: NDArray[np.float64] = signal
+    return result

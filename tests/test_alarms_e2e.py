@@ -1,0 +1,134 @@
+"""Every alarm type driven through mosquitto and the daemon with constructed ECG: raised, then cleared.
+
+The ECG is real MIT-BIH beats spliced at chosen RR intervals (tests/ecg_synth.py), sent in
+1 s windows much faster than real time: the rules run on signal time, so speed does not matter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.codec import encode_json
+from pipeline.daemon import Daemon
+from pipeline.mqtt import MqttClient, Topics
+from tests.conftest import Collector
+from tests.ecg_synth import FS, beat_templates, synthesize
+
+TOPICS = Topics("ecgmon")
+T0 = 1_800_000_000.0
+FAST_ALARMS = {"event_hold_s": 5.0, "signal_loss_s": 1.5}
+
+
+@pytest.fixture(scope="module")
+def templates(physionet: Path) -> dict[str, list[np.ndarray]]:
+    return beat_templates(physionet)
+
+
+def send(publisher: MqttClient, device: str, x: np.ndarray, first_seq: int = 0) -> int:
+    """Publish `x` (mV at 360 Hz) in 1 s JSON windows; returns the next seq."""
+    n = int(len(x) // FS)
+    for k in range(n):
+        seq = first_seq + k
+        publisher.publish(TOPICS.ecg(device), encode_json(seq, T0 + seq, FS, "MLII",
+                                                          x[int(k * FS):int((k + 1) * FS)]), qos=1)
+    return first_seq + n
+
+
+def normal(seconds: float, rr: float = 0.8) -> list[tuple[str, float]]:
+    return [("N", rr)] * int(seconds / rr)
+
+
+SCENARIOS = {
+    "extreme_bradycardia": [("N", 1.8)] * 8,
+    "extreme_tachycardia": [("N", 0.35)] * 30,
+    "ventricular_tachycardia": [("V", 0.4)] * 10,
+    "svt": [("S", 0.4)] * 10,
+    "ventricular_couplet": [("V", 0.6), ("V", 0.6)],
+    "ventricular_bigeminy": [("V", 0.6), ("N", 1.0)] * 5,
+    "ventricular_trigeminy": [("V", 0.6), ("N", 1.0), ("N", 0.8)] * 5,
+    "pvc_burden": ([("N", 0.8)] * 3 + [("V", 0.6)]) * 20,
+}
+
+
+def run_scenario(publisher: MqttClient, alarms: Collector, beats: Collector, x: np.ndarray,
+                 device: str) -> list[dict[str, Any]]:
+    last = send(publisher, device, x) - 1
+    beats.wait_for(lambda d: any(b["device"] == device and b["seq"] == last for b in d), timeout=60)
+    time.sleep(0.2)  # alarms of the last window are published right after its beats
+    return [a for a in alarms.docs() if a["device"] == device]
+
+
+@pytest.mark.parametrize("alarm_type", sorted(SCENARIOS))
+def test_physiological_alarm_raised_and_cleared(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
+                                                start_daemon: Callable[..., Daemon],
+                                                collect: Callable[[str], Collector], alarm_type: str) -> None:
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon(alarms=FAST_ALARMS)
+    x = synthesize(templates, normal(20) + SCENARIOS[alarm_type] + normal(70))
+    docs = run_scenario(publisher, alarms, beats, x, alarm_type.replace("_", "-"))
+    mine = [a["state"] for a in docs if a["type"] == alarm_type]
+    assert mine[:1] == ["raised"] and mine[-1:] == ["cleared"], docs
+    assert {a["alarm_id"] for a in docs if a["type"] == alarm_type} == {docs[[a["type"] for a in docs].index(
+        alarm_type)]["alarm_id"]}
+
+
+def test_asystole(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
+                  start_daemon: Callable[..., Daemon], collect: Callable[[str], Collector]) -> None:
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon(alarms=FAST_ALARMS)
+    x = synthesize(templates, [*normal(20), ("N", 7.0), *normal(20)])  # 7 s without a QRS
+    docs = run_scenario(publisher, alarms, beats, x, "asystole")
+    assert [a["state"] for a in docs if a["type"] == "asystole"] == ["raised", "cleared"]
+    assert docs[0]["type"] == "asystole" and docs[0]["priority"] == "high"
+    assert docs[0]["evidence"]["seconds_without_qrs"] >= 4.0
+    # The 7 s pause also brings the 5-beat heart rate under 40 bpm: bradycardia may follow, nothing else.
+    assert {a["type"] for a in docs} <= {"asystole", "extreme_bradycardia"}
+
+
+def test_normal_sinus_rhythm_raises_nothing(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
+                                           start_daemon: Callable[..., Daemon],
+                                           collect: Callable[[str], Collector]) -> None:
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon(alarms=FAST_ALARMS)
+    rng = np.random.default_rng(1)
+    rhythm = [("N", float(rr)) for rr in 0.8 + 0.04 * rng.standard_normal(150)]  # 2 min, 75 bpm, some HRV
+    docs = run_scenario(publisher, alarms, beats, synthesize(templates, rhythm), "nsr")
+    assert docs == []
+    n_beats = sum(len(b["beats"]) for b in beats.docs() if b["device"] == "nsr")
+    assert abs(n_beats - 150) <= 3
+
+
+@pytest.mark.parametrize(("alarm_type", "bad"), [
+    ("leads_off", np.zeros(int(5 * FS))),
+    ("saturation", np.full(int(5 * FS), 8.0)),
+    ("poor_signal", np.random.default_rng(2).normal(0, 0.6, int(5 * FS))),
+])
+def test_technical_alarm_raised_cleared_and_holds_back_physiological(
+        templates: dict[str, list[np.ndarray]], publisher: MqttClient, start_daemon: Callable[..., Daemon],
+        collect: Callable[[str], Collector], alarm_type: str, bad: np.ndarray) -> None:
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon(alarms=FAST_ALARMS)
+    x = np.concatenate([synthesize(templates, normal(20)), bad, synthesize(templates, normal(20))])
+    docs = run_scenario(publisher, alarms, beats, x, alarm_type.replace("_", "-"))
+    assert [a["state"] for a in docs if a["type"] == alarm_type] == ["raised", "cleared"]
+    assert docs[0]["evidence"]["physiological_alarms"] == "suspended"
+    assert all(a["kind"] == "technical" for a in docs), docs  # no asystole while the signal is unusable
+
+
+def test_signal_loss(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
+                     start_daemon: Callable[..., Daemon], collect: Callable[[str], Collector]) -> None:
+    alarms = collect(TOPICS.alarms())
+    start_daemon(alarms=FAST_ALARMS)
+    x = synthesize(templates, normal(30))
+    seq = send(publisher, "lost", x[: int(12 * FS)])
+    raised = alarms.wait_for(lambda d: any(a["type"] == "signal_loss" for a in d), timeout=10)
+    assert raised[0]["state"] == "raised" and raised[0]["priority"] == "medium"
+    send(publisher, "lost", x[int(12 * FS): int(14 * FS)], seq)  # the device comes back
+    docs = alarms.wait_for(lambda d: any(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d))
+    assert [a["state"] for a in docs if a["type"] == "signal_loss"] == ["raised", "cleared"]

@@ -1,0 +1,143 @@
+"""`ecgmon serve` as a real process: config checks, start-up failures, signals, last will, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.broker import LocalBroker, free_port
+from pipeline.codec import encode_binary, encode_json
+from pipeline.daemon import Daemon
+from pipeline.mqtt import MqttClient, Topics
+from tests.conftest import Collector
+
+TOPICS = Topics("ecgmon")
+
+
+def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def serve_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(config), *extra]
+
+
+@pytest.fixture()
+def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
+        config = write_config(tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5},
+                              metrics={"port": free_port()})
+        procs.append(subprocess.Popen(serve_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def wait_online(status: Collector) -> None:
+    status.wait_for(lambda d: bool(d) and d[-1]["state"] == "online", timeout=30)
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    good = write_config(tmp_path, mqtt={"port": 1884})
+    ok = subprocess.run(serve_command(good, "--check-config"), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = write_config(tmp_path, mqtt={"port": 1884, "hostname": "x"}, alarms={"asystole_s": -1})
+    res = subprocess.run(serve_command(bad, "--check-config"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "mqtt.hostname" in res.stderr and "alarms.asystole_s" in res.stderr
+
+
+def test_secrets_come_from_the_environment(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    config = load_config(write_config(tmp_path, mqtt={"username": "ecgmon"}),
+                         {"ECGMON_MQTT__PASSWORD": "s3cret: 1", "ECGMON_MQTT__PORT": "8883"})
+    assert config.mqtt.password is not None and config.mqtt.password.get_secret_value() == "s3cret: 1"
+    assert config.mqtt.port == 8883 and "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize("problem", ["missing_model", "no_broker"])
+def test_start_up_failure_exits_non_zero(tmp_path: Path, problem: str) -> None:
+    sections: dict[str, dict[str, object]] = {"mqtt": {"port": free_port()}, "metrics": {"port": None}}
+    if problem == "missing_model":
+        sections["model"] = {"path": str(tmp_path / "nope.onnx")}
+    res = subprocess.run(serve_command(write_config(tmp_path, **sections)), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert ("model file not found" if problem == "missing_model" else "cannot reach MQTT broker") in res.stderr
+
+
+def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable[[], subprocess.Popen[str]],
+                                                         publisher: MqttClient,
+                                                         collect: Callable[[str], Collector]) -> None:
+    status, beats = collect(TOPICS.status), collect(TOPICS.beats())
+    proc = serve_process()
+    wait_online(status)
+    rng = np.random.default_rng(0)
+    for seq in range(20):
+        publisher.publish(TOPICS.ecg("bed"), encode_json(seq, 100.0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
+                          qos=1)
+    beats.wait_for(lambda d: len(d) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert len(beats.wait_for(lambda d: len(d) == 20)) == 20  # in-flight windows were finished
+    final = status.wait_for(lambda d: d[-1]["state"] == "offline")[-1]
+    assert "reason" not in final  # published by the daemon itself, not the last will
+    assert "shutting down gracefully" in (proc.stdout.read() if proc.stdout else "")
+
+
+def test_second_signal_forces_exit(serve_process: Callable[[], subprocess.Popen[str]], publisher: MqttClient,
+                                   collect: Callable[[str], Collector]) -> None:
+    status, beats = collect(TOPICS.status), collect(TOPICS.beats())
+    proc = serve_process()
+    wait_online(status)
+    window = encode_binary(0, 100.0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    for device in range(4000):  # a backlog, so that the graceful stop is still draining at the second signal
+        publisher.publish(TOPICS.ecg(f"bed-{device}"), window, qos=0)
+    beats.wait_for(lambda d: len(d) >= 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert len(beats.docs()) < 4000
+
+
+def test_killed_daemon_leaves_its_last_will(serve_process: Callable[[], subprocess.Popen[str]],
+                                            collect: Callable[[str], Collector]) -> None:
+    status = collect(TOPICS.status)
+    proc = serve_process()
+    wait_online(status)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    will = status.wait_for(lambda d: d[-1]["state"] == "offline", timeout=30)[-1]
+    assert will["reason"] == "connection lost"
+
+
+def test_availability_is_retained(broker: LocalBroker, start_daemon: Callable[..., Daemon],
+                                  collect: Callable[[str], Collector]) -> None:
+    daemon = start_daemon()
+    time.sleep(0.3)
+    late = collect(TOPICS.status)  # subscribes after the daemon announced itself
+    assert late.wait_for(lambda d: bool(d))[-1] == {**late.docs()[-1], "state": "online"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "ecgmon_messages_in_total" in text and "ecgmon_window_latency_seconds_bucket" in text
