@@ -1,4 +1,5 @@
-"""A local MQTT broker for the demo and the tests: Debian's `mosquitto` on a free loopback port."""
+"""A local MQTT broker for the demo and the tests: Debian's `mosquitto` on a free loopback port,
+or the embedded fallback where mosquitto is not installed (the demo only; tests need mosquitto)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from pipeline.embedded_broker import EmbeddedBroker
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +85,11 @@ class LocalBroker:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def local_broker() -> LocalBroker | EmbeddedBroker:
+    """mosquitto where installed, else the embedded broker (not started yet)."""
+    if find_mosquitto() is not None:
+        return LocalBroker()
+    log.warning("mosquitto not found: using the embedded MQTT broker (demo only; install mosquitto for real use)")
+    return EmbeddedBroker()

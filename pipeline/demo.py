@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.alerts import AlarmPrinter
-from pipeline.broker import LocalBroker
+from pipeline.broker import local_broker
 from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
@@ -24,7 +24,7 @@ def run_demo(records: list[str], physionet_dir: Path, speed: float, duration_s: 
              encoding: str) -> int:
     """Run broker, daemon, printer and replay; return the number of alarm events printed."""
     signals = load_signals(records, physionet_dir, "MLII")
-    with LocalBroker() as broker:
+    with local_broker() as broker:
         config = DaemonConfig(mqtt=MqttConfig(host=broker.host, port=broker.port),
                               metrics=MetricsConfig(port=0))
         daemon = Daemon(config)

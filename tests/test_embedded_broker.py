@@ -1,0 +1,78 @@
+"""The demo's fallback broker: the daemon, the replay tool and the alarm printer work over it too."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.alerts import AlarmPrinter
+from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
+from pipeline.daemon import Daemon
+from pipeline.embedded_broker import EmbeddedBroker
+from pipeline.mqtt import MqttClient, Topics
+from pipeline.replay import ReplayPlan, load_signals, replay
+
+TOPICS = Topics("ecgmon")
+
+
+@pytest.fixture()
+def embedded() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+def client(broker: EmbeddedBroker, name: str, will: tuple[str, bytes] | None = None) -> MqttClient:
+    c = MqttClient(broker.host, broker.port, name, will=will)
+    c.connect()
+    return c
+
+
+def test_daemon_replay_and_alarms_over_the_embedded_broker(embedded: EmbeddedBroker, physionet: Path) -> None:
+    daemon = Daemon(DaemonConfig(mqtt=MqttConfig(host=embedded.host, port=embedded.port),
+                                 metrics=MetricsConfig(port=None)))
+    assert daemon.start()
+    out = io.StringIO()
+    watcher = client(embedded, "watcher")
+    AlarmPrinter(out).attach(watcher, TOPICS)
+    beats: list[bytes] = []
+    watcher.subscribe(TOPICS.beats(), lambda t, p: beats.append(p), qos=0)
+    time.sleep(0.2)
+    publisher = client(embedded, "publisher")
+    sent = replay(publisher, TOPICS, load_signals(["mitdb/200"], physionet, "MLII"),
+                  ReplayPlan(speed=1e6, duration_s=120))
+    deadline = time.monotonic() + 30
+    while len(beats) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(beats) == sent == 120
+    assert sum(len(json.loads(b)["beats"]) for b in beats) > 100
+    daemon.stop()
+    time.sleep(0.3)
+    text = out.getvalue()
+    assert "daemon online" in text and "daemon offline" in text
+    assert "ventricular" in text.lower()  # record 200 has PVC couplets and bigeminy in its first 2 minutes
+    for c in (publisher, watcher):
+        c.disconnect()
+
+
+def test_retained_messages_and_last_will(embedded: EmbeddedBroker) -> None:
+    dying = client(embedded, "dying", will=("ecgmon/status", b'{"state":"offline"}'))
+    dying.publish("ecgmon/status", b'{"state":"online"}', qos=1, retain=True).wait_for_publish(5)
+    seen: list[bytes] = []
+    late = client(embedded, "late")
+    late.subscribe("ecgmon/status", lambda t, p: seen.append(p))
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen == [b'{"state":"online"}']  # retained, delivered on subscribe
+    sock = dying._client.socket()
+    assert sock is not None
+    sock.close()  # an abrupt end, as if the process died
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen[-1] == b'{"state":"offline"}'
+    late.disconnect()
