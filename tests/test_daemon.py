@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,30 @@ def test_idle_streams_are_evicted(publisher: MqttClient, start_daemon: Callable[
     assert {a["evidence"].get("reason", "") for a in docs if a["state"] == "cleared"} == {
         "device silent 2 s: state evicted"}
     assert daemon.stats()["active_streams"] == 0 and daemon.stats()["evicted"] == 3
+
+
+def test_reconnects_and_resubscribes_after_broker_restart(physionet: Path, broker: LocalBroker,
+                                                          start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    x = load_record(physionet / "mitdb", "100").signal_mv[:360 * 4]
+    broker.stop()
+    restarted = LocalBroker(port=broker.port).start()
+    try:
+        seen: list[bytes] = []
+        watcher = MqttClient(restarted.host, restarted.port, "watcher")
+        watcher.connect()
+        watcher.subscribe(TOPICS.beats(), lambda t, p: seen.append(p))
+        pub = MqttClient(restarted.host, restarted.port, "pub")
+        pub.connect()
+        deadline = time.monotonic() + 30
+        seq = 0
+        while not seen and time.monotonic() < deadline:  # the daemon comes back within its backoff
+            pub.publish(TOPICS.ecg("bed"), window(seq, 10.0 + seq, x[(seq % 4) * 360:(seq % 4 + 1) * 360]), qos=1)
+            seq += 1
+            time.sleep(0.5)
+        assert seen, "no results after the broker restarted"
+        assert daemon._mqtt is not None and daemon._mqtt.reconnects >= 1
+        for c in (watcher, pub):
+            c.disconnect()
+    finally:
+        restarted.stop()

@@ -1,0 +1,27 @@
+"""The README's first command, `ecgmon demo`, end to end as a process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_prints_alarms(physionet: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--physionet-dir", str(physionet),
+                          "--duration-s", "90", "--speed", "30"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("daemon online")
+    assert any("raised" in line and "mitdb-200" in line for line in lines)  # record 200 has ventricular ectopy
+    assert lines[-1].startswith("demo finished:")
+
+
+def test_shipped_daemon_config_validates() -> None:
+    config = load_config(REPO / "configs" / "daemon.yaml", env={})
+    assert config.mqtt.topic_prefix == "ecgmon" and config.alarms.asystole_s == 4.0
