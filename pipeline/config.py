@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -105,7 +105,19 @@ class DaemonConfig(Strict):
 
 
 class ConfigError(ValueError):
-    """The config file or an ECGMON_ variable does not validate; the message names each bad key."""
+    """A config does not validate; the message names each bad key."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_config(model: type[M], raw: dict[str, Any], source: str) -> M:
+    """`model` validated from `raw`, or ConfigError listing every bad key as dotted.path: problem."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{source}: {problems}") from err
 
 
 def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
@@ -130,8 +142,4 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Daem
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw = apply_env(raw, os.environ if env is None else env)
-    try:
-        return DaemonConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path or 'defaults'}: {problems}") from err
+    return validate_config(DaemonConfig, raw, str(path or "defaults"))

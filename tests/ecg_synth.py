@@ -1,4 +1,4 @@
-"""Constructed ECG for alarm tests: real MIT-BIH beats (DS1 record 119: N and V; 209: S) spliced at chosen RR."""
+"""Constructed ECG for alarm tests: real MIT-BIH beats (DS1 record 208: N and V; 209: S) spliced at chosen RR."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PRE_S, POST_S = 0.25, 0.45
 def beat_templates(physionet: Path) -> dict[str, list[NDArray[np.float64]]]:
     """A few real beats per class, baseline-corrected (mV at 360 Hz), R peak at PRE_S."""
     out: dict[str, list[NDArray[np.float64]]] = {}
-    for record_name, wanted in (("119", "NV"), ("209", "S")):
+    for record_name, wanted in (("208", "NV"), ("209", "S")):
         record = load_record(physionet / "mitdb", record_name)
         pre, post = round(PRE_S * FS), round(POST_S * FS)
         for cls in wanted:

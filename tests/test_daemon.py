@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
         publisher.publish(TOPICS.ecg("bed-1"), window(seq, t0 + seq, x[seq * 360:(seq + 1) * 360]), qos=1)
     publisher.publish(TOPICS.ecg("bed-1"), window(5, t0 + 5, x[5 * 360:6 * 360]), qos=1)  # duplicate
     publisher.publish(TOPICS.ecg("bed-1"), window(9, t0 + 9, x[9 * 360:10 * 360]), qos=1)  # gap
+    publisher.publish(TOPICS.ecg("bed-1"), window(3, t0 + 3, x[3 * 360:4 * 360]), qos=1)  # late
     publisher.publish(TOPICS.ecg("bed-1"), b"\x00garbage", qos=1)
     publisher.publish(TOPICS.ecg("bed-2"), b'{"seq": 1}', qos=1)
     publisher.publish(TOPICS.ecg("bed-2"), window(0, t0, x[:360], "binary"), qos=1)
@@ -97,7 +99,7 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
     assert errors[0]["reason"] == "bad_format"  # the second rejection falls in the log's rate limit
     stats = messages.wait_for(lambda d: any(s.get("rejected") == 2 for s in d), "stats")
     validate(stats[-1], "Stats")
-    assert stats[-1]["dropped_duplicate"] == 1 and stats[-1]["gaps"] == 1
+    assert stats[-1]["dropped_duplicate"] == 1 and stats[-1]["dropped_late"] == 1 and stats[-1]["gaps"] == 1
     assert daemon.metrics.rejected.labels("missing_field")._value.get() == 1
     daemon.stop()
     offline = messages.wait_for(lambda d: d[-1].get("state") == "offline", "status")
@@ -143,3 +145,29 @@ def test_reconnects_and_resubscribes_after_broker_restart(physionet: Path, broke
             c.disconnect()
     finally:
         restarted.stop()
+
+
+def test_variable_window_lengths_give_the_same_beats(physionet: Path, publisher: MqttClient,
+                                                     start_daemon: Callable[..., Daemon],
+                                                     collect: Callable[[str], Collector]) -> None:
+    """Windows of 0.25-10 s, changing from message to message, change nothing: streaming equals offline."""
+    daemon = start_daemon()
+    beats = collect(TOPICS.beats())
+    record = load_record(physionet / "mitdb", "119")
+    x = record.signal_mv[: 360 * 180]
+    rng = np.random.default_rng(3)
+    seq, start = 0, 0
+    while start < len(x):
+        n = min(int(rng.uniform(0.25, 10.0) * 360), len(x) - start)
+        if n < 90:
+            break
+        publisher.publish(TOPICS.ecg("vary"), encode_json(seq, 500.0 + start / 360, 360.0, "MLII", x[start:start + n]),
+                          qos=1)
+        seq, start = seq + 1, start + n
+    docs = beats.wait_for(lambda d: len(d) == seq)
+    online = [(round(b["time"] - 500.0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
+              for b in d["beats"]]
+    assert daemon._model is not None
+    samples, classes = stream_records(daemon._model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]
+    assert [c for _, c in online] == classes.tolist() and len(online) > 150
+    np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)

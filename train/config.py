@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from models.network import ModelConfig
+from pipeline.config import ConfigError, Strict, validate_config
 from pipeline.dsp import FilterSpec
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["ConfigError", "TrainConfig", "load_train_config"]
 
 
 class FilterConfig(Strict):
@@ -85,10 +84,6 @@ class TrainConfig(Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class ConfigError(ValueError):
-    """A config file that does not validate; the message names each bad key."""
-
-
 def load_train_config(path: Path, overrides: dict[str, object] | None = None) -> TrainConfig:
     """Load and validate a YAML training config; `overrides` maps dotted keys to values."""
     raw = yaml.safe_load(path.read_text()) or {}
@@ -98,8 +93,4 @@ def load_train_config(path: Path, overrides: dict[str, object] | None = None) ->
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path}: {problems}") from err
+    return validate_config(TrainConfig, raw, str(path))
