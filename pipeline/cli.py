@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.model import SHIPPED_MODEL
 from pipeline.mqtt import ConnectError, MqttClient, Topics
 
@@ -31,13 +32,9 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_train_config
+    from train.config import load_train_config
 
-    try:
-        config = load_train_config(args.config, _overrides(args.set))
-    except ConfigError as err:
-        print(f"invalid config: {err}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, _overrides(args.set))
     if args.check_config:
         print(f"{args.config}: valid (hash {config.hash()})")
         return 0
@@ -88,14 +85,10 @@ def cmd_compare_cells(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
     from pipeline.serve import serve
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"invalid config: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     if args.check_config:
         print(f"{args.config or 'defaults'}: valid")
         return 0
@@ -236,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or getattr(args, "default_log_level", "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ConfigError as err:
+        print(f"invalid config: {err}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,3 +142,28 @@ def test_availability_is_retained(broker: LocalBroker, start_daemon: Callable[..
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert "ecgmon_messages_in_total" in text and "ecgmon_window_latency_seconds_bucket" in text
+
+
+def test_alerts_command_prints_and_writes_json_lines(broker: LocalBroker, publisher: MqttClient,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "alarms.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "alerts", "--broker",
+                             f"{broker.host}:{broker.port}", "--json-out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        alarm = {"alarm_id": "bed-7/asystole/1000", "device": "bed-7", "type": "asystole", "kind": "physiological",
+                 "priority": "high", "state": "raised", "time": 1000.0, "message": "Asystole: no QRS detected",
+                 "evidence": {"seconds_without_qrs": 4.2, "raised_at": 1000.0, "model_version": "x"}}
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            publisher.publish_json(TOPICS.alarms("bed-7"), alarm, qos=1)  # until the subscriber is up
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    first = out.read_text().splitlines()[0]
+    assert json.loads(first) == alarm
+    assert "HIGH" in stdout and "raised" in stdout and "Asystole" in stdout and "seconds without qrs: 4.2" in stdout
