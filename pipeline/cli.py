@@ -79,7 +79,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 def cmd_compare_cells(args: argparse.Namespace) -> int:
     from train.compare_cells import compare_cells
 
-    table = compare_cells(args.config, args.cells, args.out, args.minutes)
+    table = compare_cells(args.config, args.cells, args.out, args.epochs)
     print(table)
     return 0
 
@@ -187,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
     p.add_argument("--report-dir", type=Path, default=Path("docs/model"), help="evaluation report and plots")
 
-    p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm on the same budget and compare them.")
+    p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm for the same epochs; compare DS2 scores and "
+                           "gradients over BPTT depth.")
     p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))
     p.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=["rnn", "gru", "lstm"])
-    p.add_argument("--minutes", type=float, default=6.0, help="training wall-time budget per cell (min)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs per cell (the shared budget)")
     p.add_argument("--out", type=Path, default=Path("docs/cells"), help="folder for the write-up's figures")
     p = add("serve", cmd_serve, "Run the daemon: ECG windows in over MQTT, beats and alarms out.")
     p.add_argument("--config", type=Path, help="daemon config YAML (configs/daemon.yaml); defaults if omitted")

@@ -32,7 +32,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, physionet: Path) -> Path:
     code = main(["--log-level", "WARNING", "train", "--config", str(REPO / "configs" / "train-lstm.yaml"),
                  "--set", "name=tiny", "--set", f"out_dir={out}", "--set", f"data.physionet_dir={physionet}",
                  "--set", "data.train_records=[mitdb/101, mitdb/208]", "--set", "data.val_records=[mitdb/118]",
-                 "--set", "optim.epochs=2", "--set", "optim.segment_s=60", "--set", "optim.batch_streams=16"])
+                 "--set", "optim.epochs=2", "--set", "optim.segment_s=60", "--set", "optim.chunk_s=10", "--set", "optim.batch_streams=8",
+                 "--set", "optim.ema_decay=0", "--set", "optim.threads=1", "--set", "optim.lr=0.01"])
     assert code == 0
     return out / "tiny"
 

@@ -69,3 +69,18 @@ def test_rejections_have_reasons(payload: bytes, reason: str) -> None:
 def test_binary_header_size_is_documented() -> None:
     assert BINARY_HEADER.size == 32
     assert struct.calcsize("<4sBBHIdffhH") == 32
+
+
+def test_json_windows_match_the_asyncapi_schema() -> None:
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml").read_text())
+    schema = spec["components"]["schemas"]["WindowJson"]
+    doc = json.loads(encode_json(3, 1.7e9, 250.0, "MLII", np.arange(250, dtype=np.int16), 200.0, 1024))
+    jsonschema.validate(doc, schema)
+    doc["fs"] = 50
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
