@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, physionet: Path) -> Path:
     out = tmp_path_factory.mktemp("runs")
+    settings = {"name": "tiny", "out_dir": out, "data.physionet_dir": physionet,
+                "data.train_records": "[mitdb/101, mitdb/208]", "data.val_records": "[mitdb/118]",
+                "optim.epochs": 2, "optim.segment_s": 60, "optim.chunk_s": 10, "optim.batch_streams": 8,
+                "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01}
     code = main(["--log-level", "WARNING", "train", "--config", str(REPO / "configs" / "train-lstm.yaml"),
-                 "--set", "name=tiny", "--set", f"out_dir={out}", "--set", f"data.physionet_dir={physionet}",
-                 "--set", "data.train_records=[mitdb/101, mitdb/208]", "--set", "data.val_records=[mitdb/118]",
-                 "--set", "optim.epochs=2", "--set", "optim.segment_s=60", "--set", "optim.chunk_s=10", "--set", "optim.batch_streams=8",
-                 "--set", "optim.ema_decay=0", "--set", "optim.threads=1", "--set", "optim.lr=0.01"])
+                 *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])
     assert code == 0
     return out / "tiny"
 
