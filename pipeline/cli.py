@@ -102,7 +102,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     signals = load_signals(args.records, args.physionet_dir, args.lead)
     client = _connect(args.broker, "ecgmon-replay")
     plan = ReplayPlan(devices=args.devices or len(signals), window_s=args.window_s, speed=args.speed,
-                      duration_s=args.duration_s, encoding=args.encoding, offset_step_s=args.offset_step_s)
+                      duration_s=args.duration_s, encoding=args.encoding, offset_step_s=args.offset_step_s,
+                      qos=args.qos)
     try:
         sent = replay(client, Topics(args.topic_prefix), signals, plan)
     finally:
@@ -125,6 +126,16 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             pass
         finally:
             client.disconnect()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench, write_report
+
+    figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
+                        args.physionet_dir)
+    command = "ecgmon " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    print(write_report(figures, args.out, command))
     return 0
 
 
@@ -215,10 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=1.0, help="window length (s), 0.25-10")
     p.add_argument("--lead", default="MLII")
     p.add_argument("--offset-step-s", type=float, default=0.0, help="start offset between devices (s)")
+    p.add_argument("--qos", type=int, choices=[0, 1], default=1, help="MQTT QoS of the ECG windows")
 
     p = add("alerts", cmd_alerts, "Subscribe to alarms and print them as they happen.")
     add_broker(p)
     p.add_argument("--json-out", type=Path, help="also append each alarm as a JSON line to this file")
+
+    p = add("bench", cmd_bench, "Measure live-device capacity, latency, CPU and memory; write docs/benchmarks.md.")
+    p.add_argument("--devices", type=int, nargs="+", default=[100, 1000, 5000, 10000])
+    p.add_argument("--naive-devices", type=int, nargs="*", default=[100, 500, 1000])
+    p.add_argument("--windows-s", type=float, nargs="*", default=[0.25, 5.0],
+                   help="window lengths also measured at the batched capacity (1 s always is)")
+    p.add_argument("--duration-s", type=float, default=60.0, help="sustained run per point (s)")
+    p.add_argument("--records", nargs="+", default=["mitdb/DS1"])
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET)
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + a replayed MIT-BIH record; prints alarms.")
     add_records(p, ["mitdb/200"])

@@ -2,7 +2,9 @@
 
 Reading WFDB records needs the `[train]` extra (wfdb). Device i replays record
 i mod n_records from offset (i * offset_step_s) mod its duration, so many devices from few
-records are not in lockstep.
+records are not in lockstep. Like a real sensor, a device publishes a window once its last
+sample exists (at t0 + window length), and devices are spread evenly over the window
+period rather than all publishing at once.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ReplayPlan:
     offset_step_s: float = 0.0
     t0: float | None = None  # signal time of the first sample (default: now)
     device_prefix: str = ""
+    qos: int = 1
 
 
 def device_ids(signals: list[ReplaySignal], plan: ReplayPlan) -> list[str]:
@@ -75,6 +78,7 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     ids = device_ids(signals, plan)
     t0 = time.time() if plan.t0 is None else plan.t0
     started = time.monotonic()
+    phases = [plan.window_s * i / plan.devices for i in range(plan.devices)]  # s of signal time
     assigned = [signals[i % len(signals)] for i in range(plan.devices)]
     offsets = [round(((i * plan.offset_step_s) % (len(s.adc) / s.fs)) * s.fs) for i, s in enumerate(assigned)]
     longest = max(len(s.adc) / s.fs for s in assigned)
@@ -83,22 +87,22 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     for k in range(n_windows):
         if stop is not None and stop.is_set():
             break
-        wait = started + k * plan.window_s / plan.speed - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        for device, signal, offset in zip(ids, assigned, offsets, strict=True):
+        for device, signal, offset, phase in zip(ids, assigned, offsets, phases, strict=True):
             a = offset + round(k * plan.window_s * signal.fs)
             b = offset + round((k + 1) * plan.window_s * signal.fs)
             if b > len(signal.adc):
                 continue
-            t_first = t0 + k * plan.window_s
+            t_first = t0 + phase + k * plan.window_s
+            wait = started + (t_first - t0 + plan.window_s) / plan.speed - time.monotonic()
+            if wait > 0.001:
+                time.sleep(wait)
             if plan.encoding == "binary":
                 payload = encode_binary(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
                                         signal.baseline)
             else:
                 payload = encode_json(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
                                       signal.baseline)
-            client.publish(topics.ecg(device), payload, qos=1)
+            client.publish(topics.ecg(device), payload, qos=plan.qos)
             sent += 1
     log.info("replay done: %d windows from %d devices", sent, len(ids))
     return sent

@@ -1,0 +1,280 @@
+"""`ecgmon bench`: how many live ECG devices one daemon process serves in real time.
+
+Every part is real and separate: a mosquitto broker, the daemon under test as its own
+process (`ecgmon serve`), the load generator as another process (`ecgmon replay`: real
+MIT-BIH records, per-device time offsets, one window per device per window period), and a
+subscriber here that measures, for every window, the time from the moment the window could
+first be sent (its last sample's time) to the arrival of its results on the beats topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.broker import LocalBroker, free_port
+from pipeline.model import SHIPPED_MODEL, BeatModel
+from pipeline.mqtt import MqttClient, Topics
+
+log = logging.getLogger(__name__)
+
+P99_LIMIT_S = 0.250
+TOPICS = Topics("ecgmon")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sustained run and what it measured."""
+
+    design: str  # "batched" (ecgmon as shipped) or "naive" (one model call per message, JSON)
+    devices: int
+    window_s: float
+    duration_s: float
+    sent: int
+    answered: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    daemon_cpu_s: float
+    cpu_ms_per_device_s: float
+    rss_mb: float
+    batch_mean: float
+    dropped: int
+
+    @property
+    def ok(self) -> bool:
+        """Kept in real time: p99 within the limit and every window answered."""
+        return self.answered == self.sent and self.latency_p99_ms <= P99_LIMIT_S * 1000
+
+
+class LatencyProbe:
+    """Subscribes to all beats and records each window's latency (s) by (device, seq)."""
+
+    def __init__(self, broker: LocalBroker, window_s: float) -> None:
+        self.window_s = window_s
+        self.latency: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+        self.client = MqttClient(broker.host, broker.port, "bench-probe")
+        self.client.connect()
+        self.client.subscribe(TOPICS.beats(), self._on, qos=0)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        now = time.time()
+        doc = json.loads(payload)
+        with self._lock:
+            self.latency[(doc["device"], doc["seq"])] = now - (doc["t0"] + self.window_s)
+
+    def values(self) -> np.ndarray:
+        with self._lock:
+            return np.array(list(self.latency.values()))
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _proc_rss_mb(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def run_point(design: str, devices: int, window_s: float, duration_s: float, records: list[str],
+              physionet_dir: Path, model: Path) -> Point:
+    """One sustained run at `devices` live devices."""
+    batched = design == "batched"
+    with LocalBroker(extra_config="max_inflight_messages 0\nmax_queued_bytes 0\n") as broker, \
+            tempfile.TemporaryDirectory() as tmp:
+        metrics_port = free_port()
+        config = {"mqtt": {"host": broker.host, "port": broker.port, "qos_in": 0},
+                  "model": {"path": str(model)}, "metrics": {"port": metrics_port},
+                  "streams": {"idle_evict_s": 3600, "queue_windows": max(20_000, 4 * devices)},
+                  "batching": {"max_wait_ms": 20, "max_batch": 4096} if batched else {"max_wait_ms": 0, "max_batch": 1},
+                  "alarms": {"signal_loss_s": 3600}, "log_level": "WARNING"}
+        (Path(tmp) / "daemon.yaml").write_text(yaml.safe_dump(config))
+        daemon = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--config",
+                                   str(Path(tmp) / "daemon.yaml")], stderr=subprocess.DEVNULL)
+        probe = LatencyProbe(broker, window_s)
+        try:
+            _wait_for_metrics(metrics_port, daemon)
+            cpu_before = _proc_cpu_s(daemon.pid)
+            generator = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "replay", "--broker",
+                 f"{broker.host}:{broker.port}", "--records", *records, "--physionet-dir", str(physionet_dir),
+                 "--devices", str(devices), "--window-s", str(window_s), "--duration-s", str(duration_s),
+                 "--encoding", "binary" if batched else "json", "--offset-step-s", "37", "--qos", "0"],
+                capture_output=True, text=True, timeout=duration_s * 3 + 120)
+            if generator.returncode != 0:
+                raise RuntimeError(f"load generator failed: {generator.stderr[-1000:]}")
+            sent = int(re.search(r"published (\d+) windows", generator.stdout).group(1))  # type: ignore[union-attr]
+            deadline = time.monotonic() + 10
+            while len(probe.latency) < sent and time.monotonic() < deadline:
+                time.sleep(0.1)
+            cpu = _proc_cpu_s(daemon.pid) - cpu_before
+            rss = _proc_rss_mb(daemon.pid)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+        finally:
+            probe.close()
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+        latency = probe.values()
+        batches = _metric(metrics, "ecgmon_batch_windows_count")
+        return Point(design=design, devices=devices, window_s=window_s, duration_s=duration_s, sent=sent,
+                     answered=len(latency), latency_p50_ms=float(np.percentile(latency, 50) * 1000),
+                     latency_p99_ms=float(np.percentile(latency, 99) * 1000),
+                     latency_max_ms=float(latency.max() * 1000), daemon_cpu_s=cpu,
+                     cpu_ms_per_device_s=1000 * cpu / (devices * duration_s), rss_mb=rss,
+                     batch_mean=_metric(metrics, "ecgmon_batch_windows_sum") / max(batches, 1),
+                     dropped=int(sum(float(v) for v in re.findall(r"^ecgmon_windows_dropped_total\{[^}]*\} (\S+)$",
+                                                                     metrics, re.MULTILINE))))
+
+
+def _wait_for_metrics(port: int, daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("daemon did not come up")
+
+
+def inference_ceiling(model_path: Path, batch: int, seconds: float = 5.0) -> float:
+    """Stream-seconds per CPU-second of ONNX Runtime alone (1 thread, 1 s windows, state carried)."""
+    model = BeatModel(model_path, intra_op_threads=1)
+    frames_per_s = round(model.info.fs / model.info.frame_size)
+    frames = np.random.default_rng(0).normal(0, 0.3, (batch, frames_per_s, model.info.frame_size)).astype(np.float32)
+    state = model.initial_state(batch)
+    runs, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        _, state = model.run(frames, state)
+        runs += 1
+    return runs * batch / (time.process_time() - start)
+
+
+def environment() -> dict[str, str]:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
+            "processor": platform.processor() or platform.machine(), "onnxruntime": version("onnxruntime"),
+            "numpy": version("numpy"), "paho-mqtt": version("paho-mqtt"),
+            "mosquitto": subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.split("\n")[0]}
+
+
+def state_bytes_per_device(model_path: Path) -> int:
+    """Bytes of numpy state the daemon keeps per device in its slot arrays (recurrent + picker)."""
+    model = BeatModel(model_path)
+    recurrent = sum(layers * hidden * 4 for layers, hidden in model.state_shapes)
+    picker = 1 + 4 + 8 + 4 * (len(model.info.class_names) - 1) + 8
+    return recurrent + picker
+
+
+def points_table(points: list[Point]) -> str:
+    head = ("| design | devices | window s | sent | answered | p50 ms | p99 ms | max ms | CPU ms per device-s | "
+            "RSS MB | mean batch | ok |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [f"| {p.design} | {p.devices} | {p.window_s:g} | {p.sent} | {p.answered} | {p.latency_p50_ms:.0f} | "
+            f"{p.latency_p99_ms:.0f} | {p.latency_max_ms:.0f} | {p.cpu_ms_per_device_s:.3f} | {p.rss_mb:.0f} | "
+            f"{p.batch_mean:.1f} | {'yes' if p.ok else 'no'} |" for p in points]
+    return "\n".join([head, *rows])
+
+
+def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[float], duration_s: float,
+              records: list[str], physionet_dir: Path, model: Path = SHIPPED_MODEL) -> dict[str, Any]:
+    """All points; returns the figures (also what docs/benchmarks.md shows)."""
+    points = []
+    for n in devices:
+        points.append(run_point("batched", n, 1.0, duration_s, records, physionet_dir, model))
+        log.info("batched %d devices: %s", n, points[-1])
+    for n in naive_devices:
+        points.append(run_point("naive", n, 1.0, duration_s, records, physionet_dir, model))
+        log.info("naive %d devices: %s", n, points[-1])
+    for w in windows_s:
+        n = max((p.devices for p in points if p.design == "batched" and p.ok), default=devices[0])
+        points.append(run_point("batched", n, w, duration_s, records, physionet_dir, model))
+        log.info("window %g s: %s", w, points[-1])
+    capacity = {d: max((p.devices for p in points if p.design == d and p.window_s == 1.0 and p.ok), default=0)
+                for d in ("batched", "naive")}
+    ceiling = {str(b): inference_ceiling(model, b) for b in (1, 256, 1024)}
+    return {"points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity,
+            "inference_ceiling_stream_s_per_cpu_s": ceiling, "state_bytes_per_device": state_bytes_per_device(model),
+            "environment": environment()}
+
+
+def write_report(figures: dict[str, Any], out: Path, command: str) -> str:
+    """docs/benchmarks.md from the figures of one run; returns the text."""
+    points = [Point(**{k: v for k, v in p.items() if k != "ok"}) for p in figures["points"]]
+    cap, ceiling = figures["capacity"], figures["inference_ceiling_stream_s_per_cpu_s"]
+    env = figures["environment"]
+    batched_1s = sorted((p for p in points if p.design == "batched" and p.window_s == 1.0), key=lambda p: p.devices)
+    rss_per_device = ""
+    if len(batched_1s) >= 2:
+        a, b = batched_1s[0], batched_1s[-1]
+        rss_per_device = f"{1024 * (b.rss_mb - a.rss_mb) / max(b.devices - a.devices, 1):.1f} KB"
+    ratio = cap["batched"] / cap["naive"] if cap["naive"] else float("inf")
+    at_capacity = next((p for p in batched_1s if p.devices == cap["batched"]), None)
+    cpu_at_capacity = (at_capacity.daemon_cpu_s / at_capacity.duration_s) if at_capacity else float("nan")
+    ceiling_text = ", ".join(f"{v:.0f} (batch {b})" for b, v in ceiling.items())
+    text = f"""# Benchmarks
+
+Generated by `{command}`; rerun it to reproduce. Figures are from one run on a shared
+machine: compare ratios within the run, not absolute numbers across runs.
+
+Machine: {env['cpus']} CPUs ({env['processor']}, {env['machine']}), Python {env['python']},
+onnxruntime {env['onnxruntime']}, numpy {env['numpy']}, paho-mqtt {env['paho-mqtt']}, {env['mosquitto']}.
+
+Set-up: mosquitto, the daemon (`ecgmon serve`, shipped model, 1 ONNX Runtime thread) and the
+load generator (`ecgmon replay`: MIT-BIH records, 360 Hz, binary windows, devices offset by 37 s
+of signal and spread evenly over each second) each in its own process. Latency is measured
+per window from the time its last sample exists to the arrival of its results on the beats
+topic at a subscriber. A point is kept in real time when p99 ≤ {P99_LIMIT_S * 1000:.0f} ms and
+every window is answered. The naive design is the same daemon with batching off
+(`batching.max_batch: 1`, one model call per message) fed JSON windows.
+
+## Summary
+
+| figure | value |
+|---|---|
+| capacity, batched (devices in real time, 1 s windows) | {cap['batched']} of those tried |
+| capacity, naive | {cap['naive']} of those tried |
+| capacity ratio batched / naive | {ratio:.1f} |
+| daemon CPU at capacity | {cpu_at_capacity:.2f} cores |
+| inference-only ceiling, ONNX Runtime alone, 1 thread, stream-s per CPU-s | {ceiling_text} |
+| resident memory per device (RSS slope from fewest to most devices) | {rss_per_device or 'n/a'} |
+| numpy state per device (recurrent state + beat picker) | {figures['state_bytes_per_device']} bytes |
+
+## All points
+
+{points_table(points)}
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    (out.with_suffix(".json")).write_text(json.dumps(figures, indent=2))
+    return text
