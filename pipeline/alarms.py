@@ -87,10 +87,25 @@ class SignalCheck:
 
     @classmethod
     def of(cls, samples_mv: NDArray[np.float64], config: AlarmConfig) -> SignalCheck:
-        ptp = float(np.ptp(samples_mv))
-        noise = float(np.median(np.abs(np.diff(samples_mv, 2)))) if samples_mv.size > 2 else 0.0
-        return cls(flat=ptp < config.flat_mv, saturated=bool(np.abs(samples_mv).max() >= config.saturation_mv),
-                   noisy=noise > config.noise_mv, peak_to_peak_mv=ptp, noise_mv=noise)
+        return cls.batch([samples_mv], config)[0]
+
+    @classmethod
+    def batch(cls, windows: list[NDArray[np.float64]], config: AlarmConfig) -> list[SignalCheck]:
+        """Checks of many windows, computed together for windows of equal length."""
+        out: list[SignalCheck | None] = [None] * len(windows)
+        by_length: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            by_length.setdefault(len(w), []).append(i)
+        for n, rows in by_length.items():
+            x = np.stack([windows[i] for i in rows])
+            ptp = np.ptp(x, axis=1)
+            peak = np.abs(x).max(axis=1)
+            noise = np.median(np.abs(np.diff(x, 2, axis=1)), axis=1) if n > 2 else np.zeros(len(rows))
+            for k, i in enumerate(rows):
+                out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(peak[k] >= config.saturation_mv),
+                             noisy=bool(noise[k] > config.noise_mv), peak_to_peak_mv=float(ptp[k]),
+                             noise_mv=float(noise[k]))
+        return [c for c in out if c is not None]
 
 
 @dataclass

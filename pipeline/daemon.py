@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,20 +271,22 @@ class Daemon:
         for beat in self._streams.process([(s.device, w.samples_mv) for s, w, _ in group]):
             beats_of[beat.stream_id].append(beat)
         delay_s = self._model.info.output_delay_frames * self._model.info.frame_s
-        for stream, window, received in group:
+        checks = SignalCheck.batch([w.samples_mv for _, w, _ in group], self.config.alarms)
+        class_counts: Counter[str] = Counter()
+        for (stream, window, received), check in zip(group, checks, strict=True):
             beats = [(stream.origin + b.time_s, b.class_name, b.confidence) for b in beats_of[stream.device]]
             end = window.t0 + window.duration_s
             self._sink.beats(stream.device, {
                 "device": stream.device, "seq": window.seq, "t0": window.t0, "model_version": self.model_version,
                 "beats": [{"time": round(t, 4), "class": c, "confidence": round(p, 3)} for t, c, p in beats]})
-            for _, cls, _ in beats:
-                self.metrics.beats.labels(cls).inc()
-            check = SignalCheck.of(window.samples_mv, self.config.alarms)
+            class_counts.update(c for _, c, _ in beats)
             events = stream.alarms.on_window(check, end, end - delay_s)
             events += stream.alarms.on_beats([(t, c) for t, c, _ in beats], end)
             self._emit(events)
-            self.metrics.windows.inc()
             self.metrics.latency.observe(time.monotonic() - received)
+        for cls, count in class_counts.items():
+            self.metrics.beats.labels(cls).inc(count)
+        self.metrics.windows.inc(len(group))
         self._counts["windows"] += len(group)
 
     def _reject(self, device: str, reason: str, detail: str) -> None:

@@ -2,9 +2,11 @@
 
 Every step keeps its state between calls, so a signal fed chunk by chunk gives exactly
 the same output as one call over the whole signal: band-pass (Butterworth, scipy
-second-order sections), resampling to the model rate (linear interpolation on an exact
-rational time grid) and framing into fixed-size frames. Nothing looks ahead and nothing
-uses whole-record statistics. Amplitudes stay in physical units (mV).
+second-order sections, seeded by the first sample so a DC offset gives no start-up step),
+resampling to the model rate (linear interpolation on an exact rational time grid) and
+framing into fixed-size frames. Nothing looks ahead and nothing uses whole-record
+statistics. Amplitudes stay in physical units (mV). Training runs one stream
+(`Preprocessor`); the daemon runs many at once (`PreprocessorBank`); both are the same code.
 """
 
 from __future__ import annotations
@@ -57,25 +59,6 @@ def check_fs(fs: float) -> None:
         raise ValueError(f"fs={fs} Hz is outside the supported {MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz")
 
 
-class CausalBandpass:
-    """Band-pass with carried state; the first sample seeds a steady state (no start-up step)."""
-
-    def __init__(self, spec: FilterSpec, fs: float) -> None:
-        self._sos = spec.sos(fs)
-        self._zi_unit = signal.sosfilt_zi(self._sos)
-        self._zi: NDArray[np.float64] | None = None
-
-    def __call__(self, x_mv: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
-        """Filter the next chunk (mV) and return it filtered (mV)."""
-        if x_mv.size == 0:
-            return np.zeros(0)
-        if self._zi is None:
-            self._zi = self._zi_unit * float(x_mv[0])
-        y, self._zi = signal.sosfilt(self._sos, x_mv, zi=self._zi)
-        result: NDArray[np.float64] = y
-        return result
-
-
 class LinearResampler:
     """Resample from `fs_in` to `fs_out` (Hz) by linear interpolation, chunk by chunk.
 
@@ -111,31 +94,97 @@ class LinearResampler:
         return y
 
 
-class Framer:
-    """Cut a sample stream into frames of `frame_size` samples, carrying the remainder."""
+class PreprocessorBank:
+    """Band-pass, resample and frame many streams, each in its own slot of the state arrays.
 
-    def __init__(self, frame_size: int) -> None:
-        self.frame_size = frame_size
-        self._rest = np.zeros(0, dtype=np.float32)
+    Windows of streams with the same rate and length are filtered in one scipy call
+    (state gathered from and scattered back to their slots). Rows at the model rate whose
+    length is a whole number of frames (the usual case) are framed by a reshape.
+    """
 
-    def __call__(self, x: NDArray[np.floating[Any]]) -> FloatArray:
-        """Return the complete frames, shape (n_frames, frame_size)."""
-        buf = np.concatenate((self._rest, np.asarray(x, dtype=np.float32)))
-        n = buf.size // self.frame_size
-        self._rest = buf[n * self.frame_size:]
+    def __init__(self, spec: FilterSpec, fs_model: float, frame_size: int, capacity: int = 1) -> None:
+        self.spec, self.fs_model, self.frame_size = spec, fs_model, frame_size
+        n_sections = spec.sos(max(2.5 * spec.high_hz, MIN_FS_HZ)).shape[0]
+        self._zi = np.zeros((capacity, n_sections, 2))  # filter state per slot
+        self._seeded = np.zeros(capacity, dtype=bool)  # False until a slot's first sample seeds its state
+        self._fs = np.zeros(capacity)
+        self._resamplers: dict[int, LinearResampler] = {}
+        self._rest: dict[int, NDArray[np.float32]] = {}  # samples short of a whole frame, per slot
+        self._sos: dict[float, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+
+    @property
+    def capacity(self) -> int:
+        return len(self._fs)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        self._zi = np.concatenate([self._zi, np.zeros((extra, *self._zi.shape[1:]))])
+        self._seeded = np.concatenate([self._seeded, np.zeros(extra, dtype=bool)])
+        self._fs = np.concatenate([self._fs, np.zeros(extra)])
+
+    def open(self, slot: int, fs: float) -> None:
+        """Start `slot` afresh for a stream sampled at `fs` (Hz)."""
+        check_fs(fs)
+        if fs not in self._sos:
+            sos = self.spec.sos(fs)
+            self._sos[fs] = (sos, signal.sosfilt_zi(sos))
+        self._seeded[slot] = False
+        self._fs[slot] = fs
+        self._rest.pop(slot, None)
+        self._resamplers.pop(slot, None)
+        if fs != self.fs_model:
+            self._resamplers[slot] = LinearResampler(fs, self.fs_model)
+
+    def fs_of(self, slot: int) -> float:
+        return float(self._fs[slot])
+
+    def __call__(self, slots: list[int], windows: list[NDArray[np.floating[Any]]]) -> list[FloatArray]:
+        """Process the next window (mV at the slot's rate) of each slot; return each one's new frames.
+
+        A slot appears at most once. Frames are (n_frames, frame_size) in mV at the model rate.
+        """
+        out: list[FloatArray] = [np.zeros((0, self.frame_size), dtype=np.float32)] * len(slots)
+        groups: dict[tuple[float, int], list[int]] = {}
+        for row, (slot, x) in enumerate(zip(slots, windows, strict=True)):
+            if len(x):
+                groups.setdefault((float(self._fs[slot]), len(x)), []).append(row)
+        for (fs, n), rows in groups.items():
+            idx = np.array([slots[r] for r in rows])
+            x = np.stack([windows[r] for r in rows]).astype(np.float64, copy=False)
+            sos, zi_unit = self._sos[fs]
+            fresh = ~self._seeded[idx]
+            if fresh.any():
+                self._zi[idx[fresh]] = zi_unit[None] * x[fresh, :1, None]
+                self._seeded[idx[fresh]] = True
+            y, zf = signal.sosfilt(sos, x, axis=1, zi=self._zi[idx].transpose(1, 0, 2))
+            self._zi[idx] = zf.transpose(1, 0, 2)
+            if fs == self.fs_model and n % self.frame_size == 0 and not any(s in self._rest for s in idx):
+                frames = y.astype(np.float32).reshape(len(rows), n // self.frame_size, self.frame_size)
+                for k, r in enumerate(rows):
+                    out[r] = frames[k]
+                continue
+            for k, r in enumerate(rows):
+                out[r] = self._frame(int(idx[k]), y[k])
+        return out
+
+    def _frame(self, slot: int, y: NDArray[np.float64]) -> FloatArray:
+        resampler = self._resamplers.get(slot)
+        samples = resampler(y) if resampler is not None else y
+        buf = np.concatenate((self._rest.pop(slot, np.zeros(0, np.float32)), samples.astype(np.float32)))
+        n = len(buf) // self.frame_size
+        if len(buf) > n * self.frame_size:
+            self._rest[slot] = buf[n * self.frame_size:]
         return buf[: n * self.frame_size].reshape(n, self.frame_size)
 
 
 class Preprocessor:
-    """Band-pass, resample and frame one ECG stream: mV at `fs_in` in, model frames out."""
+    """One stream through the bank's code: mV at `fs_in` in, model frames out (training uses this)."""
 
     def __init__(self, spec: FilterSpec, fs_in: float, fs_model: float, frame_size: int) -> None:
-        check_fs(fs_in)
         self.fs_in = fs_in
-        self._bandpass = CausalBandpass(spec, fs_in)
-        self._resample = LinearResampler(fs_in, fs_model)
-        self._framer = Framer(frame_size)
+        self._bank = PreprocessorBank(spec, fs_model, frame_size)
+        self._bank.open(0, fs_in)
 
     def __call__(self, x_mv: NDArray[np.floating[Any]]) -> FloatArray:
         """Process the next chunk (mV at fs_in); return new frames (n_frames, frame_size), mV."""
-        return self._framer(self._resample(self._bandpass(x_mv)))
+        return self._bank([0], [x_mv])[0]

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.beats import BeatPickerState, pick_beats, r_peak_time_s
-from pipeline.dsp import Preprocessor
+from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
 
 
@@ -44,7 +44,7 @@ class BeatStreams:
         self.info = model.info
         self._slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._preprocessors: dict[str, Preprocessor] = {}
+        self._dsp = PreprocessorBank(self.info.filter_spec, self.info.fs, self.info.frame_size, capacity)
         self._state = model.initial_state(capacity)
         self._picker = BeatPickerState(capacity, len(self.info.class_names))
         self._capacity = capacity
@@ -62,7 +62,7 @@ class BeatStreams:
                 self._grow()
             self._slot_of[stream_id] = self._free.pop()
         slot = self._slot_of[stream_id]
-        self._preprocessors[stream_id] = Preprocessor(self.info.filter_spec, fs, self.info.fs, self.info.frame_size)
+        self._dsp.open(slot, fs)
         for array in self._state:
             array[:, slot] = 0.0
         self._picker.reset(np.array([slot]))
@@ -70,19 +70,19 @@ class BeatStreams:
     def close(self, stream_id: str) -> None:
         """Forget `stream_id` and free its slot."""
         self._free.append(self._slot_of.pop(stream_id))
-        del self._preprocessors[stream_id]
 
     def fs_of(self, stream_id: str) -> float:
-        return self._preprocessors[stream_id].fs_in
+        return self._dsp.fs_of(self._slot_of[stream_id])
 
     def process(self, windows: Sequence[tuple[str, NDArray[np.floating]]]) -> list[Beat]:
         """Run one window (samples in mV at the stream's fs) of each listed open stream.
 
         A stream appears at most once per call. Returns the beats completed by these windows.
         """
-        frames_of = [(stream_id, self._preprocessors[stream_id](samples)) for stream_id, samples in windows]
+        ids = [stream_id for stream_id, _ in windows]
+        frames_of = self._dsp([self._slot_of[i] for i in ids], [samples for _, samples in windows])
         by_length: dict[int, list[tuple[str, NDArray[np.float32]]]] = {}
-        for stream_id, frames in frames_of:
+        for stream_id, frames in zip(ids, frames_of, strict=True):
             if len(frames):
                 by_length.setdefault(len(frames), []).append((stream_id, frames))
         beats: list[Beat] = []
@@ -112,4 +112,5 @@ class BeatStreams:
         for name in ("in_run", "peak_p", "peak_frame", "class_sum", "frames_seen"):
             getattr(picker, name)[:old] = getattr(self._picker, name)
         self._picker = picker
+        self._dsp.grow(self._capacity)
         self._free.extend(range(self._capacity - 1, old - 1, -1))
