@@ -145,7 +145,7 @@ def test_evaluate_writes_annotations_report_and_plots(tiny_onnx: Path, tiny_run:
     report = json.loads((out / "report.json").read_text())
     assert [r["record"] for r in report["per_record"]] == ["100", "231"]
     assert report["gross"]["qrs_se"] > 0.2  # two epochs on two records already find beats
-    total = sum(np.array(r["matrix"]) for r in report["per_record"])
+    total = np.sum([r["matrix"] for r in report["per_record"]], axis=0)
     assert total.tolist() == report["gross"]["matrix"]["counts"]
     ann = wfdb.rdann(str(out / "annotations" / "100"), "tiny")
     counts = np.array(report["per_record"][0]["matrix"])
