@@ -306,10 +306,10 @@ class Daemon:
         for event in events:
             self._sink.alarm(event)
             self.metrics.alarms.labels(event.type, event.state).inc()
+            if event.state != "updated":
+                self.metrics.active_alarms.inc(1 if event.state == "raised" else -1)
             level = logging.WARNING if event.state == "raised" else logging.INFO
             log.log(level, "alarm %s %s %s (%s)", event.device, event.type, event.state, event.priority)
-        if events:
-            self.metrics.active_alarms.set(sum(len(s.alarms.active) for s in self._devices.values()))
 
     def _housekeeping(self) -> None:
         """Signal loss, idle eviction, stats, recovery from overload."""
