@@ -79,13 +79,13 @@ class BeatNet(nn.Module):
         Returns:
             (logits of shape (batch, time, num_classes), *new_state).
         """
-        hidden, new_state = self.run_rnn(frames, state)
+        hidden, new_state = self.recurrent(self.encoder(frames), state)
         return (self.head(self.dropout(hidden)), *new_state)
 
-    def run_rnn(self, frames: Tensor, state: State) -> tuple[Tensor, State]:
-        """Encoder and recurrent cell only: hidden outputs (batch, time, hidden_size) and new state."""
+    def recurrent(self, cell_input: Tensor, state: State) -> tuple[Tensor, State]:
+        """The recurrent cell alone: (batch, time, encoder_dim) -> hidden (batch, time, hidden_size), new state."""
         rnn_state = (state[0], state[1]) if self.config.cell == "lstm" else state[0]
-        hidden, new_state = self.rnn(self.encoder(frames), rnn_state)
+        hidden, new_state = self.rnn(cell_input, rnn_state)
         return hidden, (tuple(new_state) if isinstance(new_state, tuple) else (new_state,))
 
 

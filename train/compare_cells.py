@@ -27,19 +27,22 @@ log = logging.getLogger(__name__)
 
 
 def gradient_norm_by_depth(model: BeatNet, frames: torch.Tensor) -> np.ndarray:
-    """Mean norm of d(loss at the last frame)/d(hidden output at frame T-1-k), for k = 0..T-1.
+    """Mean norm of d(loss at the last frame)/d(recurrent cell's input at frame T-1-k), for k = 0..T-1.
+
+    The gradient reaches frame T-1-k only through k steps of the recurrence, so its decay with
+    k shows whether (and how fast) the cell's gradients vanish.
 
     Args:
         frames: (batch, T, frame_size) filtered ECG (mV).
     """
     model.eval()
-    hidden, _ = model.run_rnn(frames, model.initial_state(frames.shape[0]))
-    hidden.retain_grad()
+    cell_input = model.encoder(frames).detach().requires_grad_(True)
+    hidden, _ = model.recurrent(cell_input, model.initial_state(frames.shape[0]))
     logits = model.head(hidden[:, -1])
     loss = nn.functional.cross_entropy(logits, logits.argmax(-1))
     loss.backward()  # type: ignore[no-untyped-call]
-    assert hidden.grad is not None
-    norms = hidden.grad.norm(dim=-1).mean(dim=0).numpy()
+    assert cell_input.grad is not None
+    norms = cell_input.grad.norm(dim=-1).mean(dim=0).numpy()
     result: np.ndarray = norms[::-1].copy()
     return result
 
@@ -53,7 +56,7 @@ def compare_cells(config_path: Path, cells: list[str], out: Path, epochs: int) -
     for cell in cells:
         config = load_train_config(config_path, {"model.cell": cell, "name": f"compare-{cell}",
                                                  "optim.epochs": epochs, "optim.patience": None})
-        run_dir = train(config)
+        run_dir = train(config, resume=True)  # a finished run is reused, not retrained
         model_path = run_dir / "model.onnx"
         export_onnx(run_dir / "best.pt", model_path)
         report = evaluate(model_path, config.data.test_records, config.data.physionet_dir, config.data.lead,
@@ -68,7 +71,7 @@ def compare_cells(config_path: Path, cells: list[str], out: Path, epochs: int) -
         depth_curves[cell] = gradient_norm_by_depth(net, frames)
         fps = config.model.fs / config.model.frame_size
         g = report["gross"]
-        rows.append({"cell": cell, "minutes": histories[cell][-1]["elapsed_s"] / 60,
+        rows.append({"cell": cell, "epochs": len(histories[cell]),
                      "params": sum(p.numel() for p in net.parameters()),
                      "qrs_se": g["qrs_se"], "qrs_ppv": g["qrs_ppv"], "S_se": g["S_se"], "S_ppv": g["S_ppv"],
                      "S_f1": g["S_f1"], "V_se": g["V_se"], "V_ppv": g["V_ppv"], "V_f1": g["V_f1"],
@@ -86,9 +89,9 @@ def compare_cells(config_path: Path, cells: list[str], out: Path, epochs: int) -
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("| cell | params | training min | QRS Se / +P % | S Se / +P % / F1 | V Se / +P % / F1 | "
+    head = ("| cell | params | epochs | QRS Se / +P % | S Se / +P % / F1 | V Se / +P % / F1 | "
             "grad ratio 1 s / 5 s back |\n|---|---|---|---|---|---|---|")
-    lines = [f"| {r['cell']} | {r['params']} | {r['minutes']:.1f} | "
+    lines = [f"| {r['cell']} | {r['params']} | {r['epochs']} | "
              f"{100 * r['qrs_se']:.2f} / {100 * r['qrs_ppv']:.2f} | "
              f"{100 * r['S_se']:.1f} / {100 * r['S_ppv']:.1f} / {r['S_f1']:.3f} | "
              f"{100 * r['V_se']:.1f} / {100 * r['V_ppv']:.1f} / {r['V_f1']:.3f} | "
@@ -121,7 +124,7 @@ def _plot(histories: dict[str, list[dict[str, Any]]], depth: dict[str, np.ndarra
     for cell, curve in depth.items():
         ax.semilogy(np.arange(len(curve)) / frames_per_s, curve / curve[0], label=cell)
     ax.set_xlabel("BPTT depth (s before the scored frame)")
-    ax.set_ylabel("|dL/dh_t| relative to depth 0")
+    ax.set_ylabel("|dL/dx_t| relative to depth 0")
     ax.set_title("Gradient reaching earlier frames")
     ax.legend()
     fig.tight_layout()
