@@ -132,3 +132,16 @@ def test_signal_loss(templates: dict[str, list[np.ndarray]], publisher: MqttClie
     send(publisher, "lost", x[int(12 * FS): int(14 * FS)], seq)  # the device comes back
     docs = alarms.wait_for(lambda d: any(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d))
     assert [a["state"] for a in docs if a["type"] == "signal_loss"] == ["raised", "cleared"]
+
+
+def test_data_gap(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
+                  start_daemon: Callable[..., Daemon], collect: Callable[[str], Collector]) -> None:
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon(alarms=FAST_ALARMS)
+    x = synthesize(templates, normal(45))
+    seq = send(publisher, "gap", x[: int(15 * FS)])
+    last = send(publisher, "gap", x[int(18 * FS):], seq + 3) - 1  # three windows never arrive
+    beats.wait_for(lambda d: any(b["device"] == "gap" and b["seq"] == last for b in d), timeout=60)
+    docs = alarms.wait_for(lambda d: len(d) >= 2)
+    assert [(a["type"], a["state"]) for a in docs] == [("data_gap", "raised"), ("data_gap", "cleared")]
+    assert docs[0]["evidence"]["expected_seq"] == seq and docs[0]["evidence"]["seq"] == seq + 3

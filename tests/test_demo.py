@@ -25,3 +25,17 @@ def test_demo_prints_alarms(physionet: Path) -> None:
 def test_shipped_daemon_config_validates() -> None:
     config = load_config(REPO / "configs" / "daemon.yaml", env={})
     assert config.mqtt.topic_prefix == "ecgmon" and config.alarms.asystole_s == 4.0
+
+
+def test_every_subcommand_has_help() -> None:
+    import pytest
+
+    from pipeline.cli import build_parser, main
+
+    action = build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    commands = list(action.choices or [])
+    assert {"train", "evaluate", "export", "serve", "replay", "alerts", "bench", "demo"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
