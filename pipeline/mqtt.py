@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
+MAX_CACHED_TOPICS = 100_000
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -90,6 +91,7 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
+        self._handlers_of: dict[str, list[MessageHandler]] = {}  # topic -> matching handlers, cached
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self.reconnects = 0
@@ -118,11 +120,13 @@ class MqttClient:
         """Subscribe now and after every reconnect; `handler(topic, payload)` runs on the network thread."""
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
+            self._handlers_of.clear()
         self._client.subscribe(topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic, None)
+            self._handlers_of.clear()
         self._client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> paho.MQTTMessageInfo:
@@ -162,8 +166,13 @@ class MqttClient:
         self._connected.clear()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        with self._lock:
-            handlers = [h for topic, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(topic,
-                                                                                                     message.topic)]
+        topic = message.topic
+        handlers = self._handlers_of.get(topic)
+        if handlers is None:
+            with self._lock:
+                handlers = [h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, topic)]
+                if len(self._handlers_of) >= MAX_CACHED_TOPICS:
+                    self._handlers_of.clear()
+                self._handlers_of[topic] = handlers
         for handler in handlers:
             handler(message.topic, bytes(message.payload))

@@ -84,6 +84,7 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     longest = max(len(s.adc) / s.fs for s in assigned)
     n_windows = int((plan.duration_s or longest) / plan.window_s)
     sent = 0
+    lags: list[float] = []  # how late each window went out (s); the load generator's own delay
     for k in range(n_windows):
         if stop is not None and stop.is_set():
             break
@@ -96,6 +97,7 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
             wait = started + (t_first - t0 + plan.window_s) / plan.speed - time.monotonic()
             if wait > 0.001:
                 time.sleep(wait)
+            lags.append(-wait)
             if plan.encoding == "binary":
                 payload = encode_binary(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
                                         signal.baseline)
@@ -104,5 +106,8 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
                                       signal.baseline)
             client.publish(topics.ecg(device), payload, qos=plan.qos)
             sent += 1
-    log.info("replay done: %d windows from %d devices", sent, len(ids))
+    if lags:
+        late = np.maximum(np.array(lags), 0.0)
+        log.info("replay done: %d windows from %d devices; sent late by p50 %.0f ms, p99 %.0f ms, max %.0f ms",
+                 sent, len(ids), 1000 * np.percentile(late, 50), 1000 * np.percentile(late, 99), 1000 * late.max())
     return sent

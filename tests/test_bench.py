@@ -21,4 +21,5 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
                                "numpy": "2", "paho-mqtt": "2", "mosquitto": "mosquitto"}}
     text = write_report(figures, tmp_path / "benchmarks.md", "ecgmon bench --devices 50")
     assert "| batched | 50 | 1 | 500 | 500 |" in text
+    assert point.generator_late_p99_ms >= 0
     assert (tmp_path / "benchmarks.json").exists()
