@@ -134,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
                         args.physionet_dir)
-    command = "ecgmon " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    command = "ecgmon " + " ".join(sys.argv[1:])
     print(write_report(figures, args.out, command))
     return 0
 

@@ -135,9 +135,6 @@ class PreprocessorBank:
         if fs != self.fs_model:
             self._resamplers[slot] = LinearResampler(fs, self.fs_model)
 
-    def fs_of(self, slot: int) -> float:
-        return float(self._fs[slot])
-
     def __call__(self, slots: list[int], windows: list[NDArray[np.floating[Any]]]) -> list[FloatArray]:
         """Process the next window (mV at the slot's rate) of each slot; return each one's new frames.
 

@@ -49,12 +49,6 @@ class BeatStreams:
         self._picker = BeatPickerState(capacity, len(self.info.class_names))
         self._capacity = capacity
 
-    def __contains__(self, stream_id: str) -> bool:
-        return stream_id in self._slot_of
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
     def open(self, stream_id: str, fs: float) -> None:
         """Start (or restart from cold) `stream_id`, sampled at `fs` (Hz)."""
         if stream_id not in self._slot_of:
@@ -70,9 +64,6 @@ class BeatStreams:
     def close(self, stream_id: str) -> None:
         """Forget `stream_id` and free its slot."""
         self._free.append(self._slot_of.pop(stream_id))
-
-    def fs_of(self, stream_id: str) -> float:
-        return self._dsp.fs_of(self._slot_of[stream_id])
 
     def process(self, windows: Sequence[tuple[str, NDArray[np.floating]]]) -> list[Beat]:
         """Run one window (samples in mV at the stream's fs) of each listed open stream.

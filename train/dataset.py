@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,5 @@ def load_framed(specs: list[str], physionet_dir: Path, lead: str, config: ModelC
     for db, name in pairs:
         ensure_records(physionet_dir / db, [name], db)
         record = load_record(physionet_dir / db, name, lead)
-        framed = frame_record(record, config, spec, label_width)
-        out.append(FramedRecord(f"{db}/{name}", framed.frames, framed.labels))
+        out.append(dataclasses.replace(frame_record(record, config, spec, label_width), name=f"{db}/{name}"))
     return out
