@@ -228,6 +228,7 @@ def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[floa
                 for d in ("batched", "naive")}
     ceiling = {str(b): inference_ceiling(model, b) for b in (1, 256, 1024)}
     return {"points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity,
+            "mqtt_client_us_per_message_in_and_out": mqtt_client_cost(),
             "inference_ceiling_stream_s_per_cpu_s": ceiling, "state_bytes_per_device": state_bytes_per_device(model),
             "environment": environment()}
 
@@ -245,6 +246,7 @@ def write_report(figures: dict[str, Any], out: Path, command: str) -> str:
     ratio = cap["batched"] / cap["naive"] if cap["naive"] else float("inf")
     at_capacity = next((p for p in batched_1s if p.devices == cap["batched"]), None)
     cpu_at_capacity = (at_capacity.daemon_cpu_s / at_capacity.duration_s) if at_capacity else float("nan")
+    mqtt_cost = figures.get("mqtt_client_us_per_message_in_and_out", float("nan"))
     ceiling_text = ", ".join(f"{v:.0f} (batch {b})" for b, v in ceiling.items())
     text = f"""# Benchmarks
 
@@ -273,6 +275,7 @@ every window is answered. The naive design is the same daemon with batching off
 | inference-only ceiling, ONNX Runtime alone, 1 thread, stream-s per CPU-s | {ceiling_text} |
 | resident memory per device (RSS slope from fewest to most devices) | {rss_per_device or 'n/a'} |
 | numpy state per device (recurrent state + beat picker) | {figures['state_bytes_per_device']} bytes |
+| paho-mqtt alone: CPU per message received plus one published, 5,000/s each | {mqtt_cost:.0f} µs |
 
 ## All points
 
@@ -282,3 +285,43 @@ every window is answered. The naive design is the same daemon with batching off
     out.write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps(figures, indent=2))
     return text
+
+
+_PUBLISHER = """
+import sys, time
+from pipeline.mqtt import MqttClient
+host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+client = MqttClient(host, port, "bench-paho-publisher")
+client.connect()
+payload = bytes(752)
+start = time.monotonic()
+for k in range(seconds):
+    for i in range(rate):
+        client.publish(f"paho/in/{i}", payload, qos=0)
+    time.sleep(max(0.0, start + k + 1 - time.monotonic()))
+time.sleep(1.0)
+client.disconnect()
+"""
+
+
+def mqtt_client_cost(rate: int = 5000, seconds: int = 10) -> float:
+    """CPU microseconds this process spends per message in paho-mqtt alone: receive one 752-byte message
+    (a binary 1 s window) and publish one small reply, `rate` of each per second, no other work."""
+    with LocalBroker() as broker:
+        received = [0]
+        client = MqttClient(broker.host, broker.port, "bench-paho-subscriber")
+        client.connect()
+        client.subscribe("paho/in/+", lambda topic, payload: received.__setitem__(0, received[0] + 1), qos=0)
+        publisher = subprocess.Popen([sys.executable, "-c", _PUBLISHER, broker.host, str(broker.port), str(rate),
+                                      str(seconds)])
+        before = os.times()
+        replied = 0
+        while publisher.poll() is None:  # one reply per message, published from this (non-network) thread
+            for _ in range(received[0] - replied):
+                client.publish("paho/out", b'{"device":"x","seq":1,"beats":[]}', qos=0)
+            replied = received[0]
+            time.sleep(0.01)
+        after = os.times()
+        client.disconnect()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return 1e6 * cpu / max(received[0], 1)
