@@ -38,6 +38,7 @@ ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
     "saturation": ("technical", "low", "Signal saturated"),
     "poor_signal": ("technical", "low", "Poor signal quality"),
     "data_gap": ("technical", "low", "Gap in the ECG data; analysis restarted"),
+    "windows_dropped": ("technical", "medium", "Monitor overloaded: ECG windows of this device were not analysed"),
 }
 HISTORY_BEATS = 24  # beats kept per device: the longest rule (tachycardia, 17 beats) plus margin
 
@@ -122,6 +123,23 @@ class DeviceAlarms:
     active: dict[str, _Active] = field(default_factory=dict)
     gap_since: float | None = None
 
+    # --- save and restore ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "gap_since": self.gap_since, "times": list(self.times),
+                "classes": list(self.classes), "v_times": list(self.v_times),
+                "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
+                           for t, a in self.active.items()}}
+
+    @classmethod
+    def from_dict(cls, device: str, config: AlarmConfig, model_version: str, doc: dict[str, Any]) -> DeviceAlarms:
+        alarms = cls(device, config, model_version, float(doc["started"]))
+        alarms.gap_since = doc["gap_since"]
+        alarms.times.extend(doc["times"])
+        alarms.classes.extend(doc["classes"])
+        alarms.v_times.extend(doc["v_times"])
+        alarms.active = {t: _Active(*a) for t, a in doc["active"].items() if t in ALARM_TYPES}
+        return alarms
+
     # --- inputs -------------------------------------------------------------------------------
     def on_beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
         """Beats (signal time s, AAMI class) completed in a window; `now` is the window's end time.
@@ -190,6 +208,11 @@ class DeviceAlarms:
         self.classes.clear()
         self.v_times.clear()
         self.started = now
+
+    def on_overload(self, now: float, dropped: int) -> list[AlarmEvent]:
+        """`dropped` windows of this device were discarded unanalysed in the last interval (0: none)."""
+        return self._set("windows_dropped", dropped > 0, now, {"windows_dropped": dropped,
+                                                               "physiological_alarms": "suspended"}, update=False)
 
     def clear_all(self, now: float, reason: str) -> list[AlarmEvent]:
         """Clear every active alarm (the device's state is being dropped)."""

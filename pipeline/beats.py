@@ -9,6 +9,7 @@ edge is carried to the next window, so window-by-window picking equals one pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -67,6 +68,15 @@ class BeatPickerState:
         """Forget the carry-over of these slots (a new or restarted stream)."""
         self.in_run[slots] = False
         self.frames_seen[slots] = 0
+
+    FIELDS = ("in_run", "peak_p", "peak_frame", "class_sum", "frames_seen")
+
+    def save_slot(self, slot: int) -> dict[str, Any]:
+        return {name: getattr(self, name)[slot].tolist() for name in self.FIELDS}
+
+    def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
+        for name in self.FIELDS:
+            getattr(self, name)[slot] = doc[name]
 
 
 def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArray[np.int64],

@@ -34,12 +34,14 @@ def find_mosquitto() -> str | None:
 
 
 class LocalBroker:
-    """mosquitto listening on 127.0.0.1:<port>, anonymous, in memory; `extra_config` lines are appended."""
+    """mosquitto on 127.0.0.1:<port>: anonymous and in memory with `extra_config` lines appended, or run with
+    a whole `config` of the caller's (which must listen on `port`)."""
 
-    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(self, port: int | None = None, extra_config: str = "", config: str | None = None) -> None:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self._extra = extra_config
+        self._config = config
         self._process: subprocess.Popen[bytes] | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="ecgmon-broker-"))
 
@@ -48,8 +50,9 @@ class LocalBroker:
         if binary is None:
             raise BrokerError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
         conf = self._dir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                        f"log_dest file {self._dir / 'mosquitto.log'}\nmax_queued_messages 100000\n{self._extra}")
+        base = self._config or (f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+                                f"max_queued_messages 100000\n{self._extra}")
+        conf.write_text(f"{base}\nlog_dest file {self._dir / 'mosquitto.log'}\n")
         self._process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -57,7 +60,7 @@ class LocalBroker:
             if self._process.poll() is not None:
                 raise BrokerError(f"mosquitto exited with {self._process.returncode}: {self.log_text()[-500:]}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):  # TLS or not, it listens
                     log.info("mosquitto up on %s:%d", self.host, self.port)
                     return self
             except OSError:

@@ -24,18 +24,40 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(Strict):
+    """TLS to the broker; paths to PEM files."""
+
+    ca_file: Path
+    cert_file: Path | None = Field(None, description="client certificate, when the broker asks for one")
+    key_file: Path | None = None
+
+
 class MqttConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = "ecgmon-daemon"
     topic_prefix: str = Field("ecgmon", pattern=r"^[A-Za-z0-9_\-/]+$")
     username: str | None = None
-    password: SecretStr | None = None
+    password: SecretStr | None = Field(None, description="from ECGMON_MQTT__PASSWORD, never the file")
+    password_file: Path | None = Field(None, description="file holding the password (e.g. a systemd credential)")
+    tls: TlsConfig | None = None
     keepalive_s: int = Field(30, ge=5)
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to max")
     reconnect_max_s: float = Field(30.0, gt=0)
     session_expiry_s: int = Field(3600, ge=0, description="persistent session kept this long by the broker")
     qos_in: int = Field(1, ge=0, le=1, description="QoS of the ECG subscription")
+
+
+    def secret(self) -> str | None:
+        """The password: the environment's, else the password file's first line."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().splitlines()[0]
+            except (OSError, IndexError) as err:
+                raise ConfigError(f"mqtt.password_file: cannot read a password from {self.password_file}") from err
+        return None
 
 
 class ModelSection(Strict):
@@ -87,6 +109,14 @@ class AlarmConfig(Strict):
                             "white noise of 0.18 mV rms reaches it")
 
 
+class StateConfig(Strict):
+    """Per-device state saved on shutdown and periodically, restored on start."""
+
+    path: Path | None = Field(None, description="state file; null disables saving and restoring")
+    save_interval_s: float = Field(60.0, gt=0)
+    max_age_s: float = Field(600.0, gt=0, description="an older state file is ignored (s)")
+
+
 class MetricsConfig(Strict):
     port: int | None = Field(9464, ge=0, le=65535, description="Prometheus port; null disables, 0 picks one")
     host: str = "127.0.0.1"
@@ -100,6 +130,7 @@ class DaemonConfig(Strict):
     output: OutputConfig = OutputConfig()
     alarms: AlarmConfig = AlarmConfig()
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
     drain_timeout_s: float = Field(5.0, gt=0, description="longest wait for in-flight windows at shutdown")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 

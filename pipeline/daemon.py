@@ -18,11 +18,12 @@ from typing import Any
 
 from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck
 from pipeline.codec import DecodeError, Window, decode_window
-from pipeline.config import DaemonConfig
+from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import MqttSink, MqttSource, ResultSink, WindowSource
 from pipeline.metrics import DaemonMetrics
 from pipeline.model import BeatModel, ModelError
 from pipeline.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
+from pipeline.state import load_state, save_state
 from pipeline.streams import Beat, BeatStreams
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,19 @@ class Daemon:
         self._last_reject_log = 0.0
         self._degraded_since: float | None = None
         self._next_stats = 0.0
+        self._dropped_of: Counter[str] = Counter()  # windows dropped per device since the last housekeeping
+        self._dropped_lock = threading.Lock()
+        self._next_save = time.monotonic() + config.state.save_interval_s
 
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> bool:
         """Bring the daemon up; on the first failing step log why, undo the earlier steps, return False."""
-        steps = (self._load_model, self._start_metrics, self._connect, self._announce_online,
+        steps = (self._load_model, self._restore_state, self._start_metrics, self._connect, self._announce_online,
                  self._start_worker, self._start_source)
         for step in steps:
             try:
                 step()
-            except (ModelError, ConnectError, OSError) as err:
+            except (ModelError, ConnectError, ConfigError, OSError) as err:
                 log.error("start-up failed in %s: %s", step.__name__.lstrip("_"), err)
                 self.stop()
                 return False
@@ -106,6 +110,7 @@ class Daemon:
             self._stop_worker.set()
             self._worker.join()
             self._worker = None
+            self._save_state()
         if self._mqtt is not None:
             if self._mqtt.connected:
                 self._publish_status("offline", wait=True)
@@ -122,6 +127,38 @@ class Daemon:
         self._model = BeatModel(m.path, m.intra_op_threads, m.inter_op_threads)
         self._streams = BeatStreams(self._model)
 
+    def _restore_state(self) -> None:
+        """Devices saved by the previous run resume where they were; a bad or old file is reported and ignored."""
+        path = self.config.state.path
+        if path is None or self._streams is None:
+            return
+        for device, doc in load_state(path, self.model_version, self.config.state.max_age_s).items():
+            try:
+                self._streams.restore(device, doc["streams"])
+                alarms = DeviceAlarms.from_dict(device, self.config.alarms, self.model_version, doc["alarms"])
+                s = doc["stream"]
+                self._devices[device] = DeviceStream(device, float(s["fs"]), str(s["lead"]), float(s["origin"]),
+                                                     int(s["next_seq"]), float(s["next_t0"]), time.monotonic(), alarms)
+            except (KeyError, ValueError, TypeError) as err:
+                log.warning("saved state of device %r is malformed (%s): it starts cold", device, err)
+                if device in self._devices:
+                    del self._devices[device]
+        log.info("restored %d devices from %s", len(self._devices), path)
+        self.metrics.active_streams.set(len(self._devices))
+
+    def _save_state(self) -> None:
+        path = self.config.state.path
+        if path is None or self._streams is None:
+            return
+        devices = {d: {"stream": {"fs": s.fs, "lead": s.lead, "origin": s.origin, "next_seq": s.next_seq,
+                                  "next_t0": s.next_t0},
+                       "streams": self._streams.save(d), "alarms": s.alarms.to_dict()}
+                   for d, s in self._devices.items()}
+        try:
+            save_state(path, self.model_version, devices)
+        except OSError as err:
+            log.error("cannot save the state to %s: %s", path, err)
+
     def _start_metrics(self) -> None:
         if self.config.metrics.port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
@@ -131,10 +168,12 @@ class Daemon:
             return
         c = self.config.mqtt
         will = (self.topics.status, b'{"state":"offline","reason":"connection lost"}')
-        self._mqtt = MqttClient(c.host, c.port, c.client_id, username=c.username,
-                                password=c.password.get_secret_value() if c.password else None,
+        tls = None if c.tls is None else {"ca_certs": str(c.tls.ca_file),
+                                          "certfile": str(c.tls.cert_file) if c.tls.cert_file else None,
+                                          "keyfile": str(c.tls.key_file) if c.tls.key_file else None}
+        self._mqtt = MqttClient(c.host, c.port, c.client_id, username=c.username, password=c.secret(),
                                 keepalive_s=c.keepalive_s, session_expiry_s=c.session_expiry_s, will=will,
-                                reconnect_min_s=c.reconnect_min_s, reconnect_max_s=c.reconnect_max_s)
+                                reconnect_min_s=c.reconnect_min_s, reconnect_max_s=c.reconnect_max_s, tls=tls)
         self._mqtt.connect()
         self._source = self._source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
@@ -170,6 +209,8 @@ class Daemon:
             self._queue.put_nowait(Pending(device, payload, received))
         except queue.Full:
             self._count_drop("overload")
+            with self._dropped_lock:
+                self._dropped_of[device] += 1
             if self._degraded_since is None:
                 self._degraded_since = time.monotonic()
                 log.error("cannot keep up: window queue full (%d), dropping windows", self._queue.maxsize)
@@ -315,9 +356,13 @@ class Daemon:
         """Signal loss, idle eviction, stats, recovery from overload."""
         assert self._streams is not None and self._sink is not None
         now = time.monotonic()
+        with self._dropped_lock:
+            dropped, self._dropped_of = self._dropped_of, Counter()
         for device, stream in list(self._devices.items()):
             silent = now - stream.last_arrival
             signal_now = stream.next_t0 + silent
+            if dropped[device] or "windows_dropped" in stream.alarms.active:
+                self._emit(stream.alarms.on_overload(signal_now, dropped[device]))
             if silent >= self.config.streams.idle_evict_s:
                 self._emit(stream.alarms.clear_all(signal_now, f"device silent {silent:.0f} s: state evicted"))
                 self._streams.close(device)
@@ -330,6 +375,9 @@ class Daemon:
             log.warning("caught up after overload (%.1f s)", now - self._degraded_since)
             self._degraded_since = None
             self._publish_status("online")
+        if self.config.state.path is not None and now >= self._next_save:
+            self._next_save = now + self.config.state.save_interval_s
+            self._save_state()
         if now >= self._next_stats:
             self._next_stats = now + self.config.output.stats_interval_s
             self._sink.stats(self.stats())

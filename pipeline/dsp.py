@@ -74,6 +74,13 @@ class LinearResampler:
         self._n_out = 0  # output samples produced so far
         self._last = 0.0  # input sample n_in - 1
 
+    def state(self) -> list[float]:
+        """Position (input and output samples so far) and the last input sample, to save and restore."""
+        return [self._n_in, self._n_out, self._last]
+
+    def set_state(self, state: list[float]) -> None:
+        self._n_in, self._n_out, self._last = int(state[0]), int(state[1]), float(state[2])
+
     def __call__(self, x: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
         x = np.asarray(x, dtype=np.float64)
         if self._identity or x.size == 0:
@@ -134,6 +141,23 @@ class PreprocessorBank:
         self._resamplers.pop(slot, None)
         if fs != self.fs_model:
             self._resamplers[slot] = LinearResampler(fs, self.fs_model)
+
+    def save_slot(self, slot: int) -> dict[str, Any]:
+        """The slot's state as JSON-able values."""
+        resampler = self._resamplers.get(slot)
+        return {"fs": float(self._fs[slot]), "zi": self._zi[slot].tolist(), "seeded": bool(self._seeded[slot]),
+                "rest": self._rest.get(slot, np.zeros(0)).tolist(),
+                "resampler": None if resampler is None else resampler.state()}
+
+    def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
+        """Restore a slot saved by `save_slot`."""
+        self.open(slot, float(doc["fs"]))
+        self._zi[slot] = np.asarray(doc["zi"], dtype=np.float64).reshape(self._zi.shape[1:])
+        self._seeded[slot] = bool(doc["seeded"])
+        if doc["rest"]:
+            self._rest[slot] = np.asarray(doc["rest"], dtype=np.float32)
+        if doc["resampler"] is not None:
+            self._resamplers[slot].set_state(doc["resampler"])
 
     def __call__(self, slots: list[int], windows: list[NDArray[np.floating[Any]]]) -> list[FloatArray]:
         """Process the next window (mV at the slot's rate) of each slot; return each one's new frames.

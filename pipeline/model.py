@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.beats import Decision
@@ -22,6 +23,9 @@ from pipeline.dsp import FilterSpec
 FRAMES_INPUT = "frames"
 PROBS_OUTPUT = "probs"
 STATE_OUT_SUFFIX = "_out"
+# What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
+ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
+                   ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "ecgmon-lstm.onnx"
 
 
@@ -81,7 +85,7 @@ class BeatModel:
         options.inter_op_num_threads = inter_op_threads
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+        except ORT_LOAD_ERRORS as err:
             raise ModelError(f"cannot load model {path}: {err}") from err
         self.info = ModelInfo.from_metadata(dict(self._session.get_modelmeta().custom_metadata_map))
         inputs = {i.name: i for i in self._session.get_inputs()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,6 +62,21 @@ class BeatStreams:
             array[:, slot] = 0.0
         self._picker.reset(np.array([slot]))
 
+    def save(self, stream_id: str) -> dict[str, Any]:
+        """Everything `stream_id` carries (DSP, recurrent state, beat picking) as JSON-able values."""
+        slot = self._slot_of[stream_id]
+        return {"dsp": self._dsp.save_slot(slot), "recurrent": [a[:, slot].tolist() for a in self._state],
+                "picker": self._picker.save_slot(slot)}
+
+    def restore(self, stream_id: str, doc: dict[str, Any]) -> None:
+        """Open `stream_id` with state saved by `save` (raises KeyError/ValueError on a malformed doc)."""
+        self.open(stream_id, float(doc["dsp"]["fs"]))
+        slot = self._slot_of[stream_id]
+        self._dsp.load_slot(slot, doc["dsp"])
+        for array, saved in zip(self._state, doc["recurrent"], strict=True):
+            array[:, slot] = np.asarray(saved, dtype=np.float32).reshape(array[:, slot].shape)
+        self._picker.load_slot(slot, doc["picker"])
+
     def close(self, stream_id: str) -> None:
         """Forget `stream_id` and free its slot."""
         self._free.append(self._slot_of.pop(stream_id))
@@ -100,7 +116,7 @@ class BeatStreams:
         self._capacity *= 2
         self._state = [np.concatenate([a, np.zeros_like(a)], axis=1) for a in self._state]
         picker = BeatPickerState(self._capacity, len(self.info.class_names))
-        for name in ("in_run", "peak_p", "peak_frame", "class_sum", "frames_seen"):
+        for name in BeatPickerState.FIELDS:
             getattr(picker, name)[:old] = getattr(self._picker, name)
         self._picker = picker
         self._dsp.grow(self._capacity)

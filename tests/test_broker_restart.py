@@ -1,0 +1,65 @@
+"""mosquitto restarted mid-stream: the daemon reconnects, resubscribes, and no alarm is lost."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.broker import LocalBroker, free_port
+from pipeline.codec import encode_binary
+from pipeline.config import DaemonConfig
+from pipeline.daemon import Daemon
+from pipeline.mqtt import MqttClient, Topics
+from train.data import load_record
+
+TOPICS = Topics("ecgmon")
+
+
+def test_alarms_raised_while_the_broker_is_down_are_delivered(physionet: Path, tmp_path: Path) -> None:
+    port = free_port()
+    config = (f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+              f"persistence_location {tmp_path}/\nmax_queued_messages 100000\n")
+    broker = LocalBroker(port=port, config=config).start()
+    daemon = Daemon(DaemonConfig.model_validate({
+        "mqtt": {"host": broker.host, "port": port, "reconnect_max_s": 2},
+        "metrics": {"port": None}, "alarms": {"signal_loss_s": 1.5}}))
+    assert daemon.start()
+    alarms: list[dict[str, object]] = []
+    nurse = MqttClient(broker.host, port, "nurse", session_expiry_s=3600, reconnect_max_s=2)
+    nurse.connect()
+    nurse.subscribe(TOPICS.alarms(), lambda t, p: alarms.append(json.loads(p)), qos=1)
+    sensor = MqttClient(broker.host, port, "sensor", reconnect_max_s=2)
+    sensor.connect()
+    x = load_record(physionet / "mitdb", "100").signal_mv
+    adc = np.round(x * 200).astype(np.int16)
+
+    def send(seqs: range) -> None:
+        for seq in seqs:
+            sensor.publish(TOPICS.ecg("bed"), encode_binary(seq, 10.0 + seq, 360.0, "MLII",
+                                                            adc[seq * 360:(seq + 1) * 360], 200.0), qos=1)
+
+    try:
+        send(range(5))
+        time.sleep(1.0)
+        broker.stop()  # the broker goes away; the device's data with it
+        time.sleep(4.0)  # long enough for the daemon to raise signal loss while disconnected
+        assert not daemon._mqtt or not daemon._mqtt.connected
+        broker = LocalBroker(port=port, config=config).start()
+        deadline = time.monotonic() + 30
+        while not any(a["type"] == "signal_loss" for a in alarms) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [a["state"] for a in alarms if a["type"] == "signal_loss"][:1] == ["raised"]
+        assert daemon._mqtt is not None and daemon._mqtt.reconnects >= 1
+        send(range(5, 10))  # the device is back: the daemon resubscribed and analyses it again
+        while not any(a["type"] == "signal_loss" and a["state"] == "cleared" for a in alarms) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [a["state"] for a in alarms if a["type"] == "signal_loss"] == ["raised", "cleared"]
+    finally:
+        for c in (nurse, sensor):
+            c.disconnect()
+        daemon.stop()
+        broker.stop()

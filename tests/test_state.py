@@ -1,0 +1,75 @@
+"""Per-device state survives a daemon restart; a missing, corrupt or old state file is reported and ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.codec import encode_binary
+from pipeline.daemon import Daemon
+from pipeline.mqtt import MqttClient, Topics
+from tests.conftest import Collector
+from train.data import load_record
+from train.evaluate import stream_records
+
+TOPICS = Topics("ecgmon")
+
+
+def send(publisher: MqttClient, x: np.ndarray, seqs: range) -> None:
+    for seq in seqs:
+        adc = np.round(x[seq * 360:(seq + 1) * 360] * 200 + 1024).astype(np.int16)
+        publisher.publish(TOPICS.ecg("bed-9"), encode_binary(seq, 700.0 + seq, 360.0, "MLII", adc, 200.0, 1024), qos=1)
+
+
+def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Path, publisher: MqttClient,
+                                                  start_daemon: Callable[..., Daemon],
+                                                  collect: Callable[[str], Collector]) -> None:
+    record = load_record(physionet / "mitdb", "119")
+    x = record.signal_mv[: 360 * 120]
+    beats = collect(TOPICS.beats())
+    state = {"path": str(tmp_path / "state.json.gz")}
+    first = start_daemon(state=state)
+    send(publisher, x, range(60))
+    beats.wait_for(lambda d: len(d) == 60)
+    first.stop()
+    assert (tmp_path / "state.json.gz").exists()
+    second = start_daemon(state=state)
+    assert second.stats()["active_streams"] == 1
+    send(publisher, x, range(60, 120))
+    docs = beats.wait_for(lambda d: len(d) == 120)
+    online = [(round(b["time"] - 700.0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
+              for b in d["beats"]]
+    assert second._model is not None
+    samples, classes = stream_records(second._model, [dataclasses.replace(record, signal_mv=x)], 1.0)[0]
+    assert [c for _, c in online] == classes.tolist() and len(online) > 100
+    np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "old_model", "wrong_format", "bad_device"])
+def test_bad_state_file_is_reported_and_ignored(tmp_path: Path, start_daemon: Callable[..., Daemon],
+                                                caplog: pytest.LogCaptureFixture, problem: str) -> None:
+    path = tmp_path / "state.json.gz"
+    if problem == "corrupt":
+        path.write_bytes(b"\x1f\x8b not really gzip")
+    else:
+        doc: dict[str, object] = {"format": 1 if problem != "wrong_format" else 99,
+                                  "model_version": "someone-else", "saved_at": 1e12,
+                                  "devices": {"bed-1": {"streams": {"dsp": {}}}}}
+        if problem == "bad_device":
+            from pipeline.model import SHIPPED_MODEL, BeatModel
+
+            doc["model_version"] = BeatModel(SHIPPED_MODEL).info.version
+        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+    with caplog.at_level(logging.WARNING):
+        daemon = start_daemon(state={"path": str(path)})
+    assert daemon.stats()["active_streams"] == 0
+    expected = {"corrupt": "corrupt", "old_model": "from model", "wrong_format": "corrupt",
+                "bad_device": "malformed"}[problem]
+    assert expected in caplog.text
