@@ -3,6 +3,7 @@ or the embedded fallback where mosquitto is not installed (the demo only; tests 
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -52,7 +53,9 @@ class LocalBroker:
         conf = self._dir / "mosquitto.conf"
         base = self._config or (f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
                                 f"max_queued_messages 100000\n{self._extra}")
-        conf.write_text(f"{base}\nlog_dest file {self._dir / 'mosquitto.log'}\n")
+        # Run as whoever starts it: as root, mosquitto would otherwise switch to user "mosquitto", which cannot
+        # read this process's private temporary files (certificates, password file, persistence).
+        conf.write_text(f"{base}\nlog_dest file {self._dir / 'mosquitto.log'}\nuser {getpass.getuser()}\n")
         self._process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

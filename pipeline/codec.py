@@ -144,7 +144,8 @@ def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floa
     if not np.isfinite(samples).all():
         raise DecodeError("non_finite", "samples contain NaN or Inf")
     duration = samples.size / fs
-    if not MIN_WINDOW_S - 1e-9 <= duration <= MAX_WINDOW_S + 1e-9:
+    one_sample = 1.0 / fs  # 0.25 s is not a whole number of samples at every rate (62.5 at 250 Hz)
+    if not MIN_WINDOW_S - one_sample <= duration <= MAX_WINDOW_S + one_sample:
         raise DecodeError("bad_length", f"window of {duration:.3f} s outside {MIN_WINDOW_S}-{MAX_WINDOW_S} s")
     return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=(samples - baseline) / gain)
 

@@ -93,6 +93,11 @@ class BeatModel:
         if FRAMES_INPUT not in inputs or outputs[0] != PROBS_OUTPUT:
             raise ModelError(f"{path}: expected input {FRAMES_INPUT!r} and first output {PROBS_OUTPUT!r}")
         self.state_names = tuple(name for name in inputs if name != FRAMES_INPUT)
+        if not self.state_names:
+            raise ModelError(f"{path}: no recurrent state inputs; the daemon needs a stateful model")
+        if inputs[FRAMES_INPUT].shape[-1] != self.info.frame_size:
+            raise ModelError(f"{path}: frames of {inputs[FRAMES_INPUT].shape[-1]} samples, metadata says "
+                             f"{self.info.frame_size}")
         if outputs[1:] != [name + STATE_OUT_SUFFIX for name in self.state_names]:
             raise ModelError(f"{path}: state outputs {outputs[1:]} do not match state inputs {self.state_names}")
         self.state_shapes = tuple(self._state_shape(inputs[name].shape, path) for name in self.state_names)

@@ -90,8 +90,10 @@ class MqttClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._handlers_of: dict[str, list[MessageHandler]] = {}  # topic -> matching handlers, cached
+        self._pending_acks: dict[int, threading.Event] = {}  # SUBSCRIBE message id -> set on SUBACK
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self.reconnects = 0
@@ -116,12 +118,22 @@ class MqttClient:
             raise ConnectError(f"MQTT broker {self.host}:{self.port} did not accept the connection "
                                f"within {timeout_s:g} s")
 
-    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
-        """Subscribe now and after every reconnect; `handler(topic, payload)` runs on the network thread."""
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1, timeout_s: float = 10.0) -> None:
+        """Subscribe now and after every reconnect; `handler(topic, payload)` runs on the network thread.
+
+        Returns once the broker has acknowledged the subscription (or after `timeout_s`, with a warning).
+        """
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
             self._handlers_of.clear()
-        self._client.subscribe(topic, qos)
+        acked = threading.Event()
+        with self._lock:
+            _, mid = self._client.subscribe(topic, qos)
+            if mid is None:  # not connected: on_connect subscribes once the connection is back
+                return
+            self._pending_acks[mid] = acked
+        if not acked.wait(timeout_s):
+            log.warning("no SUBACK for %s within %g s; the subscription is retried on reconnect", topic, timeout_s)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
@@ -164,6 +176,13 @@ class MqttClient:
             log.warning("MQTT connection to %s:%d lost (%s); reconnecting with backoff", self.host, self.port,
                         reason)
         self._connected.clear()
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        with self._lock:
+            acked = self._pending_acks.pop(mid, None)
+        if acked is not None:
+            acked.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         topic = message.topic

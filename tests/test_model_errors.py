@@ -30,7 +30,7 @@ def identity_model(path: Path, metadata: dict[str, str] | None = None) -> Path:
     ("missing", "model file not found"),
     ("corrupt", "cannot load model"),
     ("no_metadata", "metadata is incomplete or invalid"),
-    ("no_state", "state outputs"),
+    ("no_state", "no recurrent state inputs"),
 ])
 def test_bad_model_files(tmp_path: Path, kind: str, message: str) -> None:
     path = tmp_path / "model.onnx"
