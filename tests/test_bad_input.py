@@ -67,3 +67,14 @@ def test_mixed_garbage_and_good_windows(physionet: Path, publisher: MqttClient, 
     assert got == dict(expected)
     assert daemon.stats()["rejected"] == sum(expected.values())
     assert status.docs()[-1]["state"] == "online" and daemon._worker is not None and daemon._worker.is_alive()
+
+
+def test_sequence_numbers_wrap_without_a_gap(publisher: MqttClient, start_daemon: Callable[..., Daemon],
+                                             collect: Callable[[str], Collector]) -> None:
+    daemon = start_daemon()
+    beats = collect(TOPICS.beats())
+    adc = (np.random.default_rng(1).normal(0, 0.1, 360) * 200).astype(np.int16)
+    for k, seq in enumerate([2**32 - 2, 2**32 - 1, 0, 1]):
+        publisher.publish(TOPICS.ecg("wrap"), encode_binary(seq, 20.0 + k, 360.0, "MLII", adc, 200.0), qos=1)
+    beats.wait_for(lambda d: len(d) == 4)
+    assert daemon.stats().get("gaps", 0) == 0

@@ -167,3 +167,15 @@ def test_alerts_command_prints_and_writes_json_lines(broker: LocalBroker, publis
     first = out.read_text().splitlines()[0]
     assert json.loads(first) == alarm
     assert "HIGH" in stdout and "raised" in stdout and "Asystole" in stdout and "seconds without qrs: 4.2" in stdout
+
+
+def test_password_from_a_file(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("from-a-file\n")
+    config = load_config(None, {"ECGMON_MQTT__PASSWORD_FILE": str(secret)})
+    assert config.mqtt.secret() == "from-a-file"
+    missing = load_config(None, {"ECGMON_MQTT__PASSWORD_FILE": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="password_file"):
+        missing.mqtt.secret()
