@@ -258,7 +258,8 @@ onnxruntime {env['onnxruntime']}, numpy {env['numpy']}, paho-mqtt {env['paho-mqt
 
 Set-up: mosquitto, the daemon (`ecgmon serve`, shipped model, 1 ONNX Runtime thread) and the
 load generator (`ecgmon replay`: MIT-BIH records, 360 Hz, binary windows, devices offset by 37 s
-of signal and spread evenly over each second) each in its own process. Latency is measured
+of signal and spread evenly over each second) each in its own process; ECG windows and beats
+at MQTT QoS 0. Latency is measured
 per window from the time its last sample exists to the arrival of its results on the beats
 topic at a subscriber. A point is kept in real time when p99 ≤ {P99_LIMIT_S * 1000:.0f} ms and
 every window is answered. The naive design is the same daemon with batching off
