@@ -223,7 +223,7 @@ class Daemon:
     # --- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
-        while not self._stop_worker.is_set() or not self._queue.empty():
+        while not self._stop_worker.is_set():  # stop() lets the queue drain first, up to drain_timeout_s
             batch = self._gather()
             if batch:
                 self._process(batch)
