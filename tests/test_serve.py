@@ -25,7 +25,7 @@ from tests.conftest import Collector
 TOPICS = Topics("ecgmon")
 
 
-def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
+def write_config(tmp_path: Path, **sections: object) -> Path:
     path = tmp_path / "daemon.yaml"
     path.write_text(yaml.safe_dump(sections))
     return path
@@ -36,12 +36,12 @@ def serve_command(config: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture()
-def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[str]]]:
+def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start() -> subprocess.Popen[str]:
+    def start(**sections: object) -> subprocess.Popen[str]:
         config = write_config(tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5},
-                              metrics={"port": free_port()})
+                              metrics={"port": free_port()}, **sections)
         procs.append(subprocess.Popen(serve_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
         return procs[-1]
@@ -106,15 +106,16 @@ def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable
     assert "shutting down gracefully" in (proc.stdout.read() if proc.stdout else "")
 
 
-def test_second_signal_forces_exit(serve_process: Callable[[], subprocess.Popen[str]], publisher: MqttClient,
+def test_second_signal_forces_exit(serve_process: Callable[..., subprocess.Popen[str]], publisher: MqttClient,
                                    collect: Callable[[str], Collector]) -> None:
     status, beats = collect(TOPICS.status), collect(TOPICS.beats())
-    proc = serve_process()
+    # One window per model run and a long drain: the graceful stop is still draining at the second signal.
+    proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60)
     wait_online(status)
     window = encode_binary(0, 100.0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
-    for device in range(4000):  # a backlog, so that the graceful stop is still draining at the second signal
+    for device in range(4000):
         publisher.publish(TOPICS.ecg(f"bed-{device}"), window, qos=0)
-    beats.wait_for(lambda d: len(d) >= 1)
+    beats.wait_for(lambda d: len(d) >= 100)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
