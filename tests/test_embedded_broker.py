@@ -76,3 +76,13 @@ def test_retained_messages_and_last_will(embedded: EmbeddedBroker) -> None:
         time.sleep(0.02)
     assert seen[-1] == b'{"state":"offline"}'
     late.disconnect()
+
+
+def test_demo_falls_back_to_the_embedded_broker_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.broker as broker_module
+
+    monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
+    with broker_module.local_broker() as broker:
+        assert isinstance(broker, EmbeddedBroker)
+        c = client(broker, "probe")
+        c.disconnect()
