@@ -16,7 +16,6 @@ import yaml
 from pipeline.broker import LocalBroker
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
-from pipeline.model import BeatModel
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.replay import ReplayPlan, load_signals, replay
 from tests.conftest import Collector
@@ -51,7 +50,8 @@ def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBro
 
     db, name = spec.split("/")
     record = load_record(physionet / db, name)
-    samples, classes = stream_records(daemon._model or BeatModel(Path()), [record], 1.0)[0]
+    assert daemon._model is not None
+    samples, classes = stream_records(daemon._model, [record], 1.0)[0]
     offline_s = samples / record.fs
     online_s = np.array([t for t, _ in online])
     assert len(online) == len(offline_s) > 1000
