@@ -87,10 +87,6 @@ class SignalCheck:
     noise_mv: float
 
     @classmethod
-    def of(cls, samples_mv: NDArray[np.float64], config: AlarmConfig) -> SignalCheck:
-        return cls.batch([samples_mv], config)[0]
-
-    @classmethod
     def batch(cls, windows: list[NDArray[np.float64]], config: AlarmConfig) -> list[SignalCheck]:
         """Checks of many windows, computed together for windows of equal length."""
         out: list[SignalCheck | None] = [None] * len(windows)

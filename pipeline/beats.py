@@ -71,6 +71,14 @@ class BeatPickerState:
 
     FIELDS = ("in_run", "peak_p", "peak_frame", "class_sum", "frames_seen")
 
+    def grow(self, n_slots: int) -> None:
+        """Add slots (fresh, empty) up to `n_slots`."""
+        for name in self.FIELDS:
+            old = getattr(self, name)
+            new = np.zeros((n_slots, *old.shape[1:]), dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
     def save_slot(self, slot: int) -> dict[str, Any]:
         return {name: getattr(self, name)[slot].tolist() for name in self.FIELDS}
 

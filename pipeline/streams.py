@@ -115,9 +115,6 @@ class BeatStreams:
         old = self._capacity
         self._capacity *= 2
         self._state = [np.concatenate([a, np.zeros_like(a)], axis=1) for a in self._state]
-        picker = BeatPickerState(self._capacity, len(self.info.class_names))
-        for name in BeatPickerState.FIELDS:
-            getattr(picker, name)[:old] = getattr(self._picker, name)
-        self._picker = picker
+        self._picker.grow(self._capacity)
         self._dsp.grow(self._capacity)
         self._free.extend(range(self._capacity - 1, old - 1, -1))

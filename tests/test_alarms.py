@@ -72,7 +72,7 @@ def test_asystole_raised_after_4_s_and_cleared_by_a_beat() -> None:
 def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
     _, t = feed(alarms, normal(10), 0.0)
-    flat = SignalCheck.of(np.zeros(360), CONFIG)
+    flat = SignalCheck.batch([np.zeros(360)], CONFIG)[0]
     events = []
     for k in range(10):  # 10 s of flat line: no beats, yet no asystole
         events += alarms.on_window(flat, t + k + 1, t + k + 0.7)
@@ -89,7 +89,7 @@ def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
 ])
 def test_signal_checks(alarm_type: str, samples: np.ndarray) -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
-    events = alarms.on_window(SignalCheck.of(samples, CONFIG), 1.0, 0.7)
+    events = alarms.on_window(SignalCheck.batch([samples], CONFIG)[0], 1.0, 0.7)
     assert states(events, alarm_type) == ["raised"]
     assert states(alarms.on_window(CLEAN, 2.0, 1.7), alarm_type) == ["cleared"]
 
