@@ -83,8 +83,8 @@ class Daemon:
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> bool:
         """Bring the daemon up; on the first failing step log why, undo the earlier steps, return False."""
-        steps = (self._load_model, self._restore_state, self._start_metrics, self._connect, self._announce_online,
-                 self._start_worker, self._start_source)
+        steps = (self._load_model, self._restore_state, self._start_metrics, self._connect, self._start_worker,
+                 self._start_source, self._announce_online)  # online only once windows are being taken
         for step in steps:
             try:
                 step()
