@@ -67,6 +67,19 @@ class AlarmEvent:
         return ALARM_TYPES[self.type][2]
 
 
+def clear_orphan(doc: dict[str, Any], now: float, reason: str) -> AlarmEvent | None:
+    """The `cleared` event of an alarm that subscribers saw raised (its last message `doc`, docs/asyncapi.yaml)
+    but whose state the daemon no longer holds; None if `doc` is not an alarm of a known type."""
+    try:
+        alarm_type, raised = str(doc["type"]), float(doc["evidence"]["raised_at"])
+        if alarm_type not in ALARM_TYPES:
+            return None
+        return AlarmEvent(str(doc["alarm_id"]), str(doc["device"]), alarm_type, "cleared", max(now, raised),
+                          {"reason": reason, "raised_at": raised, "model_version": doc["evidence"]["model_version"]})
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class _Active:
     alarm_id: str
@@ -118,10 +131,12 @@ class DeviceAlarms:
     v_times: deque[float] = field(default_factory=deque)
     active: dict[str, _Active] = field(default_factory=dict)
     gap_since: float | None = None
+    rate_from: float = 0.0  # rate rules use beats from here on: a pause that was an asystole is not a bradycardia (s)
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"started": self.started, "gap_since": self.gap_since, "times": list(self.times),
+        return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
+                "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
                            for t, a in self.active.items()}}
@@ -130,6 +145,7 @@ class DeviceAlarms:
     def from_dict(cls, device: str, config: AlarmConfig, model_version: str, doc: dict[str, Any]) -> DeviceAlarms:
         alarms = cls(device, config, model_version, float(doc["started"]))
         alarms.gap_since = doc["gap_since"]
+        alarms.rate_from = float(doc["rate_from"])
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -137,13 +153,20 @@ class DeviceAlarms:
         return alarms
 
     # --- inputs -------------------------------------------------------------------------------
-    def on_beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
-        """Beats (signal time s, AAMI class) completed in a window; `now` is the window's end time.
+    def on_window(self, check: SignalCheck, beats: list[tuple[float, str]], now: float,
+                  analysed_until: float) -> list[AlarmEvent]:
+        """One analysed window ending at `now` (s, signal time): its technical check, then the beats it
+        completed (R-peak time s, AAMI class), then asystole judged on the beat time line up to
+        `analysed_until` (s), the latest time for which every beat has been emitted."""
+        events = self._technical(check, now)
+        events += self._beats(beats, now)
+        return events + self._asystole(analysed_until)
 
-        The rules run after each beat, so a pattern that ends inside a window is not missed.
-        """
+    def _beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
+        """The rules run after each beat, so a pattern that ends inside a window is not missed."""
         events: list[AlarmEvent] = []
         for t, cls in beats:
+            events += self._asystole(t, ended=True)  # a pause seen whole only now, between two windows' checks
             self.times.append(t)
             self.classes.append(cls)
             if cls == "V":
@@ -158,13 +181,15 @@ class DeviceAlarms:
             self.v_times.popleft()
         if self._technical_active() or now - self.started < self.config.warmup_s:
             return []
-        events: list[AlarmEvent] = self._set("asystole", False, now, {}) if new_beat else []
+        events: list[AlarmEvent] = []
+        if new_beat and "asystole" in self.active:
+            events += self._set("asystole", False, now, {})
+            self.rate_from = now
         for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule):
             events += rule(now, new_beat)
         return events
 
-    def on_window(self, check: SignalCheck, now: float, analysed_until: float) -> list[AlarmEvent]:
-        """Technical checks of a window ending at `now`; asystole up to `analysed_until` (s, signal time)."""
+    def _technical(self, check: SignalCheck, now: float) -> list[AlarmEvent]:
         events: list[AlarmEvent] = []
         for alarm_type, present, detail in (
                 ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
@@ -176,12 +201,22 @@ class DeviceAlarms:
         if self.gap_since is not None and now - self.gap_since >= self.config.warmup_s:
             self.gap_since = None
             events += self._set("data_gap", False, now, {})
-        if not self._technical_active() and now - self.started >= self.config.warmup_s:
-            last = self.times[-1] if self.times else self.started
-            silent = analysed_until - last
-            events += self._set("asystole", silent >= self.config.asystole_s, now,
-                                {"seconds_without_qrs": round(silent, 2)}, update=False)
         return events
+
+    def _asystole(self, analysed_until: float, ended: bool = False) -> list[AlarmEvent]:
+        """No QRS from the last beat up to `analysed_until` (s); `ended`: a beat there ends the pause.
+
+        Raised at the moment the pause reached `asystole_s`, on the beat time line: before the beat that
+        ends it, even when that beat comes out in the same window.
+        """
+        last = self.times[-1] if self.times else self.started
+        silent = analysed_until - last
+        onset = last + self.config.asystole_s
+        if (silent < self.config.asystole_s or self._technical_active() or onset - self.started < self.config.warmup_s
+                or (ended and "asystole" in self.active)):
+            return []
+        evidence = {"seconds_without_qrs": round(silent, 2), **({"pause_ended": True} if ended else {})}
+        return self._set("asystole", True, onset, evidence, update=False)
 
     def on_gap(self, now: float, detail: dict[str, Any]) -> list[AlarmEvent]:
         """The stream had a gap and restarts cold at `now`."""
@@ -206,9 +241,23 @@ class DeviceAlarms:
         self.started = now
 
     def on_overload(self, now: float, dropped: int) -> list[AlarmEvent]:
-        """`dropped` windows of this device were discarded unanalysed in the last interval (0: none)."""
-        return self._set("windows_dropped", dropped > 0, now, {"windows_dropped": dropped,
-                                                               "physiological_alarms": "suspended"}, update=False)
+        """`dropped` windows of this device were discarded unanalysed in the last interval (0: none).
+
+        Cleared only after `overload_hold_s` without drops, so that a daemon at its limit does not chatter."""
+        evidence = {"windows_dropped": dropped, "physiological_alarms": "suspended"}
+        if dropped:
+            return self._set("windows_dropped", True, now, evidence, update=False)
+        active = self.active.get("windows_dropped")
+        if active is not None and now - active.last_seen >= self.config.overload_hold_s:
+            return self._set("windows_dropped", False, now, evidence)
+        return []
+
+    def alarm_ids(self) -> set[str]:
+        return {a.alarm_id for a in self.active.values()}
+
+    def keep_only(self, open_alarm_ids: set[str]) -> None:
+        """Forget active alarms whose ids are not in `open_alarm_ids`: their subscribers saw them cleared."""
+        self.active = {t: a for t, a in self.active.items() if a.alarm_id in open_alarm_ids}
 
     def clear_all(self, now: float, reason: str) -> list[AlarmEvent]:
         """Clear every active alarm (the device's state is being dropped)."""
@@ -231,7 +280,7 @@ class DeviceAlarms:
         for alarm_type, n, bpm, below in (("extreme_bradycardia", c.brady_beats, c.brady_bpm, True),
                                           ("extreme_tachycardia", c.tachy_beats, c.tachy_bpm, False)):
             hr = self._hr_bpm(n)
-            if hr is not None:
+            if hr is not None and self.times[-n] >= self.rate_from:
                 events += self._set(alarm_type, hr < bpm if below else hr > bpm, now, self._evidence(n, hr))
         return events
 
@@ -267,11 +316,13 @@ class DeviceAlarms:
         return events
 
     def _burden_rule(self, now: float, new_beats: bool) -> list[AlarmEvent]:
+        """Raised above `pvc_per_min`, cleared at or below `pvc_clear_per_min` (hysteresis against chatter)."""
         per_min = len(self.v_times)
         if not new_beats or (now - self.started < 60.0 and per_min <= self.config.pvc_per_min):
             return []
-        return self._set("pvc_burden", per_min > self.config.pvc_per_min, now, {"v_beats_last_minute": per_min},
-                         update=False)
+        c = self.config
+        present = per_min > c.pvc_per_min or ("pvc_burden" in self.active and per_min > c.pvc_clear_per_min)
+        return self._set("pvc_burden", present, now, {"v_beats_last_minute": per_min}, update=False)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _technical_active(self) -> bool:
@@ -298,7 +349,7 @@ class DeviceAlarms:
                 return [self._event(alarm_type, "updated", now, evidence)]
             return []
         if not present and active is not None:
-            event = self._event(alarm_type, "cleared", now, evidence)
+            event = self._event(alarm_type, "cleared", max(now, active.raised), evidence)
             del self.active[alarm_type]
             return [event]
         return []

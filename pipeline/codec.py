@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,14 @@ BINARY_HEADER = struct.Struct("<4sBBHIdffhH")
 FORMAT_VERSION = 1
 MIN_WINDOW_S = 0.25
 MAX_WINDOW_S = 10.0
+MAX_ABS_MV = 1000.0  # no electrode potential, offset included, comes near 1 V: larger samples are garbage (mV)
+MIN_T0 = 946_684_800.0  # 2000-01-01T00:00:00Z (s, Unix time)
+MAX_CLOCK_AHEAD_S = 86_400.0  # a t0 more than a day ahead of the daemon's clock is a broken sensor clock (s)
+
+
+# Why a payload is not a valid ECG window (docs/daemon.md explains each, docs/asyncapi.yaml lists them).
+DECODE_REASONS = ("too_large", "bad_format", "bad_json", "missing_field", "bad_field", "bad_version", "truncated",
+                  "bad_seq", "bad_t0", "bad_fs", "bad_gain", "empty", "non_finite", "out_of_range", "bad_length")
 
 
 class DecodeError(ValueError):
@@ -69,18 +78,30 @@ class Window:
         return len(self.samples_mv) / self.fs
 
 
-def decode_window(payload: bytes, max_bytes: int) -> Window:
-    """Decode a JSON or binary window (chosen by the first bytes) or raise DecodeError."""
+def decode_window(payload: bytes, max_bytes: int, now: float | None = None) -> Window:
+    """Decode a JSON or binary window (chosen by the first bytes) or raise DecodeError; nothing else escapes.
+
+    Args:
+        payload: the message.
+        max_bytes: larger payloads are rejected unread.
+        now: the daemon's clock (s, Unix time; default: time.time()), bounding t0 from above.
+    """
     if len(payload) > max_bytes:
         raise DecodeError("too_large", f"{len(payload)} bytes > limit {max_bytes}")
-    if payload.startswith(BINARY_MAGIC):
-        return _decode_binary(payload)
-    if payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
-        return _decode_json(payload)
+    latest_t0 = (time.time() if now is None else now) + MAX_CLOCK_AHEAD_S
+    try:
+        if payload.startswith(BINARY_MAGIC):
+            return _decode_binary(payload, latest_t0)
+        if payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+            return _decode_json(payload, latest_t0)
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:  # DecodeError is a ValueError
+        if isinstance(err, DecodeError):
+            raise
+        raise DecodeError("bad_field", f"{type(err).__name__}: {str(err)[:200]}") from err
     raise DecodeError("bad_format", "neither JSON nor a binary window (magic ECGW)")
 
 
-def _decode_binary(payload: bytes) -> Window:
+def _decode_binary(payload: bytes, latest_t0: float) -> Window:
     if len(payload) < BINARY_HEADER.size:
         raise DecodeError("truncated", f"{len(payload)} bytes < header {BINARY_HEADER.size}")
     _, version, lead_len, _, seq, t0, fs, gain, baseline, _ = BINARY_HEADER.unpack_from(payload)
@@ -94,14 +115,16 @@ def _decode_binary(payload: bytes) -> Window:
     except UnicodeDecodeError as err:
         raise DecodeError("bad_field", "lead is not ASCII") from err
     samples = np.frombuffer(body[lead_len:], dtype="<i2").astype(np.float64)
-    return _checked(seq, t0, fs, lead, samples, gain, baseline)
+    return _checked(seq, t0, fs, lead, samples, gain, baseline, latest_t0)
 
 
-def _decode_json(payload: bytes) -> Window:
+def _decode_json(payload: bytes, latest_t0: float) -> Window:
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DecodeError("bad_json", str(err)) from err
+    except RecursionError as err:
+        raise DecodeError("bad_json", "nested too deeply") from err
+    except ValueError as err:  # also numbers of more digits than Python converts, and bad UTF-8
+        raise DecodeError("bad_json", str(err)[:200]) from err
     if not isinstance(doc, dict):
         raise DecodeError("bad_json", "top level is not an object")
     version = doc.get("v", FORMAT_VERSION)
@@ -123,20 +146,34 @@ def _decode_json(payload: bytes) -> Window:
     if not isinstance(samples, list) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in samples):
         raise DecodeError("bad_field", "samples must be a list of numbers")
-    return _checked(seq, float(t0), float(fs), lead, np.asarray(samples, dtype=np.float64), float(gain),
-                    float(baseline))
+    try:
+        values = np.asarray(samples, dtype=np.float64)
+    except OverflowError as err:  # an integer beyond float64
+        raise DecodeError("out_of_range", "a sample is beyond any float") from err
+    return _checked(seq, _float(t0, "t0"), _float(fs, "fs"), lead, values, _float(gain, "gain"),
+                    _float(baseline, "baseline"), latest_t0)
+
+
+def _float(value: float, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError as err:
+        raise DecodeError("out_of_range", f"{name} is beyond any float") from err
 
 
 def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.float64], gain: float,
-             baseline: float) -> Window:
+             baseline: float, latest_t0: float) -> Window:
     if not 0 <= seq < 2**32:
         raise DecodeError("bad_seq", f"seq {seq} outside 0 .. 2**32-1")
-    if not math.isfinite(t0) or t0 < 0:
-        raise DecodeError("bad_field", f"t0 {t0} is not a non-negative finite time")
+    if not (math.isfinite(t0) and MIN_T0 <= t0 <= latest_t0):
+        raise DecodeError("bad_t0", f"t0 {t0} outside 2000-01-01 .. one day ahead of the daemon's clock "
+                                    f"({MIN_T0:.0f} .. {latest_t0:.0f} s, Unix time)")
     if not (math.isfinite(fs) and MIN_FS_HZ <= fs <= MAX_FS_HZ):
         raise DecodeError("bad_fs", f"fs {fs} Hz outside {MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz")
-    if not math.isfinite(gain) or gain == 0 or not math.isfinite(baseline):
-        raise DecodeError("bad_field", f"gain {gain} / baseline {baseline} unusable")
+    if not (math.isfinite(gain) and gain > 0):
+        raise DecodeError("bad_gain", f"gain {gain} ADC units per mV is not a positive finite number")
+    if not math.isfinite(baseline):
+        raise DecodeError("bad_field", f"baseline {baseline} is not finite")
     if len(lead) > 32 or not lead.isprintable():
         raise DecodeError("bad_field", "lead must be at most 32 printable characters")
     if samples.size == 0:
@@ -147,7 +184,12 @@ def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floa
     one_sample = 1.0 / fs  # 0.25 s is not a whole number of samples at every rate (62.5 at 250 Hz)
     if not MIN_WINDOW_S - one_sample <= duration <= MAX_WINDOW_S + one_sample:
         raise DecodeError("bad_length", f"window of {duration:.3f} s outside {MIN_WINDOW_S}-{MAX_WINDOW_S} s")
-    return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=(samples - baseline) / gain)
+    with np.errstate(over="ignore"):
+        samples_mv = (samples - baseline) / gain
+    largest = float(np.abs(samples_mv).max())
+    if not largest <= MAX_ABS_MV:  # also catches overflow to inf
+        raise DecodeError("out_of_range", f"a sample of {largest:.3g} mV is beyond ±{MAX_ABS_MV:g} mV")
+    return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=samples_mv)
 
 
 def encode_binary(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.int16], gain: float,

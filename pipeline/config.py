@@ -99,10 +99,13 @@ class AlarmConfig(Strict):
     bigeminy_cycles: int = Field(3, ge=2, description="consecutive N-V pairs")
     trigeminy_cycles: int = Field(3, ge=2, description="consecutive N-N-V triplets")
     pvc_per_min: float = Field(10.0, gt=0, description="V beats in the last minute")
+    pvc_clear_per_min: float = Field(7.0, ge=0, description="pvc_burden clears at or below this (hysteresis)")
     update_interval_s: float = Field(10.0, ge=0, description="at most one 'updated' event per alarm this often (s)")
     event_hold_s: float = Field(30.0, gt=0, description="a pattern alarm clears this long after it was last seen")
     clear_after_beats: int = Field(5, ge=1, description="normal beats that clear a rate or run alarm")
     signal_loss_s: float = Field(10.0, gt=0, description="no data for this long (s)")
+    overload_hold_s: float = Field(10.0, ge=0, description="windows_dropped and the degraded status clear only "
+                                   "after this long without a dropped window (s)")
     flat_mv: float = Field(0.01, gt=0, description="window peak-to-peak below this is a flat line / leads off")
     saturation_mv: float = Field(5.0, gt=0, description="|sample| at or above this is saturation (mV)")
     noise_mv: float = Field(0.3, gt=0, description="median |second difference| above this is poor quality (mV); "
@@ -132,6 +135,8 @@ class DaemonConfig(Strict):
     metrics: MetricsConfig = MetricsConfig()
     state: StateConfig = StateConfig()
     drain_timeout_s: float = Field(5.0, gt=0, description="longest wait for in-flight windows at shutdown")
+    watchdog_s: float = Field(10.0, gt=0, description="analysis that has not turned for this long is reported "
+                              "stalled (status, stats, metrics) (s)")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
 

@@ -6,18 +6,19 @@ MQTT is the one implementation of each today; a partitioned queue on a broker cl
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from pipeline.alarms import AlarmEvent
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 log = logging.getLogger(__name__)
 
-# deliver(device_id, payload, received_monotonic_s)
-Deliver = Callable[[str, bytes, float], None]
+# deliver(device_id, payload, received_monotonic_s) -> whether the daemon took the window
+Deliver = Callable[[str, bytes, float], bool]
 
 
 class WindowSource(Protocol):
@@ -25,7 +26,8 @@ class WindowSource(Protocol):
 
     def start(self, deliver: Deliver) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Deliver no more; windows that arrive from now on stay with the source for the next run if it can."""
 
 
 class ResultSink(Protocol):
@@ -35,11 +37,14 @@ class ResultSink(Protocol):
 
     def alarm(self, event: AlarmEvent) -> None: ...
 
-    def rejected(self, device: str, doc: dict[str, Any]) -> None: ...
+    def rejected(self, doc: dict[str, Any]) -> None: ...
 
     def stats(self, doc: dict[str, Any]) -> None: ...
 
     def status(self, doc: dict[str, Any]) -> None: ...
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        """The last message of every alarm the subscribers saw raised and not cleared; None if unknown."""
 
 
 class MqttSource:
@@ -47,15 +52,20 @@ class MqttSource:
 
     def __init__(self, client: MqttClient, topics: Topics, qos: int) -> None:
         self._client, self._topics, self._qos = client, topics, qos
+        self._taking = False
 
     def start(self, deliver: Deliver) -> None:
-        def on_message(topic: str, payload: bytes) -> None:
-            deliver(self._topics.device_of(topic), payload, time.monotonic())
+        """Subscribe (or, before the client connects, have it subscribe on connect)."""
+        def on_message(topic: str, payload: bytes) -> bool:
+            return self._taking and deliver(self._topics.device_of(topic), payload, time.monotonic())
 
+        self._taking = True
         self._client.subscribe(self._topics.ecg(), on_message, self._qos)
 
     def stop(self) -> None:
-        self._client.unsubscribe(self._topics.ecg())
+        """Take no more windows, but keep the subscription: with a persistent session the broker keeps
+        every window from now on, unacknowledged ones included, for the daemon's next run (QoS 1)."""
+        self._taking = False
 
 
 def alarm_document(event: AlarmEvent) -> dict[str, Any]:
@@ -76,10 +86,31 @@ class MqttSink:
             self._client.publish_json(self._topics.beats(device), doc, qos=0)
 
     def alarm(self, event: AlarmEvent) -> None:
-        self._client.publish_json(self._topics.alarms(event.device), alarm_document(event), qos=1)
+        """The event (QoS 1), and the open-alarm list: its retained copy, emptied when it clears."""
+        doc = alarm_document(event)
+        self._client.publish_json(self._topics.alarms(event.device), doc, qos=1)
+        active = self._topics.active(event.device, event.type)
+        if event.state == "cleared":
+            self._client.publish(active, b"", qos=1, retain=True)
+        else:
+            self._client.publish_json(active, doc, qos=1, retain=True)
 
-    def rejected(self, device: str, doc: dict[str, Any]) -> None:
-        self._client.publish_json(self._topics.errors(device), doc, qos=0)
+    def rejected(self, doc: dict[str, Any]) -> None:
+        self._client.publish_json(self._topics.errors(doc["device"]), doc, qos=0)
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        try:
+            retained = self._client.read_retained(f"{self._topics.active_marker}/#", self._topics.active_marker)
+        except ConnectError as err:
+            log.error("cannot read the open alarms from the broker (%s): none reconciled", err)
+            return None
+        docs = []
+        for topic, payload in retained:
+            try:
+                docs.append(json.loads(payload))
+            except ValueError:
+                log.warning("ignored a malformed open alarm on %s", topic)
+        return [d for d in docs if isinstance(d, dict)]
 
     def stats(self, doc: dict[str, Any]) -> None:
         self._client.publish_json(self._topics.stats, doc, qos=0)

@@ -11,7 +11,8 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages_in = Counter("ecgmon_messages_in", "ECG window messages received", registry=r)
+        self.messages_in = Counter("ecgmon_messages_in", "ECG window messages received (analysed, rejected or "
+                                   "dropped)", registry=r)
         self.rejected = Counter("ecgmon_messages_rejected", "messages rejected, by reason", ["reason"], registry=r)
         self.dropped = Counter("ecgmon_windows_dropped", "valid windows not analysed, by reason", ["reason"],
                                registry=r)
@@ -19,13 +20,20 @@ class DaemonMetrics:
         self.beats = Counter("ecgmon_beats", "beats detected, by AAMI class", ["aami_class"], registry=r)
         self.alarms = Counter("ecgmon_alarm_events", "alarm events, by type and state", ["type", "state"],
                               registry=r)
-        self.latency = Histogram("ecgmon_window_latency_seconds", "receipt of a window to publication of its results",
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+        self.latency = Histogram("ecgmon_window_latency_seconds", "inside the daemon: paho handed the window over "
+                                 "-> its results handed to paho (excludes the network, the broker and paho's "
+                                 "own queues)", buckets=buckets, registry=r)
+        self.result_delay = Histogram("ecgmon_result_delay_seconds", "end of a window's last sample (sensor clock) "
+                                      "-> its results published (daemon clock): the whole path, if the clocks "
+                                      "agree", buckets=(*buckets, 10.0, 30.0, 60.0), registry=r)
         self.batch_size = Histogram("ecgmon_batch_windows", "windows per model run",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=r)
         self.active_streams = Gauge("ecgmon_active_streams", "devices with live state", registry=r)
         self.queue_depth = Gauge("ecgmon_queue_windows", "windows waiting for analysis", registry=r)
         self.active_alarms = Gauge("ecgmon_active_alarms", "alarms currently raised", registry=r)
+        self.analysis_alive = Gauge("ecgmon_analysis_alive", "1 while the analysis worker is turning, 0 when "
+                                    "it has stalled for watchdog_s or stopped", registry=r)
 
         self._server: WSGIServer | None = None
 

@@ -5,7 +5,9 @@ Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each p
 - ``<prefix>/ecg/<device>``: ECG windows from sensors (JSON or binary).
 - ``<prefix>/beats/<device>``: beats completed by each window (QoS 0).
 - ``<prefix>/alarms/<device>``: alarm lifecycle events (QoS 1).
-- ``<prefix>/errors/<device>``: rejected messages and the reason (QoS 0, rate-limited).
+- ``<prefix>/errors/<device>``: rejected messages and the reason (QoS 0, rate-limited per device);
+  ``<prefix>/errors`` for messages whose device id is invalid.
+- ``<prefix>/active/<device>/<type>``: the open alarms, retained (emptied when cleared).
 - ``<prefix>/status``: daemon availability, retained, with a last will (``offline``).
 - ``<prefix>/stats``: periodic daemon statistics (QoS 0).
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +51,18 @@ class Topics:
         return f"{self.prefix}/alarms/{device}"
 
     def errors(self, device: str = "+") -> str:
-        return f"{self.prefix}/errors/{device}"
+        """Rejections of a device's messages; an invalid device id gets the bare `<prefix>/errors`."""
+        return f"{self.prefix}/errors/{device}" if device == "+" or DEVICE_ID.match(device) else \
+            f"{self.prefix}/errors"
+
+    def active(self, device: str = "+", alarm_type: str = "+") -> str:
+        """Retained copy of an open alarm's last message."""
+        return f"{self.prefix}/active/{device}/{alarm_type}"
+
+    @property
+    def active_marker(self) -> str:
+        """Where the daemon marks the end of the retained open alarms it reads at start (not retained)."""
+        return f"{self.prefix}/active"
 
     @property
     def status(self) -> str:
@@ -67,19 +81,28 @@ class ConnectError(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
 
-MessageHandler = Callable[[str, bytes], None]
+# handler(topic, payload) -> False leaves a QoS 1 message unacknowledged: the broker sends it again to the
+# next connection of this persistent session. Anything else acknowledges it.
+MessageHandler = Callable[[str, bytes], bool | None]
 
 
 class MqttClient:
-    """A paho client with MQTT v5, persistent session, optional last will and automatic resubscription."""
+    """A paho client with MQTT v5, persistent session, optional last will and automatic resubscription.
+
+    `on_connected(reconnect)` runs on the network thread after every accepted connection, once the
+    subscriptions have been sent again.
+    """
 
     def __init__(self, host: str, port: int, client_id: str, *, username: str | None = None,
                  password: str | None = None, keepalive_s: int = 30, session_expiry_s: int = 0,
                  will: tuple[str, bytes] | None = None, reconnect_min_s: float = 0.5,
-                 reconnect_max_s: float = 30.0, tls: dict[str, Any] | None = None) -> None:
+                 reconnect_max_s: float = 30.0, tls: dict[str, Any] | None = None,
+                 on_connected: Callable[[bool], None] | None = None) -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         self._session_expiry_s = session_expiry_s
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self._on_connected = on_connected
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                   manual_ack=True)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls is not None:
@@ -94,17 +117,21 @@ class MqttClient:
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._handlers_of: dict[str, list[MessageHandler]] = {}  # topic -> matching handlers, cached
         self._pending_acks: dict[int, threading.Event] = {}  # SUBSCRIBE message id -> set on SUBACK
+        self._resubscribed: list[threading.Event] = []  # SUBACKs of the subscriptions sent on connect
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self.reconnects = 0
         self._closing = False
+        self._connected_before = False
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     def connect(self, timeout_s: float = 10.0) -> None:
-        """Connect and start the network thread; raise ConnectError if no CONNACK within `timeout_s`."""
+        """Connect and start the network thread; raise ConnectError if no CONNACK within `timeout_s`.
+
+        Subscriptions made before are sent on connect; returns once the broker has acknowledged them."""
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._session_expiry_s
         try:
@@ -117,11 +144,17 @@ class MqttClient:
             self._client.loop_stop()
             raise ConnectError(f"MQTT broker {self.host}:{self.port} did not accept the connection "
                                f"within {timeout_s:g} s")
+        with self._lock:
+            awaited = list(self._resubscribed)
+        if not all(acked.wait(timeout_s) for acked in awaited):
+            log.warning("no SUBACK within %g s for a subscription; it is retried on reconnect", timeout_s)
 
     def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1, timeout_s: float = 10.0) -> None:
-        """Subscribe now and after every reconnect; `handler(topic, payload)` runs on the network thread.
+        """Subscribe now (or on connect, if not connected yet) and after every reconnect; `handler(topic,
+        payload)` runs on the network thread.
 
-        Returns once the broker has acknowledged the subscription (or after `timeout_s`, with a warning).
+        When connected, returns once the broker has acknowledged the subscription (or after `timeout_s`,
+        with a warning).
         """
         with self._lock:
             self._subscriptions[topic] = (qos, handler)
@@ -148,6 +181,33 @@ class MqttClient:
     def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False) -> None:
         self.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos, retain=retain)
 
+    def read_retained(self, topic_filter: str, marker_topic: str, timeout_s: float = 10.0) -> list[tuple[str, bytes]]:
+        """The messages retained under `topic_filter`, read to the end.
+
+        The broker sends a subscription's retained messages before anything published after the
+        SUBSCRIBE, so a marker published to `marker_topic` (which the filter must match) comes back
+        after the last of them. Raises ConnectError if the marker is not back within `timeout_s`.
+        """
+        marker = uuid.uuid4().hex.encode()
+        done = threading.Event()
+        got: list[tuple[str, bytes]] = []
+
+        def on_message(topic: str, payload: bytes) -> None:
+            if topic == marker_topic:
+                if payload == marker:
+                    done.set()
+            elif not done.is_set():
+                got.append((topic, payload))
+
+        self.subscribe(topic_filter, on_message, qos=1, timeout_s=timeout_s)
+        try:
+            self.publish(marker_topic, marker, qos=1)
+            if not done.wait(timeout_s):
+                raise ConnectError(f"retained messages under {topic_filter} not read within {timeout_s:g} s")
+        finally:
+            self.unsubscribe(topic_filter)
+        return got
+
     def disconnect(self) -> None:
         """Disconnect cleanly (the last will is not sent) and stop the network thread."""
         self._closing = True
@@ -164,10 +224,17 @@ class MqttClient:
         if self.reconnects:
             log.info("MQTT reconnected to %s:%d (session present: %s)", self.host, self.port, flags.session_present)
         with self._lock:
-            subscriptions = list(self._subscriptions.items())
-        for topic, (qos, _) in subscriptions:
-            client.subscribe(topic, qos)
+            self._resubscribed = []
+            for topic, (qos, _) in self._subscriptions.items():
+                _, mid = client.subscribe(topic, qos)
+                if mid is not None:
+                    self._pending_acks[mid] = threading.Event()
+                    self._resubscribed.append(self._pending_acks[mid])
+        reconnect = self._connected_before
+        self._connected_before = True
         self._connected.set()
+        if self._on_connected is not None:
+            self._on_connected(reconnect)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode,
                        properties: Properties | None) -> None:
@@ -193,5 +260,6 @@ class MqttClient:
                 if len(self._handlers_of) >= MAX_CACHED_TOPICS:
                     self._handlers_of.clear()
                 self._handlers_of[topic] = handlers
-        for handler in handlers:
-            handler(message.topic, bytes(message.payload))
+        taken = [handler(topic, bytes(message.payload)) for handler in handlers]
+        if False not in taken:
+            client.ack(message.mid, message.qos)

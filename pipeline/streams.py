@@ -77,6 +77,18 @@ class BeatStreams:
             array[:, slot] = np.asarray(saved, dtype=np.float32).reshape(array[:, slot].shape)
         self._picker.load_slot(slot, doc["picker"])
 
+    def analysed_until_s(self, stream_id: str) -> float:
+        """Time (s since the stream's first sample) up to which every beat of `stream_id` has been returned.
+
+        The model outputs a beat `output_delay_frames` after its R peak, and the picker returns it when
+        its run of beat frames ends; a run still open holds back a beat at or after its current peak.
+        """
+        slot = self._slot_of[stream_id]
+        p = self._picker
+        frame = p.peak_frame[slot] if p.in_run[slot] else p.frames_seen[slot]
+        info = self.info
+        return float(r_peak_time_s(np.array([frame]), info.output_delay_frames, info.frame_size, info.fs)[0])
+
     def close(self, stream_id: str) -> None:
         """Forget `stream_id` and free its slot."""
         self._free.append(self._slot_of.pop(stream_id))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from pipeline.broker import LocalBroker
+from pipeline.broker import LocalBroker, free_port
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient
 
 REPO = Path(__file__).resolve().parent.parent
 PHYSIONET = Path(os.environ.get("ECGMON_PHYSIONET", REPO.parent / "shared" / "physionet"))
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a plausible t0 (s, Unix time) for windows made up by tests
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +119,39 @@ def publisher(broker: LocalBroker) -> Iterator[MqttClient]:
     client.connect()
     yield client
     client.disconnect()
+
+
+# --- `ecgmon serve` as a real process --------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, **sections: object) -> Path:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def serve_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(config), *extra]
+
+
+@pytest.fixture()
+def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(**sections: object) -> subprocess.Popen[str]:
+        """`ecgmon serve` on the test broker; its log goes to serve-<n>.log in tmp_path."""
+        config = write_config(tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5},
+                              metrics={"port": free_port()}, **sections)
+        with (tmp_path / f"serve-{len(procs)}.log").open("w") as log:
+            procs.append(subprocess.Popen(serve_command(config), stdout=log, stderr=subprocess.STDOUT, text=True))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def wait_online(status: Collector) -> None:
+    status.wait_for(lambda d: bool(d) and d[-1]["state"] == "online", timeout=30)

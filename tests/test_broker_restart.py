@@ -13,6 +13,7 @@ from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from tests.conftest import T0
 from train.data import load_record
 
 TOPICS = Topics("ecgmon")
@@ -38,7 +39,7 @@ def test_alarms_raised_while_the_broker_is_down_are_delivered(physionet: Path, t
 
     def send(seqs: range) -> None:
         for seq in seqs:
-            sensor.publish(TOPICS.ecg("bed"), encode_binary(seq, 10.0 + seq, 360.0, "MLII",
+            sensor.publish(TOPICS.ecg("bed"), encode_binary(seq, T0 + seq, 360.0, "MLII",
                                                             adc[seq * 360:(seq + 1) * 360], 200.0), qos=1)
 
     try:

@@ -18,7 +18,7 @@ from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.replay import ReplayPlan, load_signals, replay
-from tests.conftest import Collector
+from tests.conftest import T0, Collector
 from train.data import load_record
 from train.ec57 import Ec57Stats, confusion
 from train.evaluate import stream_records
@@ -78,7 +78,7 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
     status = messages.wait_for(lambda d: any(s.get("state") == "online" for s in d), "status")
     validate(status[-1], "Status")
     x = load_record(physionet / "mitdb", "100").signal_mv[:360 * 12]
-    t0 = 1000.0
+    t0 = T0
     for seq in range(6):
         publisher.publish(TOPICS.ecg("bed-1"), window(seq, t0 + seq, x[seq * 360:(seq + 1) * 360]), qos=1)
     publisher.publish(TOPICS.ecg("bed-1"), window(5, t0 + 5, x[5 * 360:6 * 360]), qos=1)  # duplicate
@@ -100,7 +100,7 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
     stats = messages.wait_for(lambda d: any(s.get("rejected") == 2 for s in d), "stats")
     validate(stats[-1], "Stats")
     assert stats[-1]["dropped_duplicate"] == 1 and stats[-1]["dropped_late"] == 1 and stats[-1]["gaps"] == 1
-    assert daemon.metrics.rejected.labels("missing_field")._value.get() == 1
+    assert daemon.metrics.registry.get_sample_value("ecgmon_messages_rejected_total", {"reason": "missing_field"}) == 1
     daemon.stop()
     offline = messages.wait_for(lambda d: d[-1].get("state") == "offline", "status")
     assert offline[-1]["model_version"] == daemon.model_version
@@ -112,7 +112,7 @@ def test_idle_streams_are_evicted(publisher: MqttClient, start_daemon: Callable[
     daemon = start_daemon(streams={"idle_evict_s": 2.0}, alarms={"signal_loss_s": 1.0})
     rng = np.random.default_rng(0)
     for device in ("a", "b", "c"):
-        publisher.publish(TOPICS.ecg(device), window(0, 50.0, rng.normal(0, 0.1, 360)), qos=1)
+        publisher.publish(TOPICS.ecg(device), window(0, T0, rng.normal(0, 0.1, 360)), qos=1)
     docs = alarms.wait_for(lambda d: sum(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d) == 3,
                            timeout=15)
     assert {a["evidence"].get("reason", "") for a in docs if a["state"] == "cleared"} == {
@@ -136,7 +136,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(physionet: Path, broke
         deadline = time.monotonic() + 30
         seq = 0
         while not seen and time.monotonic() < deadline:  # the daemon comes back within its backoff
-            pub.publish(TOPICS.ecg("bed"), window(seq, 10.0 + seq, x[(seq % 4) * 360:(seq % 4 + 1) * 360]), qos=1)
+            pub.publish(TOPICS.ecg("bed"), window(seq, T0 + seq, x[(seq % 4) * 360:(seq % 4 + 1) * 360]), qos=1)
             seq += 1
             time.sleep(0.5)
         assert seen, "no results after the broker restarted"
@@ -161,11 +161,11 @@ def test_variable_window_lengths_give_the_same_beats(physionet: Path, publisher:
         n = min(int(rng.uniform(0.25, 10.0) * 360), len(x) - start)
         if n < 90:
             break
-        publisher.publish(TOPICS.ecg("vary"), encode_json(seq, 500.0 + start / 360, 360.0, "MLII", x[start:start + n]),
+        publisher.publish(TOPICS.ecg("vary"), encode_json(seq, T0 + start / 360, 360.0, "MLII", x[start:start + n]),
                           qos=1)
         seq, start = seq + 1, start + n
     docs = beats.wait_for(lambda d: len(d) == seq)
-    online = [(round(b["time"] - 500.0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
+    online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
     assert daemon._model is not None
     samples, classes = stream_records(daemon._model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]

@@ -9,52 +9,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline.broker import LocalBroker, free_port
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
-from tests.conftest import Collector
+from tests.conftest import T0, Collector, serve_command, wait_online, write_config
 
 TOPICS = Topics("ecgmon")
-
-
-def write_config(tmp_path: Path, **sections: object) -> Path:
-    path = tmp_path / "daemon.yaml"
-    path.write_text(yaml.safe_dump(sections))
-    return path
-
-
-def serve_command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(config), *extra]
-
-
-@pytest.fixture()
-def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(**sections: object) -> subprocess.Popen[str]:
-        config = write_config(tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5},
-                              metrics={"port": free_port()}, **sections)
-        procs.append(subprocess.Popen(serve_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
-
-
-def wait_online(status: Collector) -> None:
-    status.wait_for(lambda d: bool(d) and d[-1]["state"] == "online", timeout=30)
 
 
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
@@ -88,14 +55,14 @@ def test_start_up_failure_exits_non_zero(tmp_path: Path, problem: str) -> None:
 
 
 def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable[[], subprocess.Popen[str]],
-                                                         publisher: MqttClient,
-                                                         collect: Callable[[str], Collector]) -> None:
+                                                         publisher: MqttClient, collect: Callable[[str], Collector],
+                                                         tmp_path: Path) -> None:
     status, beats = collect(TOPICS.status), collect(TOPICS.beats())
     proc = serve_process()
     wait_online(status)
     rng = np.random.default_rng(0)
     for seq in range(20):
-        publisher.publish(TOPICS.ecg("bed"), encode_json(seq, 100.0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
+        publisher.publish(TOPICS.ecg("bed"), encode_json(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
                           qos=1)
     beats.wait_for(lambda d: len(d) >= 1)
     proc.send_signal(signal.SIGTERM)
@@ -103,7 +70,7 @@ def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable
     assert len(beats.wait_for(lambda d: len(d) == 20)) == 20  # in-flight windows were finished
     final = status.wait_for(lambda d: d[-1]["state"] == "offline")[-1]
     assert "reason" not in final  # published by the daemon itself, not the last will
-    assert "shutting down gracefully" in (proc.stdout.read() if proc.stdout else "")
+    assert "shutting down gracefully" in (tmp_path / "serve-0.log").read_text()
 
 
 def test_second_signal_forces_exit(serve_process: Callable[..., subprocess.Popen[str]], publisher: MqttClient,
@@ -112,7 +79,7 @@ def test_second_signal_forces_exit(serve_process: Callable[..., subprocess.Popen
     # One window per model run and a long drain: the graceful stop is still draining at the second signal.
     proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60)
     wait_online(status)
-    window = encode_binary(0, 100.0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    window = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     for device in range(4000):
         publisher.publish(TOPICS.ecg(f"bed-{device}"), window, qos=0)
     beats.wait_for(lambda d: len(d) >= 100)

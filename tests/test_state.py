@@ -15,7 +15,7 @@ import pytest
 from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
-from tests.conftest import Collector
+from tests.conftest import T0, Collector
 from train.data import load_record
 from train.evaluate import stream_records
 
@@ -25,7 +25,7 @@ TOPICS = Topics("ecgmon")
 def send(publisher: MqttClient, x: np.ndarray, seqs: range) -> None:
     for seq in seqs:
         adc = np.round(x[seq * 360:(seq + 1) * 360] * 200 + 1024).astype(np.int16)
-        publisher.publish(TOPICS.ecg("bed-9"), encode_binary(seq, 700.0 + seq, 360.0, "MLII", adc, 200.0, 1024), qos=1)
+        publisher.publish(TOPICS.ecg("bed-9"), encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0, 1024), qos=1)
 
 
 def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Path, publisher: MqttClient,
@@ -44,7 +44,7 @@ def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Pat
     assert second.stats()["active_streams"] == 1
     send(publisher, x, range(60, 120))
     docs = beats.wait_for(lambda d: len(d) == 120)
-    online = [(round(b["time"] - 700.0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
+    online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
     assert second._model is not None
     samples, classes = stream_records(second._model, [dataclasses.replace(record, signal_mv=x)], 1.0)[0]

@@ -1,0 +1,72 @@
+"""The daemon's own source/sink seam, in memory: for tests that must make the daemon's output misbehave."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.alarms import AlarmEvent
+from pipeline.io import Deliver, alarm_document
+
+
+class MemorySource:
+    """Windows handed to the daemon by the test."""
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self.started = threading.Event()
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self.started.set()
+
+    def stop(self) -> None:
+        self._deliver = None
+
+    def send(self, device: str, payload: bytes) -> bool:
+        return self._deliver is not None and self._deliver(device, payload, time.monotonic())
+
+
+class MemorySink:
+    """Keeps every output; `on_beats(device)` runs first for each beats message (it may block or raise)."""
+
+    def __init__(self, on_beats: Callable[[str], None] = lambda device: None) -> None:
+        self.on_beats = on_beats
+        self.messages: list[tuple[str, dict[str, Any]]] = []  # (kind, document)
+        self._cond = threading.Condition()
+
+    def _add(self, kind: str, doc: dict[str, Any]) -> None:
+        with self._cond:
+            self.messages.append((kind, doc))
+            self._cond.notify_all()
+
+    def beats(self, device: str, doc: dict[str, Any]) -> None:
+        self.on_beats(device)
+        self._add("beats", doc)
+
+    def alarm(self, event: AlarmEvent) -> None:
+        self._add("alarm", alarm_document(event))
+
+    def rejected(self, doc: dict[str, Any]) -> None:
+        self._add("rejected", doc)
+
+    def stats(self, doc: dict[str, Any]) -> None:
+        self._add("stats", doc)
+
+    def status(self, doc: dict[str, Any]) -> None:
+        self._add("status", doc)
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        return None
+
+    def wait_for(self, kind: str, predicate: Callable[[list[dict[str, Any]]], bool],
+                 timeout: float = 30.0) -> list[dict[str, Any]]:
+        def docs() -> list[dict[str, Any]]:
+            return [d for k, d in self.messages if k == kind]
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(docs()), timeout):
+                raise AssertionError(f"timed out waiting on {kind}; got {docs()[-3:]}")
+            return docs()
