@@ -156,3 +156,20 @@ def test_a_restart_loses_no_window_and_resets_no_device(physionet: Path, tmp_pat
     beats = messages.wait_for(lambda d: len({b["seq"] for b in d}) == n_windows, "/beats/", timeout=60)
     assert sorted(b["seq"] for b in beats) == list(range(n_windows))  # each window analysed exactly once
     assert not [a for a in messages.docs("/alarms/") if a["type"] == "data_gap"]  # no device reset
+
+
+def test_the_open_alarm_gauge_counts_restored_alarms_and_their_eviction(tmp_path: Path, publisher: MqttClient,
+                                                                        start_daemon: Callable[..., Daemon],
+                                                                        collect: Callable[[str], Collector]) -> None:
+    alarms = collect(TOPICS.alarms())
+    settings = {"state": {"path": str(tmp_path / "state.json.gz")}, "streams": {"idle_evict_s": 2.0},
+                "alarms": {"signal_loss_s": 3600}}
+    first = start_daemon(**settings)
+    publisher.publish(TOPICS.ecg("bed"), saturated(0), qos=1)
+    alarms.wait_for(lambda d: len(d) == 1)
+    first.stop()
+    second = start_daemon(**settings)
+    assert second.metrics.registry.get_sample_value("ecgmon_active_alarms") == 1  # restored, still open
+    evicted = alarms.wait_for(lambda d: len(d) == 2)[-1]
+    assert evicted["state"] == "cleared" and "evicted" in evicted["evidence"]["reason"]
+    assert second.metrics.registry.get_sample_value("ecgmon_active_alarms") == 0

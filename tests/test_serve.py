@@ -110,6 +110,7 @@ def test_availability_is_retained(broker: LocalBroker, start_daemon: Callable[..
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert "ecgmon_messages_in_total" in text and "ecgmon_window_latency_seconds_bucket" in text
+    assert "ecgmon_result_delay_seconds_bucket" in text and "ecgmon_analysis_alive 1.0" in text
 
 
 def test_alerts_command_prints_and_writes_json_lines(broker: LocalBroker, publisher: MqttClient,
