@@ -2,7 +2,7 @@
 
 Every frame (``frame_size`` samples at ``fs`` Hz) goes through a small dense encoder, a
 unidirectional recurrent cell (LSTM, GRU or vanilla RNN) and a linear head over
-``CLASS_NAMES`` (background, N, S, V, F, Q). A beat whose R peak lies in frame ``f`` is
+``MODEL_CLASSES`` (background, N, S, V, F, Q). A beat whose R peak lies in frame ``f`` is
 reported at frame ``f + output_delay_frames``, so the network sees that much signal after
 the R peak before it decides. ``forward(frames, state)`` returns the new state, so a
 stream can be run window by window.
@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-CLASS_NAMES = ("background", "N", "S", "V", "F", "Q")
+from pipeline.aami import MODEL_CLASSES
 
 State = tuple[Tensor, ...]
 
@@ -37,7 +37,7 @@ class ModelConfig(BaseModel):
 
     @property
     def num_classes(self) -> int:
-        return len(CLASS_NAMES)
+        return len(MODEL_CLASSES)
 
     @property
     def output_delay_s(self) -> float:

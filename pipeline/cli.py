@@ -13,11 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from models import SHIPPED_MODEL
 from pipeline.config import ConfigError
-from pipeline.model import SHIPPED_MODEL
 from pipeline.mqtt import ConnectError, MqttClient, Topics
-
-DEFAULT_PHYSIONET = Path("../shared/physionet")
+from pipeline.tools import DEFAULT_PHYSIONET_DIR
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -97,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pipeline.replay import ReplayPlan, load_signals, replay
+    from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
     signals = load_signals(args.records, args.physionet_dir, args.lead)
     client = _connect(args.broker, "ecgmon-replay")
@@ -115,7 +114,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_alerts(args: argparse.Namespace) -> int:
     import threading
 
-    from pipeline.alerts import AlarmPrinter
+    from pipeline.tools.alerts import AlarmPrinter
 
     client = _connect(args.broker, "ecgmon-alerts")
     with (open(args.json_out, "a") if args.json_out else nullcontext()) as json_out:
@@ -130,7 +129,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench, write_report
+    from pipeline.tools.bench import run_bench, write_report
 
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
                         args.physionet_dir)
@@ -140,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     count = run_demo(args.records, args.physionet_dir, args.speed, args.duration_s, args.encoding)
     print(f"demo finished: {count} alarm events")
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="ONNX model (default: the shipped one)")
     p.add_argument("--records", nargs="+", default=["mitdb/DS2"],
                    help="db/record, mitdb/DS1, mitdb/DS2 or db/all (default mitdb/DS2)")
-    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET,
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
                    help="folder of WFDB databases; missing records are downloaded")
     p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
@@ -214,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_records(p: argparse.ArgumentParser, default: list[str]) -> None:
         p.add_argument("--records", nargs="+", default=default, help="db/record, mitdb/DS2, ...")
-        p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET)
+        p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
         p.add_argument("--speed", type=float, default=1.0, help="1 = real time, 10 = ten times faster")
         p.add_argument("--duration-s", type=float, help="seconds of ECG to send (default: whole records)")
         p.add_argument("--encoding", choices=["binary", "json"], default="binary")
@@ -239,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window lengths also measured at the batched capacity (1 s always is)")
     p.add_argument("--duration-s", type=float, default=60.0, help="sustained run per point (s)")
     p.add_argument("--records", nargs="+", default=["mitdb/DS1"])
-    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET)
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + a replayed MIT-BIH record; prints alarms.")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from pipeline.model import SHIPPED_MODEL
+from models import SHIPPED_MODEL
 
 ENV_PREFIX = "ECGMON_"
 

@@ -26,7 +26,6 @@ STATE_OUT_SUFFIX = "_out"
 # What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
 ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                    ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "ecgmon-lstm.onnx"
 
 
 class ModelError(RuntimeError):

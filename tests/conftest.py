@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.broker import LocalBroker, free_port
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient
+from pipeline.tools import DEFAULT_PHYSIONET_DIR
+from pipeline.tools.broker import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-PHYSIONET = Path(os.environ.get("ECGMON_PHYSIONET", REPO.parent / "shared" / "physionet"))
+PHYSIONET = Path(os.environ.get("ECGMON_PHYSIONET", REPO / DEFAULT_PHYSIONET_DIR)).resolve()
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a plausible t0 (s, Unix time) for windows made up by tests
 
 

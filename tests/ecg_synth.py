@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from train.data import load_record
+from pipeline.tools.records import load_record
 
 FS = 360.0
 PRE_S, POST_S = 0.25, 0.45

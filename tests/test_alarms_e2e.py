@@ -18,9 +18,9 @@ import pytest
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.records import EcgRecord, load_record
 from tests.conftest import T0, Collector
 from tests.ecg_synth import FS, beat_templates, synthesize
-from train.data import EcgRecord, load_record
 
 TOPICS = Topics("ecgmon")
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
-from train.data import load_record
 
 TOPICS = Topics("ecgmon")
 

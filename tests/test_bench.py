@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.bench import run_point, write_report
-from pipeline.model import SHIPPED_MODEL
+from models import SHIPPED_MODEL
+from pipeline.tools.bench import run_point, write_report
 
 
 def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -> None:

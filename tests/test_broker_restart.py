@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.broker import LocalBroker, free_port
 from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.broker import LocalBroker, free_port
+from pipeline.tools.records import load_record
 from tests.conftest import T0
-from train.data import load_record
 
 TOPICS = Topics("ecgmon")
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 import wfdb
 
+from models import SHIPPED_MODEL
 from models.network import BeatNet, ModelConfig
 from pipeline.cli import main
 from pipeline.dsp import Preprocessor
-from pipeline.model import SHIPPED_MODEL, BeatModel
+from pipeline.model import BeatModel
 from pipeline.streams import BeatStreams
+from pipeline.tools.records import load_record
 from train.config import TrainConfig
-from train.data import load_record
 from train.dataset import frame_record
 from train.trainer import load_model, save_checkpoint
 

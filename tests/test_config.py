@@ -41,8 +41,17 @@ def test_override_with_unknown_key_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field", ["train_records", "val_records"])
-def test_ds2_never_trains_or_validates(tmp_path: Path, field: str) -> None:
+@pytest.mark.parametrize(("named", "leaked"), [("mitdb/232", "mitdb/232"), ("mitdb/DS2", "mitdb/100"),
+                                               ("mitdb/all", "mitdb/all"), ("MITDB/100", "mitdb/100"),
+                                               ("232", "mitdb/232"), (" mitdb/232 ", "mitdb/232")])
+def test_ds2_never_trains_or_validates_however_named(tmp_path: Path, field: str, named: str, leaked: str) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(f"data:\n  {field}: [mitdb/101, mitdb/232]\n")
-    with pytest.raises(DataLeakError, match="232"):
+    path.write_text(f"data:\n  {field}: [mitdb/101, '{named}', svdb/all]\n")
+    with pytest.raises(DataLeakError, match=leaked):
         check_split(load_train_config(path))
+
+
+def test_ds1_and_other_databases_may_train(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train_records: [mitdb/DS1, svdb/all, incartdb/I01]\n")
+    check_split(load_train_config(path))

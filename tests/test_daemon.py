@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.broker import LocalBroker
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
-from pipeline.replay import ReplayPlan, load_signals, replay
+from pipeline.tools.broker import LocalBroker
+from pipeline.tools.records import load_record
+from pipeline.tools.replay import ReplayPlan, load_signals, replay
 from tests.conftest import T0, Collector
-from train.data import load_record
 from train.ec57 import Ec57Stats, confusion
 from train.evaluate import stream_records
 

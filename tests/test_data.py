@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from train.data import DS1, DS2, PACED, download_records, ensure_records, load_record
+from pipeline.aami import DS1, DS2, PACED
+from pipeline.tools.records import download_records, ensure_records, load_record
 
 
 def test_record_100_aami_counts(physionet: Path) -> None:

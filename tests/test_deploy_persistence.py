@@ -24,13 +24,13 @@ from types import TracebackType
 import pytest
 import yaml
 
-from pipeline.broker import find_mosquitto, free_port
 from pipeline.mqtt import MqttClient
+from pipeline.tools.broker import find_mosquitto, free_port
 from tests.test_security import DEPLOY, REPO, TOPICS, USERS, deploy_config, make_certs, published, write_broker_files
 
 
 class Mosquitto:
-    """mosquitto run by the test itself (pipeline.broker.LocalBroker cannot be killed with SIGKILL)."""
+    """mosquitto run by the test itself (pipeline.tools.broker.LocalBroker cannot be killed with SIGKILL)."""
 
     def __init__(self, config: Path, port: int, log: Path) -> None:
         self.host, self.port, self.config, self.log = "127.0.0.1", port, config, log

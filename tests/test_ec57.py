@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from wfdb import processing
 
-from train.data import load_record
+from pipeline.tools.records import load_record
 from train.ec57 import Ec57Stats, confusion
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.alerts import AlarmPrinter
 from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
 from pipeline.daemon import Daemon
-from pipeline.embedded_broker import EmbeddedBroker
 from pipeline.mqtt import MqttClient, Topics
-from pipeline.replay import ReplayPlan, load_signals, replay
+from pipeline.tools.alerts import AlarmPrinter
+from pipeline.tools.embedded_broker import EmbeddedBroker
+from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
 TOPICS = Topics("ecgmon")
 
@@ -79,7 +79,7 @@ def test_retained_messages_and_last_will(embedded: EmbeddedBroker) -> None:
 
 
 def test_demo_falls_back_to_the_embedded_broker_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.broker as broker_module
+    import pipeline.tools.broker as broker_module
 
     monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
     with broker_module.local_broker() as broker:

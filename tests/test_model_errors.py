@@ -11,8 +11,9 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from pipeline.broker import free_port
-from pipeline.model import SHIPPED_MODEL, BeatModel, ModelError
+from models import SHIPPED_MODEL
+from pipeline.model import BeatModel, ModelError
+from pipeline.tools.broker import free_port
 
 
 def identity_model(path: Path, metadata: dict[str, str] | None = None) -> Path:

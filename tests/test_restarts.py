@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.broker import LocalBroker
 from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.broker import LocalBroker
+from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, wait_online
 from tests.tcp_proxy import TcpProxy
-from train.data import load_record
 
 TOPICS = Topics("ecgmon")
 

@@ -14,11 +14,11 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from pipeline.broker import LocalBroker, free_port
 from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig, load_config
 from pipeline.daemon import Daemon
 from pipeline.mqtt import ConnectError, MqttClient, Topics
+from pipeline.tools.broker import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.broker import LocalBroker, free_port
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.broker import LocalBroker, free_port
 from tests.conftest import T0, Collector, serve_command, wait_online, write_config
 
 TOPICS = Topics("ecgmon")

@@ -15,8 +15,8 @@ import pytest
 from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
-from train.data import load_record
 from train.evaluate import stream_records
 
 TOPICS = Topics("ecgmon")
@@ -63,7 +63,8 @@ def test_bad_state_file_is_reported_and_ignored(tmp_path: Path, start_daemon: Ca
                                   "model_version": "someone-else", "saved_at": 1e12,
                                   "devices": {"bed-1": {"streams": {"dsp": {}}}}}
         if problem == "bad_device":
-            from pipeline.model import SHIPPED_MODEL, BeatModel
+            from models import SHIPPED_MODEL
+            from pipeline.model import BeatModel
 
             doc["model_version"] = BeatModel(SHIPPED_MODEL).info.version
         path.write_bytes(gzip.compress(json.dumps(doc).encode()))

@@ -13,6 +13,7 @@ from pydantic import Field
 from models.network import ModelConfig
 from pipeline.config import ConfigError, Strict, validate_config
 from pipeline.dsp import FilterSpec
+from pipeline.tools import DEFAULT_PHYSIONET_DIR
 
 __all__ = ["ConfigError", "TrainConfig", "load_train_config"]
 
@@ -31,7 +32,7 @@ class FilterConfig(Strict):
 class DataConfig(Strict):
     """Which records train, validate and test the model."""
 
-    physionet_dir: Path = Path("../shared/physionet")
+    physionet_dir: Path = DEFAULT_PHYSIONET_DIR
     lead: str = "MLII"
     train_records: list[str] = Field(default_factory=lambda: ["mitdb/DS1"],
                                      description="'db/record', or 'mitdb/DS1' and 'svdb/all' for whole sets")

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from models.network import CLASS_NAMES, ModelConfig
+from models.network import ModelConfig
+from pipeline.aami import MODEL_CLASSES
 from pipeline.dsp import FilterSpec, Preprocessor
-from train.data import DS1, DS2, EcgRecord, ensure_records, list_records, load_record
+from pipeline.tools.records import EcgRecord, load_records
 
 
 @dataclass(frozen=True)
@@ -29,39 +30,12 @@ class FramedRecord:
     labels: NDArray[np.int64]
 
 
-def resolve_records(specs: list[str], default_db: str = "mitdb") -> list[tuple[str, str]]:
-    """Expand record specs into (db, record) pairs.
-
-    A spec is "db/record", a bare MIT-BIH record name, "mitdb/DS1", "mitdb/DS2" or "db/all"
-    (every record in the folder's RECORDS file; resolved by `load_framed`).
-    """
-    pairs: list[tuple[str, str]] = []
-    for spec in specs:
-        db, _, name = spec.rpartition("/")
-        db = db or default_db
-        if name == "DS1":
-            pairs.extend((db, r) for r in DS1)
-        elif name == "DS2":
-            pairs.extend((db, r) for r in DS2)
-        else:
-            pairs.append((db, name))
-    return pairs
-
-
-def expand_all(pairs: list[tuple[str, str]], physionet_dir: Path) -> list[tuple[str, str]]:
-    """Replace ("db", "all") by every record of that database folder."""
-    out: list[tuple[str, str]] = []
-    for db, name in pairs:
-        out.extend((db, r) for r in list_records(physionet_dir / db)) if name == "all" else out.append((db, name))
-    return out
-
-
 def frame_labels(record: EcgRecord, config: ModelConfig, n_frames: int, width: int) -> NDArray[np.int64]:
     """Per-frame labels: `width` frames centred on each beat's frame, shifted by the output delay."""
     labels = np.zeros(n_frames, dtype=np.int64)
     r_frame = np.floor(record.beat_samples / record.fs * config.fs / config.frame_size).astype(np.int64)
     out_frame = r_frame + config.output_delay_frames
-    class_index = np.array([CLASS_NAMES.index(c) for c in record.beat_classes], dtype=np.int64)
+    class_index = np.array([MODEL_CLASSES.index(c) for c in record.beat_classes], dtype=np.int64)
     for offset in range(-(width // 2), width - width // 2):
         f = out_frame + offset
         ok = (f >= 0) & (f < n_frames)
@@ -78,10 +52,5 @@ def frame_record(record: EcgRecord, config: ModelConfig, spec: FilterSpec, label
 def load_framed(specs: list[str], physionet_dir: Path, lead: str, config: ModelConfig, spec: FilterSpec,
                 label_width: int) -> list[FramedRecord]:
     """Read (downloading when missing) and frame every record named by `specs`."""
-    pairs = expand_all(resolve_records(specs), physionet_dir)
-    out = []
-    for db, name in pairs:
-        ensure_records(physionet_dir / db, [name], db)
-        record = load_record(physionet_dir / db, name, lead)
-        out.append(dataclasses.replace(frame_record(record, config, spec, label_width), name=f"{db}/{name}"))
-    return out
+    return [dataclasses.replace(frame_record(record, config, spec, label_width), name=name)
+            for name, record in load_records(specs, physionet_dir, lead)]

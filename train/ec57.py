@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-AAMI = ("N", "S", "V", "F", "Q")
+from pipeline.aami import AAMI_CLASSES
+
 MATCH_WINDOW_S = 0.150
 LEARNING_PERIOD_S = 300.0
-ROWS = (*AAMI, "X")
-COLS = (*AAMI, "O")
+ROWS = (*AAMI_CLASSES, "X")
+COLS = (*AAMI_CLASSES, "O")
 
 
 def match_beats(ref_s: NDArray[np.floating[Any]], det_s: NDArray[np.floating[Any]],
@@ -67,11 +68,11 @@ def confusion(ref_s: NDArray[np.floating[Any]], ref_class: NDArray[np.str_],
     for i, t in enumerate(ref_s):
         if t < skip_s:
             continue
-        col = AAMI.index(det_class[match[i]]) if match[i] >= 0 else 5
-        matrix[AAMI.index(ref_class[i]), col] += 1
+        col = AAMI_CLASSES.index(det_class[match[i]]) if match[i] >= 0 else 5
+        matrix[AAMI_CLASSES.index(ref_class[i]), col] += 1
     for k in np.flatnonzero(~matched):
         if det_s[k] >= skip_s:
-            matrix[5, AAMI.index(det_class[k])] += 1
+            matrix[5, AAMI_CLASSES.index(det_class[k])] += 1
     return matrix
 
 
@@ -95,16 +96,16 @@ class Ec57Stats:
         return self._ratio(m[:5, :5].sum(), m[:, :5].sum())
 
     def se(self, cls: str) -> float:
-        c = AAMI.index(cls)
+        c = AAMI_CLASSES.index(cls)
         return self._ratio(self.matrix[c, c], self.matrix[c, :].sum())
 
     def ppv(self, cls: str) -> float:
-        c = AAMI.index(cls)
+        c = AAMI_CLASSES.index(cls)
         column = self.matrix[:, c].copy()
         if cls == "V":
-            column[AAMI.index("F")] = 0
+            column[AAMI_CLASSES.index("F")] = 0
         if cls in ("S", "V"):
-            column[AAMI.index("Q")] = 0
+            column[AAMI_CLASSES.index("Q")] = 0
         return self._ratio(self.matrix[c, c], column.sum())
 
     def f1(self, cls: str) -> float:
@@ -114,12 +115,12 @@ class Ec57Stats:
     @property
     def macro_f1(self) -> float:
         """Mean F1 over the classes that have reference beats."""
-        present = [c for c in AAMI if self.matrix[AAMI.index(c), :].sum() > 0]
+        present = [c for c in AAMI_CLASSES if self.matrix[AAMI_CLASSES.index(c), :].sum() > 0]
         return float(np.mean([self.f1(c) for c in present])) if present else float("nan")
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"qrs_se": self.qrs_se, "qrs_ppv": self.qrs_ppv, "macro_f1": self.macro_f1}
-        for cls in AAMI:
+        for cls in AAMI_CLASSES:
             out[f"{cls}_se"], out[f"{cls}_ppv"], out[f"{cls}_f1"] = self.se(cls), self.ppv(cls), self.f1(cls)
         out["matrix"] = {"rows": list(ROWS), "cols": list(COLS), "counts": self.matrix.tolist()}
         return out

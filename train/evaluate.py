@@ -18,11 +18,11 @@ import numpy as np
 import wfdb
 from numpy.typing import NDArray
 
+from pipeline.aami import AAMI_CLASSES
 from pipeline.model import BeatModel
 from pipeline.streams import BeatStreams
-from train.data import EcgRecord, ensure_records, load_record
-from train.dataset import expand_all, resolve_records
-from train.ec57 import AAMI, LEARNING_PERIOD_S, MATCH_WINDOW_S, Ec57Stats, confusion
+from pipeline.tools.records import EcgRecord, load_records
+from train.ec57 import LEARNING_PERIOD_S, MATCH_WINDOW_S, Ec57Stats, confusion
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,8 @@ def write_annotations(result: RecordResult, fs: float, out_dir: Path, annotator:
 def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, out_dir: Path,
              annotator: str = "ecgm", window_s: float = 1.0, history: Path | None = None) -> dict[str, Any]:
     """Score `model_path` on the records named by `specs`; write annotations, report.json and plots."""
-    pairs = expand_all(resolve_records(specs), physionet_dir)
-    records = []
-    for db, name in pairs:
-        ensure_records(physionet_dir / db, [name], db)
-        records.append(load_record(physionet_dir / db, name, lead))
+    named = load_records(specs, physionet_dir, lead)
+    records = [record for _, record in named]
     model = BeatModel(model_path)
     started = time.perf_counter()
     detections = stream_records(model, records, window_s)
@@ -98,7 +95,7 @@ def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, lead: str,
         total += matrix
     gross = Ec57Stats(total)
     report: dict[str, Any] = {
-        "model": str(model_path), "model_version": model.info.version, "records": [f"{d}/{n}" for d, n in pairs],
+        "model": str(model_path), "model_version": model.info.version, "records": [name for name, _ in named],
         "lead": lead, "window_s": window_s, "rules": RULES, "annotator": annotator,
         "streaming_seconds": elapsed, "ecg_hours": sum(len(r.signal_mv) / r.fs for r in records) / 3600,
         "gross": gross.summary(),
@@ -124,6 +121,6 @@ def format_summary(report: dict[str, Any]) -> str:
              f"{report['streaming_seconds']:.1f} s ({report['rules']})",
              f"QRS  Se {100 * g['qrs_se']:.2f} %  +P {100 * g['qrs_ppv']:.2f} %"]
     lines += [f"{c:<4} Se {100 * g[f'{c}_se']:.1f} %  +P {100 * g[f'{c}_ppv']:.1f} %  F1 {g[f'{c}_f1']:.3f}"
-              for c in AAMI]
+              for c in AAMI_CLASSES]
     lines.append(f"macro F1 {g['macro_f1']:.3f}")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from models.network import CLASS_NAMES, BeatNet
+from models.network import BeatNet
+from pipeline.aami import MODEL_CLASSES
 from pipeline.beats import Decision
 from pipeline.model import FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
 from train.trainer import load_model
@@ -40,7 +41,7 @@ def model_info(net: BeatNet, config_hash: str, training_data: str, decision: Dec
     mc = net.config
     return ModelInfo(version=f"{package_version('ecgmon')}+{mc.cell}.{config_hash}", fs=mc.fs,
                      frame_size=mc.frame_size, output_delay_frames=mc.output_delay_frames,
-                     class_names=CLASS_NAMES, beat_threshold=decision.beat_threshold,
+                     class_names=MODEL_CLASSES, beat_threshold=decision.beat_threshold,
                      class_weights=decision.class_weights, filter=filter_dict,
                      config_hash=config_hash, training_data=training_data, ds2_metrics=ds2_metrics)
 
@@ -49,7 +50,7 @@ def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None 
     """Write `checkpoint` as ONNX (opset 17) to `out`; `ds2_metrics` is embedded when given."""
     net, config, ckpt = load_model(checkpoint)
     decision = Decision(config.decision.beat_threshold,
-                        tuple(ckpt.get("class_weights") or (1.0,) * (len(CLASS_NAMES) - 1)))
+                        tuple(ckpt.get("class_weights") or (1.0,) * (len(MODEL_CLASSES) - 1)))
     wrapper = StreamingBeatNet(net).eval()
     frames = torch.zeros(2, 5, config.model.frame_size)
     state = net.initial_state(2)

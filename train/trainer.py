@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.network import CLASS_NAMES, BeatNet, ModelConfig, count_parameters
+from models.network import BeatNet, ModelConfig, count_parameters
+from pipeline.aami import DS2, MODEL_CLASSES
 from pipeline.beats import BeatPickerState, Decision, PickedBeats, pick_beats, r_peak_time_s
+from pipeline.tools.records import resolve_records
 from train.config import TrainConfig
-from train.data import DS2
-from train.dataset import FramedRecord, load_framed, resolve_records
+from train.dataset import FramedRecord, load_framed
 from train.ec57 import Ec57Stats, confusion, match_beats
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,12 @@ class DataLeakError(ValueError):
 
 
 def check_split(config: TrainConfig) -> None:
-    """DS2 never trains, validates or tunes anything."""
+    """DS2 never trains, validates or tunes anything, however it is named ("mitdb/all", "MITDB/100", ...)."""
     for role, specs in (("train", config.data.train_records), ("val", config.data.val_records)):
-        for db, name in resolve_records(specs):
-            if db == "mitdb" and (name in DS2 or name == "DS2"):
-                raise DataLeakError(f"data.{role}_records names MIT-BIH DS2 record {name}: DS2 is test-only")
+        leaked = [f"{db}/{name}" for db, name in resolve_records(specs)
+                  if db == "mitdb" and (name in DS2 or name == "all")]
+        if leaked:
+            raise DataLeakError(f"data.{role}_records includes MIT-BIH DS2 ({', '.join(leaked)}): DS2 is test-only")
 
 
 def set_seed(seed: int) -> None:
@@ -51,10 +53,10 @@ def set_seed(seed: int) -> None:
 
 def class_weights(records: list[FramedRecord], power: float, cap: float) -> Tensor:
     """Weight of class c = min(cap, (n_N / n_c) ** power); background and N weigh 1."""
-    counts = np.bincount(np.concatenate([r.labels for r in records]), minlength=len(CLASS_NAMES))
-    n_normal = counts[CLASS_NAMES.index("N")]
-    weights = np.ones(len(CLASS_NAMES))
-    for c in range(2, len(CLASS_NAMES)):
+    counts = np.bincount(np.concatenate([r.labels for r in records]), minlength=len(MODEL_CLASSES))
+    n_normal = counts[MODEL_CLASSES.index("N")]
+    weights = np.ones(len(MODEL_CLASSES))
+    for c in range(2, len(MODEL_CLASSES)):
         weights[c] = min(cap, (n_normal / max(counts[c], 1)) ** power)
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -88,7 +90,7 @@ def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[np.ndarra
 
 def pick_records(model: BeatNet, records: list[FramedRecord], decision: Decision) -> list[PickedBeats]:
     """Beats picked from one pass of `model` over each record."""
-    return [pick_beats(probs[None], BeatPickerState(1, len(CLASS_NAMES)), np.array([0]), decision)
+    return [pick_beats(probs[None], BeatPickerState(1, len(MODEL_CLASSES)), np.array([0]), decision)
             for probs in predict_probs(model, records)]
 
 
@@ -102,14 +104,14 @@ def score_picked(config: ModelConfig, records: list[FramedRecord], picked: list[
         ref_s = r_peak_time_s(ref_frame, config.output_delay_frames, config.frame_size, config.fs)
         match = match_beats(ref_s, det_s)
         for matrix, decision in zip(matrices, decisions, strict=True):
-            det_class = np.array(CLASS_NAMES, dtype=np.str_)[decision.classify(beats.class_sum)[0]]
+            det_class = np.array(MODEL_CLASSES, dtype=np.str_)[decision.classify(beats.class_sum)[0]]
             matrix += confusion(ref_s, ref_class, det_s, det_class, match=match)
     return [Ec57Stats(m) for m in matrices]
 
 
 def tune_class_weights(model: BeatNet, records: list[FramedRecord], beat_threshold: float) -> Decision:
     """Class weights for S and V that maximise S F1 + V F1 on the (DS1) validation records."""
-    neutral = Decision(beat_threshold, (1.0,) * (len(CLASS_NAMES) - 1))
+    neutral = Decision(beat_threshold, (1.0,) * (len(MODEL_CLASSES) - 1))
     picked = pick_records(model, records, neutral)
     grid = (0.5, 0.7, 1.0, 1.4, 2.0)  # narrow: four validation records overfit easily
     decisions = [Decision(beat_threshold, (1.0, w_s, w_v, 1.0, 1.0)) for w_s in grid for w_v in grid]
@@ -125,7 +127,7 @@ def reference_beats(record: FramedRecord) -> tuple[np.ndarray, np.ndarray]:
     starts, ends = edges[:-1], edges[1:]
     keep = labels[starts] > 0
     centre = (starts[keep] + ends[keep] - 1) // 2
-    return centre, np.array([CLASS_NAMES[c] for c in labels[centre]], dtype=np.str_)
+    return centre, np.array([MODEL_CLASSES[c] for c in labels[centre]], dtype=np.str_)
 
 
 def validation_score(stats: Ec57Stats) -> float:
@@ -226,7 +228,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 steps += 1
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", grad=f"{grad_norms[-1]:.2f}")
-        decision = Decision(config.decision.beat_threshold, (1.0,) * (len(CLASS_NAMES) - 1))
+        decision = Decision(config.decision.beat_threshold, (1.0,) * (len(MODEL_CLASSES) - 1))
         stats = score_picked(mc, val_records, pick_records(ema, val_records, decision), [decision])[0]
         score = validation_score(stats)
         entry = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),

@@ -1,4 +1,8 @@
-"""PhysioNet records (WFDB): reading, download, AAMI EC57 beat classes and the inter-patient split."""
+"""PhysioNet records (WFDB): names, download with wfdb, reading one lead and its AAMI beats.
+
+The one place that reads WFDB files: training, evaluation and replay all go through it. Needs wfdb,
+never torch; the daemon itself does not import it.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +15,11 @@ import wfdb
 from numpy.typing import NDArray
 from wfdb.io import download
 
+from pipeline.aami import AAMI_CLASS_OF_SYMBOL, DS1, DS2
+
 log = logging.getLogger(__name__)
 
 PHYSIONET_INDEX_URL = "https://physionet.org/files/"
-
-# AAMI EC57 classes from MIT-BIH beat symbols (de Chazal et al. 2004); every other symbol is no beat.
-AAMI_CLASS_OF_SYMBOL: dict[str, str] = {
-    **dict.fromkeys("NLRej", "N"),
-    **dict.fromkeys("aSAJ", "S"),
-    **dict.fromkeys("VE", "V"),
-    "F": "F",
-    **dict.fromkeys("/fQ", "Q"),
-}
-
-# de Chazal et al. 2004 inter-patient split of the MIT-BIH Arrhythmia Database.
-DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124",
-       "201", "203", "205", "207", "208", "209", "215", "220", "223", "230")
-DS2 = ("100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212",
-       "213", "214", "219", "221", "222", "228", "231", "232", "233", "234")
-PACED = ("102", "104", "107", "217")
 
 # Versions of the databases this project reads (PhysioNet paths are <db>/<version>).
 DB_VERSIONS = {"mitdb": "1.0.0", "svdb": "1.0.0", "nstdb": "1.0.0", "cudb": "1.0.0"}
@@ -124,3 +114,40 @@ def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord
     return EcgRecord(name=name, signal_mv=signal_mv, fs=float(rec.fs), sig_name=rec.sig_name[channel],
                      beat_samples=np.asarray(ann.sample[is_beat], dtype=np.int64), beat_classes=classes,
                      adc_gain=float(rec.adc_gain[channel]), baseline=int(rec.baseline[channel]))
+
+
+def resolve_records(specs: list[str], default_db: str = "mitdb") -> list[tuple[str, str]]:
+    """Expand record specs into (db, record) pairs.
+
+    A spec is "db/record", a bare MIT-BIH record name, "mitdb/DS1", "mitdb/DS2" or "db/all"
+    (every record in the folder's RECORDS file; resolved by `expand_all`). Database names are
+    lower-cased, as PhysioNet spells them.
+    """
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        db, _, name = spec.strip().rpartition("/")
+        db = (db or default_db).lower()
+        if name == "DS1":
+            pairs.extend((db, r) for r in DS1)
+        elif name == "DS2":
+            pairs.extend((db, r) for r in DS2)
+        else:
+            pairs.append((db, name))
+    return pairs
+
+
+def expand_all(pairs: list[tuple[str, str]], physionet_dir: Path) -> list[tuple[str, str]]:
+    """Replace ("db", "all") by every record of that database folder."""
+    out: list[tuple[str, str]] = []
+    for db, name in pairs:
+        out.extend((db, r) for r in list_records(physionet_dir / db)) if name == "all" else out.append((db, name))
+    return out
+
+
+def load_records(specs: list[str], physionet_dir: Path, lead: str | None = "MLII") -> list[tuple[str, EcgRecord]]:
+    """("db/record", record) for every record named by `specs`, downloading the missing ones."""
+    out = []
+    for db, name in expand_all(resolve_records(specs), physionet_dir):
+        ensure_records(physionet_dir / db, [name], db)
+        out.append((f"{db}/{name}", load_record(physionet_dir / db, name, lead)))
+    return out

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.broker import LocalBroker, free_port
-from pipeline.model import SHIPPED_MODEL, BeatModel
+from models import SHIPPED_MODEL
+from pipeline.model import BeatModel
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.broker import LocalBroker, free_port
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.alerts import AlarmPrinter
-from pipeline.broker import local_broker
 from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
-from pipeline.replay import ReplayPlan, load_signals, replay
+from pipeline.tools.alerts import AlarmPrinter
+from pipeline.tools.broker import local_broker
+from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.embedded_broker import EmbeddedBroker
+from pipeline.tools.embedded_broker import EmbeddedBroker
 
 log = logging.getLogger(__name__)
 

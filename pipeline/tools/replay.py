@@ -1,6 +1,6 @@
 """Publish PhysioNet records as live devices: many devices, real time or faster, JSON or binary.
 
-Reading WFDB records needs the `[train]` extra (wfdb). Device i replays record
+Reading WFDB records needs wfdb (`pipeline/tools/records.py`), never torch. Device i replays record
 i mod n_records from offset (i * offset_step_s) mod its duration, so many devices from few
 records are not in lockstep. Like a real sensor, a device publishes a window once its last
 sample exists (at t0 + window length), and devices are spread evenly over the window
@@ -38,15 +38,12 @@ class ReplaySignal:
 
 def load_signals(specs: list[str], physionet_dir: Path, lead: str) -> list[ReplaySignal]:
     """Read records ("db/record", "mitdb/DS2", ...) as ADC samples, downloading when missing."""
-    from train.data import ensure_records, load_record
-    from train.dataset import expand_all, resolve_records
+    from pipeline.tools.records import load_records  # wfdb only here
 
     out = []
-    for db, name in expand_all(resolve_records(specs), physionet_dir):
-        ensure_records(physionet_dir / db, [name], db)
-        r = load_record(physionet_dir / db, name, lead)
+    for name, r in load_records(specs, physionet_dir, lead):
         adc = np.round(r.signal_mv * r.adc_gain + r.baseline).astype(np.int16)
-        out.append(ReplaySignal(f"{db}-{name}", r.fs, r.sig_name, adc, r.adc_gain, r.baseline))
+        out.append(ReplaySignal(name.replace("/", "-"), r.fs, r.sig_name, adc, r.adc_gain, r.baseline))
     return out
 
 
