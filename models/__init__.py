@@ -1,4 +1,5 @@
-"""The beat network's definition (network.py, needs torch) and the shipped model (no torch needed to find it)."""
+"""The beat network's config (config.py, no torch), its definition (network.py, needs torch) and the shipped model
+(no torch needed to find it)."""
 
 from pathlib import Path
 

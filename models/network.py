@@ -10,38 +10,12 @@ stream can be run window by window.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from pipeline.aami import MODEL_CLASSES
+from models.config import ModelConfig
 
 State = tuple[Tensor, ...]
-
-
-class ModelConfig(BaseModel):
-    """Everything needed to rebuild the network; saved in every checkpoint and ONNX file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cell: Literal["lstm", "gru", "rnn"] = "lstm"
-    fs: float = Field(360.0, gt=0, description="model sampling rate (Hz)")
-    frame_size: int = Field(12, ge=1, description="samples per frame at fs")
-    encoder_dim: int = Field(32, ge=1, description="width of the frame encoder")
-    hidden_size: int = Field(64, ge=1)
-    num_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    output_delay_frames: int = Field(8, ge=0, description="frames between an R peak and its output")
-
-    @property
-    def num_classes(self) -> int:
-        return len(MODEL_CLASSES)
-
-    @property
-    def output_delay_s(self) -> float:
-        return self.output_delay_frames * self.frame_size / self.fs
 
 
 class BeatNet(nn.Module):

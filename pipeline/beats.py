@@ -4,6 +4,9 @@ A beat is a run of consecutive frames whose P(beat) = 1 - P(background) is at le
 threshold. It is emitted when the run ends: at the frame of highest P(beat), with the
 class whose probability summed over the run, times that class's decision weight, is largest. A run that crosses a window
 edge is carried to the next window, so window-by-window picking equals one pass.
+
+Also the beat time line: the output frame that reports an R peak (`r_peak_output_frame`, how training labels
+frames) and its inverse (`r_peak_time_s`, how beats get their times).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from models.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -21,15 +26,15 @@ class Decision:
 
     Attributes:
         beat_threshold: P(beat) that opens and keeps a run (0-1).
-        class_weights: weight of each non-background class when choosing a beat's class.
+        decision_weights: weight of each non-background class when choosing a beat's class.
     """
 
     beat_threshold: float
-    class_weights: tuple[float, ...]
+    decision_weights: tuple[float, ...]
 
     def classify(self, class_sum: NDArray[np.float32]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """Class index (1-based) and confidence of beats with summed class probabilities (n_beats, n_classes-1)."""
-        best = np.argmax(class_sum * np.asarray(self.class_weights, dtype=np.float32), axis=1)
+        best = np.argmax(class_sum * np.asarray(self.decision_weights, dtype=np.float32), axis=1)
         chosen = class_sum[np.arange(len(best)), best]
         confidence = (chosen / np.maximum(class_sum.sum(axis=1), 1e-9)).astype(np.float32)
         return best.astype(np.int64) + 1, confidence
@@ -95,7 +100,7 @@ def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArra
         probs: (n_rows, n_frames, n_classes) per-frame class probabilities, background first.
         state: per-slot carry-over, updated.
         slots: state slot of each row.
-        decision: the model's beat threshold and class weights.
+        decision: the model's beat threshold and decision weights.
     """
     n_frames = probs.shape[1]
     p_beat = 1.0 - probs[:, :, 0]
@@ -140,11 +145,20 @@ def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArra
     return PickedBeats(row[order], frame[order], class_index, confidence, sums[order])
 
 
-def r_peak_time_s(frame: NDArray[np.int64], output_delay_frames: int, frame_size: int,
-                  fs: float) -> NDArray[np.float64]:
-    """R-peak time (s since the stream's first sample) of beats output at global `frame`s.
+def r_peak_output_frame(time_s: NDArray[np.float64], config: ModelConfig) -> NDArray[np.int64]:
+    """Global output frame that reports a beat whose R peak is at `time_s` (s since the stream's first sample).
+
+    The R peak falls in frame floor(time_s / frame_s); the model reports it `output_delay_frames` later.
+    """
+    r_frame = np.floor(time_s * config.fs / config.frame_size).astype(np.int64)
+    return r_frame + config.output_delay_frames
+
+
+def r_peak_time_s(frame: NDArray[np.int64], config: ModelConfig) -> NDArray[np.float64]:
+    """R-peak time (s since the stream's first sample) of beats output at global `frame`s: the inverse of
+    `r_peak_output_frame`.
 
     The beat's R peak lies `output_delay_frames` earlier; its time is that frame's centre.
     """
-    r_frame = frame - output_delay_frames
-    return np.asarray((r_frame * frame_size + frame_size / 2) / fs, dtype=np.float64)
+    r_frame = frame - config.output_delay_frames
+    return np.asarray((r_frame * config.frame_size + config.frame_size / 2) / config.fs, dtype=np.float64)

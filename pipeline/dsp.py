@@ -11,12 +11,12 @@ statistics. Amplitudes stay in physical units (mV). Training runs one stream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import signal
 
 FloatArray = NDArray[np.float32]
@@ -25,19 +25,15 @@ MIN_FS_HZ = 128.0
 MAX_FS_HZ = 1000.0
 
 
-@dataclass(frozen=True)
-class FilterSpec:
-    """Causal Butterworth band-pass.
+class FilterSpec(BaseModel):
+    """Causal Butterworth band-pass, applied at the input rate: the one definition of the filter, used by the
+    training config's `filter:` section and carried in every model's metadata."""
 
-    Args:
-        low_hz: high-pass corner (Hz).
-        high_hz: low-pass corner (Hz); also the anti-aliasing filter before resampling.
-        order: Butterworth order of each edge (the band-pass has 2 * order poles).
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    low_hz: float = 0.5
-    high_hz: float = 40.0
-    order: int = 2
+    low_hz: float = Field(0.5, gt=0, description="high-pass corner (Hz)")
+    high_hz: float = Field(40.0, gt=0, description="low-pass corner (Hz), also the anti-aliasing before resampling")
+    order: int = Field(2, ge=1, le=8, description="Butterworth order of each edge (2 * order poles in all)")
 
     def sos(self, fs: float) -> NDArray[np.float64]:
         """Second-order sections of this filter for a signal sampled at `fs` (Hz)."""
@@ -47,10 +43,6 @@ class FilterSpec:
             self.order, [self.low_hz, self.high_hz], btype="bandpass", fs=fs, output="sos"
         )
         return sos
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "butterworth-bandpass", "low_hz": self.low_hz, "high_hz": self.high_hz,
-                "order": self.order, "causal": True}
 
 
 def check_fs(fs: float) -> None:

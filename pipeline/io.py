@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pipeline.alarms import AlarmEvent
 from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,11 @@ class WindowSource(Protocol):
 
 
 class ResultSink(Protocol):
-    """Receives everything the daemon reports."""
+    """Receives everything the daemon reports: the messages of pipeline/messages.py."""
 
-    def beats(self, device: str, doc: dict[str, Any]) -> None: ...
+    def beats(self, doc: dict[str, Any]) -> None: ...
 
-    def alarm(self, event: AlarmEvent) -> None: ...
+    def alarm(self, doc: dict[str, Any]) -> None: ...
 
     def rejected(self, doc: dict[str, Any]) -> None: ...
 
@@ -68,29 +67,21 @@ class MqttSource:
         self._taking = False
 
 
-def alarm_document(event: AlarmEvent) -> dict[str, Any]:
-    """The alarm message (docs/asyncapi.yaml, AlarmEvent)."""
-    return {"alarm_id": event.alarm_id, "device": event.device, "type": event.type, "kind": event.kind,
-            "priority": event.priority, "state": event.state, "time": event.time, "message": event.message,
-            "evidence": event.evidence}
-
-
 class MqttSink:
     """Results to MQTT: beats QoS 0, alarms QoS 1, status retained."""
 
     def __init__(self, client: MqttClient, topics: Topics, publish_beats: bool) -> None:
         self._client, self._topics, self._publish_beats = client, topics, publish_beats
 
-    def beats(self, device: str, doc: dict[str, Any]) -> None:
+    def beats(self, doc: dict[str, Any]) -> None:
         if self._publish_beats:
-            self._client.publish_json(self._topics.beats(device), doc, qos=0)
+            self._client.publish_json(self._topics.beats(doc["device"]), doc, qos=0)
 
-    def alarm(self, event: AlarmEvent) -> None:
+    def alarm(self, doc: dict[str, Any]) -> None:
         """The event (QoS 1), and the open-alarm list: its retained copy, emptied when it clears."""
-        doc = alarm_document(event)
-        self._client.publish_json(self._topics.alarms(event.device), doc, qos=1)
-        active = self._topics.active(event.device, event.type)
-        if event.state == "cleared":
+        self._client.publish_json(self._topics.alarms(doc["device"]), doc, qos=1)
+        active = self._topics.active(doc["device"], doc["type"])
+        if doc["state"] == "cleared":
             self._client.publish(active, b"", qos=1, retain=True)
         else:
             self._client.publish_json(active, doc, qos=1, retain=True)

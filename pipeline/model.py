@@ -1,7 +1,7 @@
 """The exported beat model in ONNX Runtime: metadata, state layout and batched steps.
 
 The ONNX file is the single source of truth: the daemon takes the model rate, frame size,
-filter, class names, beat threshold and output delay from its metadata, never from
+output delay, filter, class names and decision rule from its metadata, never from
 constants of its own.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
+from models.config import ModelConfig
 from pipeline.beats import Decision
 from pipeline.dsp import FilterSpec
 
@@ -32,34 +33,24 @@ class ModelError(RuntimeError):
     """The model file is missing, unreadable or not an ecgmon beat model."""
 
 
-class ModelInfo(BaseModel):
-    """What the daemon needs to know about a model, read from the ONNX metadata."""
+class ModelInfo(ModelConfig):
+    """What the daemon needs to know about a model, read from the ONNX metadata: the network's config (model
+    rate, frame size, output delay and the rest, enough to rebuild the network) and how to run it."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     version: str
-    fs: float = Field(gt=0, description="model sampling rate (Hz)")
-    frame_size: int = Field(ge=1, description="samples per frame at fs")
-    output_delay_frames: int = Field(ge=0)
     class_names: tuple[str, ...]
     beat_threshold: float = Field(gt=0, lt=1)
-    class_weights: tuple[float, ...] = Field(description="decision weight of each non-background class")
-    filter: dict[str, Any]
-    config_hash: str = ""
-    training_data: str = ""
-    ds2_metrics: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def filter_spec(self) -> FilterSpec:
-        return FilterSpec(float(self.filter["low_hz"]), float(self.filter["high_hz"]), int(self.filter["order"]))
+    decision_weights: tuple[float, ...] = Field(description="decision weight of each non-background class")
+    filter: FilterSpec
+    config_hash: str = Field(description="hash of the training config (TrainConfig.hash)")
+    training_data: str
+    ds2_metrics: dict[str, Any] = Field(description="gross EC57 statistics on DS2 (fractions 0-1); {} if not scored")
 
     @property
     def decision(self) -> Decision:
-        return Decision(self.beat_threshold, self.class_weights)
-
-    @property
-    def frame_s(self) -> float:
-        return self.frame_size / self.fs
+        return Decision(self.beat_threshold, self.decision_weights)
 
     def to_metadata(self) -> dict[str, str]:
         """ONNX metadata_props: each field JSON-encoded under its own key."""
@@ -67,6 +58,10 @@ class ModelInfo(BaseModel):
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelInfo:
+        """Parse metadata_props written by `to_metadata`; every field must be there (no defaults filled in)."""
+        missing = sorted(cls.model_fields.keys() - props.keys())
+        if missing:
+            raise ModelError(f"model metadata is incomplete or invalid: no {', '.join(missing)}")
         try:
             return cls.model_validate({key: json.loads(value) for key, value in props.items()})
         except (ValidationError, json.JSONDecodeError) as err:

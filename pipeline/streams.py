@@ -45,7 +45,7 @@ class BeatStreams:
         self.info = model.info
         self._slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._dsp = PreprocessorBank(self.info.filter_spec, self.info.fs, self.info.frame_size, capacity)
+        self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
         self._state = model.initial_state(capacity)
         self._picker = BeatPickerState(capacity, len(self.info.class_names))
         self._capacity = capacity
@@ -86,8 +86,15 @@ class BeatStreams:
         slot = self._slot_of[stream_id]
         p = self._picker
         frame = p.peak_frame[slot] if p.in_run[slot] else p.frames_seen[slot]
-        info = self.info
-        return float(r_peak_time_s(np.array([frame]), info.output_delay_frames, info.frame_size, info.fs)[0])
+        return float(r_peak_time_s(np.array([frame]), self.info)[0])
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (they grow by doubling and are reused after `close`)."""
+        return self._capacity
+
+    def is_open(self, stream_id: str) -> bool:
+        return stream_id in self._slot_of
 
     def close(self, stream_id: str) -> None:
         """Forget `stream_id` and free its slot."""
@@ -118,7 +125,7 @@ class BeatStreams:
             array[:, slots] = new
         picked = pick_beats(probs, self._picker, slots, self.info.decision)
         info = self.info
-        time_s = r_peak_time_s(picked.frame, info.output_delay_frames, info.frame_size, info.fs)
+        time_s = r_peak_time_s(picked.frame, info)
         return [Beat(ids[row], float(t), info.class_names[c], float(conf))
                 for row, t, c, conf in zip(picked.row, time_s, picked.class_index, picked.confidence, strict=True)
                 if t >= 0]  # a "beat" before the first sample is a cold-start artefact

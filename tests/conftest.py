@@ -50,8 +50,7 @@ class Collector:
         self._cond = threading.Condition()
         self.client = MqttClient(broker.host, broker.port, f"collector-{id(self)}")
         self.client.connect()
-        self.client.subscribe(topic, self._on, qos=1)
-        time.sleep(0.1)  # let the SUBACK arrive before the test publishes
+        self.client.subscribe(topic, self._on, qos=1)  # returns once the broker has acknowledged it
 
     def _on(self, topic: str, payload: bytes) -> None:
         with self._cond:
@@ -156,3 +155,20 @@ def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[...,
 
 def wait_online(status: Collector) -> None:
     status.wait_for(lambda d: bool(d) and d[-1]["state"] == "online", timeout=30)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until `condition()` holds, polling what it reads (a public figure of a process in this one)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {condition.__name__}")
+        time.sleep(0.02)
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
+    """Wait until a process's log file `path` says `text` (its own account of an event)."""
+    def said() -> bool:
+        return text in (path.read_text() if path.exists() else "")
+
+    wait_until(said, timeout)

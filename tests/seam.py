@@ -7,8 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.alarms import AlarmEvent
-from pipeline.io import Deliver, alarm_document
+from pipeline.io import Deliver
 
 
 class MemorySource:
@@ -42,12 +41,12 @@ class MemorySink:
             self.messages.append((kind, doc))
             self._cond.notify_all()
 
-    def beats(self, device: str, doc: dict[str, Any]) -> None:
-        self.on_beats(device)
+    def beats(self, doc: dict[str, Any]) -> None:
+        self.on_beats(doc["device"])
         self._add("beats", doc)
 
-    def alarm(self, event: AlarmEvent) -> None:
-        self._add("alarm", alarm_document(event))
+    def alarm(self, doc: dict[str, Any]) -> None:
+        self._add("alarm", doc)
 
     def rejected(self, doc: dict[str, Any]) -> None:
         self._add("rejected", doc)

@@ -7,7 +7,6 @@ The ECG is real MIT-BIH beats spliced at chosen RR intervals (tests/ecg_synth.py
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,13 @@ def run_scenario(publisher: MqttClient, alarms: Collector, beats: Collector, x: 
                  device: str) -> list[dict[str, Any]]:
     last = send(publisher, device, x) - 1
     beats.wait_for(lambda d: any(b["device"] == device and b["seq"] == last for b in d), timeout=60)
-    time.sleep(0.2)  # alarms of the last window are published right after its beats
+    # A barrier: a saturated window of another device, after the scenario's. Its alarm comes out after
+    # every alarm of the scenario, from the same daemon on the same QoS, so it reaches `alarms` after them.
+    barrier = f"{device}-barrier"
+    saturated = encode_binary(0, T0, FS, "MLII", np.concatenate([np.zeros(300), np.full(60, 1400)]).astype(np.int16),
+                              200.0)
+    publisher.publish(TOPICS.ecg(barrier), saturated, qos=1)
+    alarms.wait_for(lambda d: any(a["device"] == barrier for a in d), timeout=60)
     return [a for a in alarms.docs() if a["device"] == device]
 
 

@@ -108,4 +108,6 @@ def test_a_dead_worker_fails_the_process_and_says_offline() -> None:
     assert serve(config, daemon) == EXIT_ANALYSIS_FAILED  # serve() returns on its own: the daemon failed
     sender.join()
     assert daemon.failed.is_set() and not daemon.analysis_alive
-    assert [d["state"] for d in sink.wait_for("status", bool)] == ["online", "offline"]
+    status = sink.wait_for("status", bool)
+    assert [(d["state"], d["analysis_alive"]) for d in status] == [("online", True), ("online", False),
+                                                                   ("offline", False)]

@@ -1,12 +1,14 @@
-"""Beat picking: runs above threshold become beats; window edges change nothing."""
+"""Beat picking: runs above threshold become beats; window edges change nothing; the beat time line."""
 
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+import pytest
 
-from pipeline.beats import BeatPickerState, Decision, pick_beats
+from models.config import ModelConfig
+from pipeline.beats import BeatPickerState, Decision, pick_beats, r_peak_output_frame, r_peak_time_s
 
 DECISION = Decision(0.5, (1.0,) * 5)
 
@@ -51,8 +53,21 @@ def test_windowed_equals_one_pass() -> None:
     assert len(want) > 40
 
 
-def test_class_weights_change_the_choice() -> None:
+def test_decision_weights_change_the_choice() -> None:
     sums = np.array([[0.5, 0.4, 0.1, 0.0, 0.0]], dtype=np.float32)  # N slightly ahead of S
     assert Decision(0.5, (1.0,) * 5).classify(sums)[0].tolist() == [1]
     cls, conf = Decision(0.5, (1.0, 1.5, 1.0, 1.0, 1.0)).classify(sums)
     assert cls.tolist() == [2] and conf[0] == np.float32(0.4)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(fs=250.0, frame_size=7, output_delay_frames=3)])
+def test_r_peak_frame_and_time_round_trip(config: ModelConfig) -> None:
+    """Output frame -> R-peak time -> output frame is the identity; time -> frame -> time lands on the centre
+    of the R peak's frame, within half a frame, `output_delay_s` before the output frame's centre."""
+    frames = np.arange(config.output_delay_frames, 20_000)
+    times = r_peak_time_s(frames, config)
+    np.testing.assert_array_equal(r_peak_output_frame(times, config), frames)
+    np.testing.assert_allclose(times, (frames + 0.5) * config.frame_s - config.output_delay_s, atol=1e-9)
+    peaks = np.random.default_rng(0).uniform(0.0, 600.0, 10_000)
+    back = r_peak_time_s(r_peak_output_frame(peaks, config), config)
+    assert np.abs(back - peaks).max() <= config.frame_s / 2

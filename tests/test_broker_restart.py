@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker, free_port
 from pipeline.tools.records import load_record
-from tests.conftest import T0
+from tests.conftest import T0, wait_until
 
 TOPICS = Topics("ecgmon")
 
@@ -42,22 +41,22 @@ def test_alarms_raised_while_the_broker_is_down_are_delivered(physionet: Path, t
             sensor.publish(TOPICS.ecg("bed"), encode_binary(seq, T0 + seq, 360.0, "MLII",
                                                             adc[seq * 360:(seq + 1) * 360], 200.0), qos=1)
 
+    def raised_signal_loss() -> bool:  # counted by the daemon when raised, delivered or not
+        return daemon.metrics.registry.get_sample_value(
+            "ecgmon_alarm_events_total", {"type": "signal_loss", "state": "raised"}) == 1
+
     try:
         send(range(5))
-        time.sleep(1.0)
+        wait_until(lambda: daemon.stats().get("windows") == 5)
         broker.stop()  # the broker goes away; the device's data with it
-        time.sleep(4.0)  # long enough for the daemon to raise signal loss while disconnected
-        assert not daemon._mqtt or not daemon._mqtt.connected
+        wait_until(raised_signal_loss)  # raised while the daemon is disconnected
+        assert not daemon.connected
         broker = LocalBroker(port=port, config=config).start()
-        deadline = time.monotonic() + 30
-        while not any(a["type"] == "signal_loss" for a in alarms) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: any(a["type"] == "signal_loss" for a in alarms))  # queued for the nurse, delivered
         assert [a["state"] for a in alarms if a["type"] == "signal_loss"][:1] == ["raised"]
-        assert daemon._mqtt is not None and daemon._mqtt.reconnects >= 1
+        assert daemon.stats()["reconnects"] >= 1
         send(range(5, 10))  # the device is back: the daemon resubscribed and analyses it again
-        while not any(a["type"] == "signal_loss" and a["state"] == "cleared" for a in alarms) and \
-                time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: any(a["type"] == "signal_loss" and a["state"] == "cleared" for a in alarms))
         assert [a["state"] for a in alarms if a["type"] == "signal_loss"] == ["raised", "cleared"]
     finally:
         for c in (nurse, sensor):

@@ -9,15 +9,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import wfdb
 
 from models import SHIPPED_MODEL
-from models.network import BeatNet, ModelConfig
+from models.config import ModelConfig
+from models.network import BeatNet
 from pipeline.cli import main
-from pipeline.dsp import Preprocessor
-from pipeline.model import BeatModel
+from pipeline.dsp import FilterSpec, Preprocessor
+from pipeline.model import BeatModel, ModelInfo
 from pipeline.streams import BeatStreams
 from pipeline.tools.records import load_record
 from train.config import TrainConfig
@@ -64,20 +66,27 @@ def test_resume_continues_from_last_epoch(tiny_run: Path, tmp_path: Path) -> Non
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
 
-def test_onnx_metadata(tiny_onnx: Path) -> None:
+def test_onnx_metadata(tiny_onnx: Path, tiny_run: Path) -> None:
     model = BeatModel(tiny_onnx)
+    net, config, ckpt = load_model(tiny_run / "best.pt")
     assert model.info.fs == 360.0 and model.info.frame_size == 12
     assert model.info.class_names == ("background", "N", "S", "V", "F", "Q")
-    assert model.info.filter["causal"] is True
+    assert model.info.filter == config.filter == FilterSpec()
+    assert model.info.decision_weights == ckpt["decision_weights"]
     assert model.state_names == ("h", "c")
     assert "mitdb/101" in model.info.training_data
+    props = {p.key for p in onnx.load(str(tiny_onnx)).metadata_props}
+    assert props == set(ModelInfo.model_fields)  # each fact once, under its field's name
+    # The network's config travels in the metadata: the network can be rebuilt from the ONNX file.
+    assert ModelConfig.model_validate(model.info.model_dump(include=set(ModelConfig.model_fields))) == config.model
+    BeatNet(model.info).load_state_dict(net.state_dict())
 
 
 @pytest.mark.parametrize("name", ["100", "208"])
 def test_torch_and_onnx_runtime_agree(tiny_run: Path, tiny_onnx: Path, physionet: Path, name: str) -> None:
     net, config, _ = load_model(tiny_run / "best.pt")
     record = load_record(physionet / "mitdb", name)
-    frames = frame_record(record, config.model, config.filter.spec(), 3).frames[:1800]
+    frames = frame_record(record, config.model, config.filter, 3).frames[:1800]
     with torch.no_grad():
         logits, h, c = net(torch.from_numpy(frames)[None], *net.initial_state(1))
     model = BeatModel(tiny_onnx)
@@ -108,7 +117,7 @@ def test_onnx_windows_equal_one_pass(tiny_onnx: Path, physionet: Path) -> None:
     """Per-frame outputs: 1 s windows with carried state vs one pass over 2 min of record 208."""
     model = BeatModel(tiny_onnx)
     record = load_record(physionet / "mitdb", "208")
-    frames = Preprocessor(model.info.filter_spec, record.fs, model.info.fs, model.info.frame_size)(
+    frames = Preprocessor(model.info.filter, record.fs, model.info.fs, model.info.frame_size)(
         record.signal_mv[: 360 * 120])
     whole, _ = model.run(frames[None], model.initial_state(1))
     state = model.initial_state(1)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.dsp import FilterSpec
 from train.config import ConfigError, load_train_config
 from train.trainer import DataLeakError, check_split
 
@@ -17,6 +18,15 @@ def test_shipped_configs_validate() -> None:
     assert configs
     for path in configs:
         assert load_train_config(path).model.cell in ("lstm", "gru", "rnn")
+
+
+def test_filter_section_is_the_dsp_filter_spec(tmp_path: Path) -> None:
+    shipped = load_train_config(REPO / "configs" / "train-lstm.yaml")
+    assert shipped.filter == FilterSpec() == FilterSpec(low_hz=0.5, high_hz=40.0, order=2)  # the defaults
+    path = tmp_path / "c.yaml"
+    path.write_text("filter:\n  low_hz: 1.0\n  high: 30\n")
+    with pytest.raises(ConfigError, match=r"filter\.high"):
+        load_train_config(path)
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -50,8 +50,7 @@ def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBro
 
     db, name = spec.split("/")
     record = load_record(physionet / db, name)
-    assert daemon._model is not None
-    samples, classes = stream_records(daemon._model, [record], 1.0)[0]
+    samples, classes = stream_records(daemon.model, [record], 1.0)[0]
     offline_s = samples / record.fs
     online_s = np.array([t for t, _ in online])
     assert len(online) == len(offline_s) > 1000
@@ -116,7 +115,7 @@ def test_idle_streams_are_evicted(publisher: MqttClient, start_daemon: Callable[
     docs = alarms.wait_for(lambda d: sum(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d) == 3,
                            timeout=15)
     assert {a["evidence"].get("reason", "") for a in docs if a["state"] == "cleared"} == {
-        "device silent 2 s: state evicted"}
+        "device silent for streams.idle_evict_s: state evicted"}
     assert daemon.stats()["active_streams"] == 0 and daemon.stats()["evicted"] == 3
 
 
@@ -140,7 +139,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(physionet: Path, broke
             seq += 1
             time.sleep(0.5)
         assert seen, "no results after the broker restarted"
-        assert daemon._mqtt is not None and daemon._mqtt.reconnects >= 1
+        assert daemon.stats()["reconnects"] >= 1
         for c in (watcher, pub):
             c.disconnect()
     finally:
@@ -167,7 +166,6 @@ def test_variable_window_lengths_give_the_same_beats(physionet: Path, publisher:
     docs = beats.wait_for(lambda d: len(d) == seq)
     online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
-    assert daemon._model is not None
-    samples, classes = stream_records(daemon._model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]
+    samples, classes = stream_records(daemon.model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]
     assert [c for _, c in online] == classes.tolist() and len(online) > 150
     np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)

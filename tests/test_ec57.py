@@ -9,7 +9,7 @@ import pytest
 from wfdb import processing
 
 from pipeline.tools.records import load_record
-from train.ec57 import Ec57Stats, confusion
+from train.ec57 import BEATS, COLS, MISSED, NO_REFERENCE, ROWS, Ec57Stats, confusion, empty_matrix
 
 
 @pytest.mark.parametrize("name", ["100", "208", "232"])
@@ -24,10 +24,9 @@ def test_qrs_matching_agrees_with_wfdb(physionet: Path, name: str) -> None:
     reference = processing.compare_annotations(ref, det, int(0.150 * record.fs))
     det_class = np.full(len(det), "N")
     matrix = confusion(ref / record.fs, record.beat_classes, det / record.fs, det_class, skip_s=0.0)
-    tp = matrix[:5, :5].sum()
-    assert tp == reference.tp
-    assert matrix[:5, 5].sum() == reference.fn
-    assert matrix[5, :5].sum() == reference.fp
+    assert matrix[BEATS, BEATS].sum() == reference.tp
+    assert matrix[BEATS, COLS.index(MISSED)].sum() == reference.fn
+    assert matrix[ROWS.index(NO_REFERENCE), BEATS].sum() == reference.fp
 
 
 def test_learning_period_is_not_scored() -> None:
@@ -35,12 +34,15 @@ def test_learning_period_is_not_scored() -> None:
     det = np.array([10.0, 150.0, 301.05])
     matrix = confusion(ref, np.array(["N", "V", "N", "S"]), det, np.array(["N", "N", "N"]))
     assert matrix.sum() == 2  # 301 matched N, 302 missed S; nothing before 300 s
-    assert matrix[0, 0] == 1 and matrix[1, 5] == 1
+    assert matrix[ROWS.index("N"), COLS.index("N")] == 1 and matrix[ROWS.index("S"), COLS.index(MISSED)] == 1
 
 
 def test_class_statistics() -> None:
-    m = np.zeros((6, 6), dtype=np.int64)
-    m[0, 0], m[2, 2], m[2, 0], m[0, 2], m[3, 2], m[5, 2], m[1, 1] = 90, 8, 2, 1, 5, 1, 4
+    m = empty_matrix()
+    counts = {("N", "N"): 90, ("V", "V"): 8, ("V", "N"): 2, ("N", "V"): 1, ("F", "V"): 5, (NO_REFERENCE, "V"): 1,
+              ("S", "S"): 4}
+    for (ref, det), n in counts.items():
+        m[ROWS.index(ref), COLS.index(det)] = n
     stats = Ec57Stats(m)
     assert stats.se("V") == pytest.approx(0.8)
     assert stats.ppv("V") == pytest.approx(8 / 10)  # F labelled V is not counted against V

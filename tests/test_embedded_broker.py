@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.alerts import AlarmPrinter
 from pipeline.tools.embedded_broker import EmbeddedBroker
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
+from tests.conftest import wait_until
+from tests.tcp_proxy import TcpProxy
 
 TOPICS = Topics("ecgmon")
 
@@ -40,18 +41,15 @@ def test_daemon_replay_and_alarms_over_the_embedded_broker(embedded: EmbeddedBro
     watcher = client(embedded, "watcher")
     AlarmPrinter(out).attach(watcher, TOPICS)
     beats: list[bytes] = []
-    watcher.subscribe(TOPICS.beats(), lambda t, p: beats.append(p), qos=0)
-    time.sleep(0.2)
+    watcher.subscribe(TOPICS.beats(), lambda t, p: beats.append(p), qos=0)  # returns on the SUBACK
     publisher = client(embedded, "publisher")
     sent = replay(publisher, TOPICS, load_signals(["mitdb/200"], physionet, "MLII"),
                   ReplayPlan(speed=1e6, duration_s=120))
-    deadline = time.monotonic() + 30
-    while len(beats) < sent and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(beats) >= sent)
     assert len(beats) == sent == 120
     assert sum(len(json.loads(b)["beats"]) for b in beats) > 100
     daemon.stop()
-    time.sleep(0.3)
+    wait_until(lambda: "daemon offline" in out.getvalue())
     text = out.getvalue()
     assert "daemon online" in text and "daemon offline" in text
     assert "ventricular" in text.lower()  # record 200 has PVC couplets and bigeminy in its first 2 minutes
@@ -60,22 +58,21 @@ def test_daemon_replay_and_alarms_over_the_embedded_broker(embedded: EmbeddedBro
 
 
 def test_retained_messages_and_last_will(embedded: EmbeddedBroker) -> None:
-    dying = client(embedded, "dying", will=("ecgmon/status", b'{"state":"offline"}'))
-    dying.publish("ecgmon/status", b'{"state":"online"}', qos=1, retain=True).wait_for_publish(5)
-    seen: list[bytes] = []
-    late = client(embedded, "late")
-    late.subscribe("ecgmon/status", lambda t, p: seen.append(p))
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert seen == [b'{"state":"online"}']  # retained, delivered on subscribe
-    sock = dying._client.socket()
-    assert sock is not None
-    sock.close()  # an abrupt end, as if the process died
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert seen[-1] == b'{"state":"offline"}'
-    late.disconnect()
+    with TcpProxy(embedded.host, embedded.port) as proxy:
+        dying = MqttClient(embedded.host, proxy.port, "dying", will=("ecgmon/status", b'{"state":"offline"}'),
+                           reconnect_min_s=30, reconnect_max_s=60)
+        dying.connect()
+        dying.publish("ecgmon/status", b'{"state":"online"}', qos=1, retain=True).wait_for_publish(5)
+        seen: list[bytes] = []
+        late = client(embedded, "late")
+        late.subscribe("ecgmon/status", lambda t, p: seen.append(p))
+        wait_until(lambda: bool(seen))
+        assert seen == [b'{"state":"online"}']  # retained, delivered on subscribe
+        proxy.cut()  # an abrupt end, as if the process died
+        wait_until(lambda: len(seen) >= 2)
+        assert seen[-1] == b'{"state":"offline"}'
+        late.disconnect()
+        dying.disconnect()
 
 
 def test_demo_falls_back_to_the_embedded_broker_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ def identity_model(path: Path, metadata: dict[str, str] | None = None) -> Path:
     ("missing", "model file not found"),
     ("corrupt", "cannot load model"),
     ("no_metadata", "metadata is incomplete or invalid"),
+    ("metadata_without_fs", "metadata is incomplete or invalid: no fs"),  # no default stands in for it
     ("no_state", "no recurrent state inputs"),
 ])
 def test_bad_model_files(tmp_path: Path, kind: str, message: str) -> None:
@@ -39,6 +40,9 @@ def test_bad_model_files(tmp_path: Path, kind: str, message: str) -> None:
         path.write_bytes(SHIPPED_MODEL.read_bytes()[:5000])
     elif kind == "no_metadata":
         identity_model(path)
+    elif kind == "metadata_without_fs":
+        meta = {p.key: p.value for p in onnx.load(str(SHIPPED_MODEL)).metadata_props if p.key != "fs"}
+        identity_model(path, meta)
     elif kind == "no_state":
         meta = {p.key: p.value for p in onnx.load(str(SHIPPED_MODEL)).metadata_props}
         identity_model(path, meta)

@@ -19,7 +19,7 @@ from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker, free_port
-from tests.conftest import T0, Collector, serve_command, wait_online, write_config
+from tests.conftest import T0, Collector, serve_command, wait_for_log, wait_online, write_config
 
 TOPICS = Topics("ecgmon")
 
@@ -73,21 +73,26 @@ def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable
     assert "shutting down gracefully" in (tmp_path / "serve-0.log").read_text()
 
 
-def test_second_signal_forces_exit(serve_process: Callable[..., subprocess.Popen[str]], publisher: MqttClient,
-                                   collect: Callable[[str], Collector]) -> None:
+def test_second_signal_cuts_the_drain_short_and_still_tears_down(
+        serve_process: Callable[..., subprocess.Popen[str]], publisher: MqttClient,
+        collect: Callable[[str], Collector], tmp_path: Path) -> None:
     status, beats = collect(TOPICS.status), collect(TOPICS.beats())
     # One window per model run and a long drain: the graceful stop is still draining at the second signal.
-    proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60)
+    proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60,
+                         state={"path": str(tmp_path / "state.json.gz")})
     wait_online(status)
     window = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     for device in range(4000):
         publisher.publish(TOPICS.ecg(f"bed-{device}"), window, qos=0)
     beats.wait_for(lambda d: len(d) >= 100)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    wait_for_log(tmp_path / "serve-0.log", "shutting down gracefully")  # the first signal was handled
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     assert len(beats.docs()) < 4000
+    final = status.wait_for(lambda d: d[-1]["state"] == "offline")[-1]
+    assert "reason" not in final  # the daemon said so itself: the teardown ran
+    assert (tmp_path / "state.json.gz").exists()  # and saved the state
 
 
 def test_killed_daemon_leaves_its_last_will(serve_process: Callable[[], subprocess.Popen[str]],
@@ -103,8 +108,7 @@ def test_killed_daemon_leaves_its_last_will(serve_process: Callable[[], subproce
 
 def test_availability_is_retained(broker: LocalBroker, start_daemon: Callable[..., Daemon],
                                   collect: Callable[[str], Collector]) -> None:
-    daemon = start_daemon()
-    time.sleep(0.3)
+    daemon = start_daemon()  # returns once it has announced itself
     late = collect(TOPICS.status)  # subscribes after the daemon announced itself
     assert late.wait_for(lambda d: bool(d))[-1] == {**late.docs()[-1], "state": "online"}
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:

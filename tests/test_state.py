@@ -46,8 +46,7 @@ def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Pat
     docs = beats.wait_for(lambda d: len(d) == 120)
     online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
-    assert second._model is not None
-    samples, classes = stream_records(second._model, [dataclasses.replace(record, signal_mv=x)], 1.0)[0]
+    samples, classes = stream_records(second.model, [dataclasses.replace(record, signal_mv=x)], 1.0)[0]
     assert [c for _, c in online] == classes.tolist() and len(online) > 100
     np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)
 

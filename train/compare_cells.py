@@ -64,7 +64,7 @@ def compare_cells(config_path: Path, cells: list[str], out: Path, epochs: int) -
         histories[cell] = json.loads((run_dir / "history.json").read_text())
         net, _, _ = load_model(run_dir / "best.pt")
         val = load_framed(config.data.val_records[:1], config.data.physionet_dir, config.data.lead,
-                          config.model, config.filter.spec(), 1)[0]
+                          config.model, config.filter, 1)[0]
         chunk = round(config.optim.chunk_s * config.model.fs / config.model.frame_size)
         starts = np.linspace(0, len(val.frames) - chunk, 32).astype(int)
         frames = torch.from_numpy(np.stack([val.frames[s:s + chunk] for s in starts]))

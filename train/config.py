@@ -10,23 +10,12 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from models.network import ModelConfig
+from models.config import ModelConfig
 from pipeline.config import ConfigError, Strict, validate_config
 from pipeline.dsp import FilterSpec
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
 
 __all__ = ["ConfigError", "TrainConfig", "load_train_config"]
-
-
-class FilterConfig(Strict):
-    """Causal band-pass applied at the input rate (Hz)."""
-
-    low_hz: float = Field(0.5, gt=0)
-    high_hz: float = Field(40.0, gt=0)
-    order: int = Field(2, ge=1, le=8)
-
-    def spec(self) -> FilterSpec:
-        return FilterSpec(self.low_hz, self.high_hz, self.order)
 
 
 class DataConfig(Strict):
@@ -53,8 +42,8 @@ class OptimConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1, description="per-step decay of the weight average that ships")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables")
-    class_weight_power: float = Field(0.5, ge=0, description="weight of class c = (n_N / n_c) ** power")
-    class_weight_max: float = Field(10.0, ge=1)
+    loss_weight_power: float = Field(0.5, ge=0, description="loss weight of class c = (n_N / n_c) ** power")
+    loss_weight_max: float = Field(10.0, ge=1, description="cap on a class's loss weight")
     label_width_frames: int = Field(3, ge=1, description="frames labelled per beat, centred")
     amplitude_jitter: float = Field(0.2, ge=0, description="random gain 1 +- this per segment")
     threads: int = Field(2, ge=1)
@@ -72,7 +61,7 @@ class DecisionConfig(Strict):
 class TrainConfig(Strict):
     name: str = "ecgmon-lstm"
     model: ModelConfig = ModelConfig()
-    filter: FilterConfig = FilterConfig()
+    filter: FilterSpec = FilterSpec()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     decision: DecisionConfig = DecisionConfig()

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from models.network import ModelConfig
+from models.config import ModelConfig
 from pipeline.aami import MODEL_CLASSES
+from pipeline.beats import r_peak_output_frame
 from pipeline.dsp import FilterSpec, Preprocessor
 from pipeline.tools.records import EcgRecord, load_records
 
@@ -33,8 +34,7 @@ class FramedRecord:
 def frame_labels(record: EcgRecord, config: ModelConfig, n_frames: int, width: int) -> NDArray[np.int64]:
     """Per-frame labels: `width` frames centred on each beat's frame, shifted by the output delay."""
     labels = np.zeros(n_frames, dtype=np.int64)
-    r_frame = np.floor(record.beat_samples / record.fs * config.fs / config.frame_size).astype(np.int64)
-    out_frame = r_frame + config.output_delay_frames
+    out_frame = r_peak_output_frame(record.beat_samples / record.fs, config)
     class_index = np.array([MODEL_CLASSES.index(c) for c in record.beat_classes], dtype=np.int64)
     for offset in range(-(width // 2), width - width // 2):
         f = out_frame + offset

@@ -1,9 +1,10 @@
 """Beat-by-beat scoring after ANSI/AAMI EC57.
 
 A detected beat matches a reference beat within 150 ms; beats in the first 5 minutes
-(the learning period) are not scored. Each record yields a 6 x 6 matrix: rows are the
-reference (N, S, V, F, Q, X = no reference beat), columns the detection (N, S, V, F, Q,
-O = missed). Gross statistics sum the matrices over records before dividing.
+(the learning period) are not scored. Each record yields a matrix whose rows are the
+reference (the AAMI classes N, S, V, F, Q, then X = no reference beat) and whose columns
+are the detection (N, S, V, F, Q, then O = missed): `ROWS` x `COLS`. Gross statistics sum
+the matrices over records before dividing.
 
 Class rules: Se_c = TP / (reference c beats, missed ones included); +P_c = TP / (detections
 labelled c, false detections included). As EC57 allows, F beats labelled V do not count
@@ -22,8 +23,16 @@ from pipeline.aami import AAMI_CLASSES
 
 MATCH_WINDOW_S = 0.150
 LEARNING_PERIOD_S = 300.0
-ROWS = (*AAMI_CLASSES, "X")
-COLS = (*AAMI_CLASSES, "O")
+NO_REFERENCE = "X"  # row of detections that match no reference beat (false detections)
+MISSED = "O"  # column of reference beats that match no detection
+ROWS = (*AAMI_CLASSES, NO_REFERENCE)
+COLS = (*AAMI_CLASSES, MISSED)
+BEATS = slice(0, len(AAMI_CLASSES))  # the rows and columns that are beats
+
+
+def empty_matrix() -> NDArray[np.int64]:
+    """An all-zero `ROWS` x `COLS` matrix (counts)."""
+    return np.zeros((len(ROWS), len(COLS)), dtype=np.int64)
 
 
 def match_beats(ref_s: NDArray[np.floating[Any]], det_s: NDArray[np.floating[Any]],
@@ -56,11 +65,11 @@ def match_beats(ref_s: NDArray[np.floating[Any]], det_s: NDArray[np.floating[Any
 def confusion(ref_s: NDArray[np.floating[Any]], ref_class: NDArray[np.str_],
               det_s: NDArray[np.floating[Any]], det_class: NDArray[np.str_],
               skip_s: float = LEARNING_PERIOD_S, match: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
-    """The 6 x 6 EC57 matrix of one record (rows reference N S V F Q X, columns N S V F Q O).
+    """The EC57 matrix of one record (`ROWS` reference N S V F Q X, `COLS` detection N S V F Q O).
 
     `match` (from `match_beats`) can be passed when the same beats are scored under several labellings.
     """
-    matrix = np.zeros((6, 6), dtype=np.int64)
+    matrix = empty_matrix()
     if match is None:
         match = match_beats(ref_s, det_s)
     matched = np.zeros(len(det_s), dtype=bool)
@@ -68,11 +77,11 @@ def confusion(ref_s: NDArray[np.floating[Any]], ref_class: NDArray[np.str_],
     for i, t in enumerate(ref_s):
         if t < skip_s:
             continue
-        col = AAMI_CLASSES.index(det_class[match[i]]) if match[i] >= 0 else 5
-        matrix[AAMI_CLASSES.index(ref_class[i]), col] += 1
+        col = COLS.index(det_class[match[i]] if match[i] >= 0 else MISSED)
+        matrix[ROWS.index(ref_class[i]), col] += 1
     for k in np.flatnonzero(~matched):
         if det_s[k] >= skip_s:
-            matrix[5, AAMI_CLASSES.index(det_class[k])] += 1
+            matrix[ROWS.index(NO_REFERENCE), COLS.index(det_class[k])] += 1
     return matrix
 
 
@@ -88,25 +97,25 @@ class Ec57Stats:
     @property
     def qrs_se(self) -> float:
         m = self.matrix
-        return self._ratio(m[:5, :5].sum(), m[:5, :].sum())
+        return self._ratio(m[BEATS, BEATS].sum(), m[BEATS, :].sum())
 
     @property
     def qrs_ppv(self) -> float:
         m = self.matrix
-        return self._ratio(m[:5, :5].sum(), m[:, :5].sum())
+        return self._ratio(m[BEATS, BEATS].sum(), m[:, BEATS].sum())
 
     def se(self, cls: str) -> float:
-        c = AAMI_CLASSES.index(cls)
-        return self._ratio(self.matrix[c, c], self.matrix[c, :].sum())
+        row = self.matrix[ROWS.index(cls)]
+        return self._ratio(row[COLS.index(cls)], row.sum())
 
     def ppv(self, cls: str) -> float:
-        c = AAMI_CLASSES.index(cls)
-        column = self.matrix[:, c].copy()
+        column = self.matrix[:, COLS.index(cls)].copy()
+        true_positives = column[ROWS.index(cls)]
         if cls == "V":
-            column[AAMI_CLASSES.index("F")] = 0
+            column[ROWS.index("F")] = 0
         if cls in ("S", "V"):
-            column[AAMI_CLASSES.index("Q")] = 0
-        return self._ratio(self.matrix[c, c], column.sum())
+            column[ROWS.index("Q")] = 0
+        return self._ratio(true_positives, column.sum())
 
     def f1(self, cls: str) -> float:
         se, ppv = self.se(cls), self.ppv(cls)
@@ -115,7 +124,7 @@ class Ec57Stats:
     @property
     def macro_f1(self) -> float:
         """Mean F1 over the classes that have reference beats."""
-        present = [c for c in AAMI_CLASSES if self.matrix[AAMI_CLASSES.index(c), :].sum() > 0]
+        present = [c for c in AAMI_CLASSES if self.matrix[ROWS.index(c), :].sum() > 0]
         return float(np.mean([self.f1(c) for c in present])) if present else float("nan")
 
     def summary(self) -> dict[str, Any]:

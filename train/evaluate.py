@@ -22,7 +22,7 @@ from pipeline.aami import AAMI_CLASSES
 from pipeline.model import BeatModel
 from pipeline.streams import BeatStreams
 from pipeline.tools.records import EcgRecord, load_records
-from train.ec57 import LEARNING_PERIOD_S, MATCH_WINDOW_S, Ec57Stats, confusion
+from train.ec57 import LEARNING_PERIOD_S, MATCH_WINDOW_S, Ec57Stats, confusion, empty_matrix
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, lead: str,
     started = time.perf_counter()
     detections = stream_records(model, records, window_s)
     elapsed = time.perf_counter() - started
-    results, total = [], np.zeros((6, 6), dtype=np.int64)
+    results, total = [], empty_matrix()
     for record, (det_samples, det_classes) in zip(records, detections, strict=True):
         matrix = confusion(record.beat_samples / record.fs, record.beat_classes, det_samples / record.fs,
                            det_classes)

@@ -1,8 +1,7 @@
-"""Export a checkpoint to ONNX with explicit recurrent-state inputs/outputs and daemon metadata."""
+"""Export a checkpoint to ONNX with explicit recurrent-state inputs/outputs and daemon metadata (ModelInfo)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from importlib.metadata import version as package_version
@@ -17,7 +16,8 @@ from models.network import BeatNet
 from pipeline.aami import MODEL_CLASSES
 from pipeline.beats import Decision
 from pipeline.model import FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
-from train.trainer import load_model
+from train.config import TrainConfig
+from train.trainer import load_model, neutral_decision
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,33 @@ class StreamingBeatNet(nn.Module):
         return (torch.softmax(logits, dim=-1), *new_state)
 
 
-def model_info(net: BeatNet, config_hash: str, training_data: str, decision: Decision,
-               filter_dict: dict[str, Any], ds2_metrics: dict[str, Any]) -> ModelInfo:
-    mc = net.config
-    return ModelInfo(version=f"{package_version('ecgmon')}+{mc.cell}.{config_hash}", fs=mc.fs,
-                     frame_size=mc.frame_size, output_delay_frames=mc.output_delay_frames,
-                     class_names=MODEL_CLASSES, beat_threshold=decision.beat_threshold,
-                     class_weights=decision.class_weights, filter=filter_dict,
-                     config_hash=config_hash, training_data=training_data, ds2_metrics=ds2_metrics)
+def model_info(config: TrainConfig, decision: Decision, ds2_metrics: dict[str, Any]) -> ModelInfo:
+    """The metadata of a model trained per `config`: its network config, filter, decision rule and provenance."""
+    config_hash = config.hash()
+    training_data = (f"train: {', '.join(config.data.train_records)}; val (early stopping): "
+                     f"{', '.join(config.data.val_records)}; lead {config.data.lead}")
+    version = f"{package_version('ecgmon')}+{config.model.cell}.{config_hash}"
+    return ModelInfo(**config.model.model_dump(), version=version, class_names=MODEL_CLASSES,
+                     beat_threshold=decision.beat_threshold, decision_weights=decision.decision_weights,
+                     filter=config.filter, config_hash=config_hash, training_data=training_data,
+                     ds2_metrics=ds2_metrics)
+
+
+def write_metadata(path: Path, info: ModelInfo) -> None:
+    """Replace the metadata_props of the ONNX file at `path` with `info`; the graph and weights are untouched."""
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, info.to_metadata())
+    proto.producer_name = "ecgmon"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
 
 
 def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None = None) -> ModelInfo:
     """Write `checkpoint` as ONNX (opset 17) to `out`; `ds2_metrics` is embedded when given."""
     net, config, ckpt = load_model(checkpoint)
-    decision = Decision(config.decision.beat_threshold,
-                        tuple(ckpt.get("class_weights") or (1.0,) * (len(MODEL_CLASSES) - 1)))
+    weights = ckpt["decision_weights"]  # None until tuned at the end of training
+    decision = (neutral_decision(config.decision.beat_threshold) if weights is None
+                else Decision(config.decision.beat_threshold, tuple(weights)))
     wrapper = StreamingBeatNet(net).eval()
     frames = torch.zeros(2, 5, config.model.frame_size)
     state = net.initial_state(2)
@@ -71,15 +83,7 @@ def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None 
         torch.onnx.export(wrapper, (frames, *state), str(out), input_names=[FRAMES_INPUT, *state_in],
                           output_names=[PROBS_OUTPUT, *state_out], dynamic_axes=dynamic_axes,
                           opset_version=OPSET, dynamo=False)
-    training_data = (f"train: {', '.join(config.data.train_records)}; val (early stopping): "
-                     f"{', '.join(config.data.val_records)}; lead {config.data.lead}")
-    info = model_info(net, config.hash(), training_data, decision,
-                      config.filter.spec().to_dict(), ds2_metrics or {})
-    proto = onnx.load(str(out))
-    metadata = {**info.to_metadata(), "model_config": json.dumps(config.model.model_dump(mode="json"))}
-    onnx.helper.set_model_props(proto, metadata)
-    proto.producer_name = "ecgmon"
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
+    info = model_info(config, decision, ds2_metrics or {})
+    write_metadata(out, info)
     log.info("exported %s (%d bytes), version %s", out, out.stat().st_size, info.version)
     return info

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.network import BeatNet, ModelConfig, count_parameters
-from pipeline.aami import DS2, MODEL_CLASSES
+from models.config import ModelConfig
+from models.network import BeatNet, count_parameters
+from pipeline.aami import AAMI_CLASSES, BACKGROUND, DS2, MODEL_CLASSES
 from pipeline.beats import BeatPickerState, Decision, PickedBeats, pick_beats, r_peak_time_s
 from pipeline.tools.records import resolve_records
 from train.config import TrainConfig
 from train.dataset import FramedRecord, load_framed
-from train.ec57 import Ec57Stats, confusion, match_beats
+from train.ec57 import Ec57Stats, confusion, empty_matrix, match_beats
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def class_weights(records: list[FramedRecord], power: float, cap: float) -> Tensor:
-    """Weight of class c = min(cap, (n_N / n_c) ** power); background and N weigh 1."""
-    counts = np.bincount(np.concatenate([r.labels for r in records]), minlength=len(MODEL_CLASSES))
-    n_normal = counts[MODEL_CLASSES.index("N")]
-    weights = np.ones(len(MODEL_CLASSES))
-    for c in range(2, len(MODEL_CLASSES)):
-        weights[c] = min(cap, (n_normal / max(counts[c], 1)) ** power)
-    return torch.tensor(weights, dtype=torch.float32)
+def loss_weights(records: list[FramedRecord], power: float, cap: float) -> Tensor:
+    """Cross-entropy weight of each of MODEL_CLASSES: min(cap, (n_N / n_c) ** power) for class c, counted in
+    labelled frames; background and N weigh 1."""
+    counts = dict(zip(MODEL_CLASSES, np.bincount(np.concatenate([r.labels for r in records]),
+                                                  minlength=len(MODEL_CLASSES)), strict=True))
+    weights = {c: 1.0 if c in (BACKGROUND, "N") else min(cap, (counts["N"] / max(counts[c], 1)) ** power)
+               for c in MODEL_CLASSES}
+    return torch.tensor([weights[c] for c in MODEL_CLASSES], dtype=torch.float32)
+
+
+def neutral_decision(beat_threshold: float) -> Decision:
+    """The decision rule with every decision weight 1 (before tuning)."""
+    return Decision(beat_threshold, (1.0,) * len(AAMI_CLASSES))
 
 
 def segment_batches(records: list[FramedRecord], segment: int, batch: int, jitter: float,
@@ -97,11 +103,11 @@ def pick_records(model: BeatNet, records: list[FramedRecord], decision: Decision
 def score_picked(config: ModelConfig, records: list[FramedRecord], picked: list[PickedBeats],
                  decisions: list[Decision]) -> list[Ec57Stats]:
     """Gross EC57 statistics of picked beats against the labels, the classes re-decided by each decision."""
-    matrices = [np.zeros((6, 6), dtype=np.int64) for _ in decisions]
+    matrices = [empty_matrix() for _ in decisions]
     for record, beats in zip(records, picked, strict=True):
-        det_s = r_peak_time_s(beats.frame, config.output_delay_frames, config.frame_size, config.fs)
+        det_s = r_peak_time_s(beats.frame, config)
         ref_frame, ref_class = reference_beats(record)
-        ref_s = r_peak_time_s(ref_frame, config.output_delay_frames, config.frame_size, config.fs)
+        ref_s = r_peak_time_s(ref_frame, config)
         match = match_beats(ref_s, det_s)
         for matrix, decision in zip(matrices, decisions, strict=True):
             det_class = np.array(MODEL_CLASSES, dtype=np.str_)[decision.classify(beats.class_sum)[0]]
@@ -109,12 +115,12 @@ def score_picked(config: ModelConfig, records: list[FramedRecord], picked: list[
     return [Ec57Stats(m) for m in matrices]
 
 
-def tune_class_weights(model: BeatNet, records: list[FramedRecord], beat_threshold: float) -> Decision:
-    """Class weights for S and V that maximise S F1 + V F1 on the (DS1) validation records."""
-    neutral = Decision(beat_threshold, (1.0,) * (len(MODEL_CLASSES) - 1))
-    picked = pick_records(model, records, neutral)
+def tune_decision_weights(model: BeatNet, records: list[FramedRecord], beat_threshold: float) -> Decision:
+    """Decision weights for S and V (the others 1) that maximise S F1 + V F1 on the (DS1) validation records."""
+    picked = pick_records(model, records, neutral_decision(beat_threshold))
     grid = (0.5, 0.7, 1.0, 1.4, 2.0)  # narrow: four validation records overfit easily
-    decisions = [Decision(beat_threshold, (1.0, w_s, w_v, 1.0, 1.0)) for w_s in grid for w_v in grid]
+    decisions = [Decision(beat_threshold, tuple({"S": w_s, "V": w_v}.get(c, 1.0) for c in AAMI_CLASSES))
+                 for w_s in grid for w_v in grid]
     stats = score_picked(model.config, records, picked, decisions)
     scores = [s.f1("S") + s.f1("V") for s in stats]
     return decisions[int(np.argmax(scores))]
@@ -143,7 +149,7 @@ def save_checkpoint(path: Path, model: BeatNet, optimizer: torch.optim.Optimizer
     from, progress and the full config."""
     torch.save({"config": config.model_dump(mode="json"), "model": model.state_dict(),
                 "raw_model": (raw_model or model).state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "history": history, "best_score": best_score, "class_weights": None}, path)
+                "epoch": epoch, "history": history, "best_score": best_score, "decision_weights": None}, path)
 
 
 @torch.no_grad()
@@ -175,7 +181,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     mc, oc, data = config.model, config.optim, config.data
 
     def load(specs: list[str]) -> list[FramedRecord]:
-        return load_framed(specs, data.physionet_dir, data.lead, mc, config.filter.spec(), oc.label_width_frames)
+        return load_framed(specs, data.physionet_dir, data.lead, mc, config.filter, oc.label_width_frames)
 
     train_records, val_records = load(data.train_records), load(data.val_records)
     log.info("training on %d records, validating on %d", len(train_records), len(val_records))
@@ -183,8 +189,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     ema = BeatNet(mc)  # exponential moving average of the weights: what is validated and shipped
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_records, oc.class_weight_power,
-                                                       oc.class_weight_max), reduction="none")
+    loss_fn = nn.CrossEntropyLoss(weight=loss_weights(train_records, oc.loss_weight_power, oc.loss_weight_max),
+                                  reduction="none")
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     if resume and (run_dir / "last.pt").exists():
@@ -228,7 +234,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 steps += 1
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", grad=f"{grad_norms[-1]:.2f}")
-        decision = Decision(config.decision.beat_threshold, (1.0,) * (len(MODEL_CLASSES) - 1))
+        decision = neutral_decision(config.decision.beat_threshold)
         stats = score_picked(mc, val_records, pick_records(ema, val_records, decision), [decision])[0]
         score = validation_score(stats)
         entry = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
@@ -252,8 +258,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             log.info("stopping after %.1f min (max_minutes)", (time.monotonic() - started) / 60)
             break
     best_model, _, best_ckpt = load_model(run_dir / "best.pt")
-    tuned = tune_class_weights(best_model, val_records, config.decision.beat_threshold)
-    log.info("class weights tuned on the validation records: %s", tuned.class_weights)
-    best_ckpt["class_weights"] = tuned.class_weights
+    tuned = tune_decision_weights(best_model, val_records, config.decision.beat_threshold)
+    log.info("decision weights tuned on the validation records: %s", tuned.decision_weights)
+    best_ckpt["decision_weights"] = tuned.decision_weights
     torch.save(best_ckpt, run_dir / "best.pt")
     return run_dir

@@ -1,0 +1,39 @@
+"""The beat network's configuration (no torch): saved in every checkpoint and, as part of ModelInfo, in every
+ONNX file, so the network can be rebuilt from either."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.aami import MODEL_CLASSES
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the network, the model rate and its frame timing included."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    fs: float = Field(360.0, gt=0, description="model sampling rate (Hz)")
+    frame_size: int = Field(12, ge=1, description="samples per frame at fs")
+    encoder_dim: int = Field(32, ge=1, description="width of the frame encoder")
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    output_delay_frames: int = Field(8, ge=0, description="frames between an R peak and its output")
+
+    @property
+    def num_classes(self) -> int:
+        return len(MODEL_CLASSES)
+
+    @property
+    def frame_s(self) -> float:
+        """Duration of one frame (s)."""
+        return self.frame_size / self.fs
+
+    @property
+    def output_delay_s(self) -> float:
+        """Time (s) from a beat's R peak to the output frame that reports it."""
+        return self.output_delay_frames * self.frame_size / self.fs

@@ -1,0 +1,49 @@
+"""Every message the daemon publishes, built here: one function per message of docs/asyncapi.yaml.
+
+Times are Unix times (s): signal times (the sensor's clock) for beats and alarms, the daemon's clock
+for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.alarms import AlarmEvent
+
+
+def beats(device: str, seq: int, t0: float, model_version: str,
+          found: list[tuple[float, str, float]]) -> dict[str, Any]:
+    """Beats: the beats (R-peak time s, AAMI class, confidence 0-1) completed by window `seq` (t0 in s)."""
+    return {"device": device, "seq": seq, "t0": t0, "model_version": model_version,
+            "beats": [{"time": round(t, 4), "class": c, "confidence": round(p, 3)} for t, c, p in found]}
+
+
+def alarm(event: AlarmEvent) -> dict[str, Any]:
+    """Alarm: one lifecycle event."""
+    return {"alarm_id": event.alarm_id, "device": event.device, "type": event.type, "kind": event.kind,
+            "priority": event.priority, "state": event.state, "time": event.time, "message": event.message,
+            "evidence": event.evidence}
+
+
+def rejection(device: str, reason: str, detail: str, now: float) -> dict[str, Any]:
+    """Rejection: why a message of `device` (the topic's last level, cut to 100 characters) was rejected."""
+    return {"device": device[:100], "reason": reason, "detail": detail, "time": now}
+
+
+def status(state: str, model_version: str, degraded: bool, analysis_alive: bool, now: float) -> dict[str, Any]:
+    """Status: availability ("online" / "offline"), published by the daemon itself."""
+    return {"state": state, "model_version": model_version, "time": now, "degraded": degraded,
+            "analysis_alive": analysis_alive}
+
+
+def last_will() -> bytes:
+    """Status as the broker publishes it when the daemon's connection dies."""
+    return json.dumps({"state": "offline", "reason": "connection lost"}).encode()
+
+
+def stats(model_version: str, active_streams: int, queue_windows: int, degraded: bool, analysis_alive: bool,
+          counts: dict[str, int], now: float) -> dict[str, Any]:
+    """Stats: the counters since start (`counts`) and the daemon's state now."""
+    return {"time": now, "model_version": model_version, "active_streams": active_streams,
+            "queue_windows": queue_windows, "degraded": degraded, "analysis_alive": analysis_alive, **counts}

@@ -1,0 +1,41 @@
+"""Every outgoing message, as pipeline/messages.py builds it, validates against docs/asyncapi.yaml."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from pipeline import messages
+from pipeline.alarms import AlarmEvent
+from tests.conftest import REPO, T0
+
+SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
+EVENT = AlarmEvent("bed/asystole/1767225604000", "bed", "asystole", "raised", T0 + 4,
+                   {"seconds_without_qrs": 4.2, "raised_at": T0 + 4, "model_version": "m"})
+
+EXAMPLES: list[tuple[str, dict[str, Any]]] = [
+    ("Beats", messages.beats("bed", 3, T0, "m", [(T0 + 0.31, "N", 0.98), (T0 + 0.9, "V", 0.7)])),
+    ("Beats", messages.beats("bed", 4, T0 + 1, "m", [])),
+    ("Alarm", messages.alarm(EVENT)),
+    ("Rejection", messages.rejection("bed", "bad_t0", "t0 1.0 outside ...", T0)),
+    ("Rejection", messages.rejection("x" * 300, "bad_device_id", "...", T0)),
+    ("Status", messages.status("online", "m", degraded=False, analysis_alive=True, now=T0)),
+    ("Status", json.loads(messages.last_will())),
+    ("Stats", messages.stats("m", 3, 0, degraded=True, analysis_alive=False, counts={"windows": 9}, now=T0)),
+]
+
+
+@pytest.mark.parametrize(("schema", "doc"), EXAMPLES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(EXAMPLES)])
+def test_each_message_matches_its_schema(schema: str, doc: dict[str, Any]) -> None:
+    jsonschema.validate(doc, SCHEMAS[schema])
+
+
+def test_a_message_that_breaks_its_schema_is_caught() -> None:
+    doc = messages.beats("bed", 3, T0, "m", [(T0, "X", 0.5)])  # no such AAMI class
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMAS["Beats"])
+    assert len(messages.rejection("x" * 300, "bad_device_id", "", T0)["device"]) == 100
