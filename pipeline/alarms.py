@@ -67,19 +67,6 @@ class AlarmEvent:
         return ALARM_TYPES[self.type][2]
 
 
-def clear_orphan(doc: dict[str, Any], now: float, reason: str) -> AlarmEvent | None:
-    """The `cleared` event of an alarm that subscribers saw raised (its last message `doc`, docs/asyncapi.yaml)
-    but whose state the daemon no longer holds; None if `doc` is not an alarm of a known type."""
-    try:
-        alarm_type, raised = str(doc["type"]), float(doc["evidence"]["raised_at"])
-        if alarm_type not in ALARM_TYPES:
-            return None
-        return AlarmEvent(str(doc["alarm_id"]), str(doc["device"]), alarm_type, "cleared", max(now, raised),
-                          {"reason": reason, "raised_at": raised, "model_version": doc["evidence"]["model_version"]})
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 @dataclass
 class _Active:
     alarm_id: str

@@ -19,13 +19,14 @@ from typing import Any
 
 from pipeline import messages
 from pipeline.admission import Admission, DeviceStream
-from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck, clear_orphan
+from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck
 from pipeline.codec import DecodeError, Window, decode_window
 from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import MqttSink, MqttSource, ResultSink, WindowSource
 from pipeline.metrics import DaemonMetrics
 from pipeline.model import BeatModel, ModelError
 from pipeline.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
+from pipeline.reconcile import reconcile
 from pipeline.state import load_state, save_state
 from pipeline.streams import Beat, BeatStreams
 from pipeline.watchdog import Watchdog
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
 REJECT_INTERVAL_S = 5.0  # at most one rejection message per device (and one log line) this often
-MAX_REJECT_KEYS = 100_000
 DAEMON_REASONS = ("bad_device_id", "internal_error")  # rejections of the daemon's own, beside the decoder's
 
 
@@ -80,8 +80,8 @@ class Daemon:
         self._announced = False
         self._counts: defaultdict[str, int] = defaultdict(int)
         self._counts_lock = threading.Lock()  # counts are written by the source's thread too
-        self._last_reject_of: dict[str, float] = {}
-        self._last_reject_log = 0.0
+        self._reject_log = messages.Throttle(REJECT_INTERVAL_S)
+        self._reject_publish = messages.Throttle(REJECT_INTERVAL_S)
         self._degraded_since: float | None = None
         self._last_drop = 0.0  # monotonic time of the last window dropped for overload (s)
         self._dropped_of: Counter[str] = Counter()  # windows dropped per device since the last housekeeping
@@ -221,30 +221,12 @@ class Daemon:
             self._publish_status("online")
 
     def _reconcile_alarms(self) -> None:
-        """Make what subscribers saw (the broker's open alarms) and the restored alarm state agree.
-
-        An open alarm the daemon holds no state for (raised after the last save, or on another daemon)
-        is cleared now and raised anew if still true; a restored alarm that subscribers saw cleared is
-        forgotten.
-        """
+        """Clear the open alarms this daemon holds no state for (pipeline/reconcile.py)."""
         assert self._sink is not None
         docs = self._sink.open_alarms()
-        if docs is None:
-            return
-        open_ids = {str(d.get("alarm_id")) for d in docs}
-        held: set[str] = set()
-        for alarms in self._alarms.values():
-            alarms.keep_only(open_ids)
-            held |= alarms.alarm_ids()
-        orphans = [d for d in docs if str(d.get("alarm_id")) not in held]
-        for doc in orphans:
-            stream = self._admission.streams.get(str(doc.get("device")))
-            event = clear_orphan(doc, stream.next_t0 if stream else 0.0,
-                                 "the daemon restarted without this alarm's state; re-evaluated from new data")
-            if event is not None:
-                self._emit([event])
-        log.info("open alarms on the broker: %d, continued: %d, cleared: %d", len(docs), len(docs) - len(orphans),
-                 len(orphans))
+        if docs is not None:
+            streams = self._admission.streams
+            self._emit(reconcile(docs, self._alarms, lambda d: streams[d].next_t0 if d in streams else 0.0))
 
     def _start_worker(self) -> None:
         self._stop_worker.clear()
@@ -437,21 +419,16 @@ class Daemon:
         self.metrics.result_delay.observe(max(0.0, time.time() - end))
 
     def _reject(self, device: str, reason: str, detail: str) -> None:
-        """Count a rejection; publish it at most every REJECT_INTERVAL_S per device (invalid ids share one)."""
+        """Count a rejection; log it at most every REJECT_INTERVAL_S, and publish it as often per device
+        (invalid device ids share one)."""
         assert self._sink is not None
         self.metrics.rejected.labels(reason).inc()
         self._count("rejected")
         now = time.monotonic()
-        if now - self._last_reject_log >= REJECT_INTERVAL_S:
-            self._last_reject_log = now
+        if self._reject_log.allow("", now):
             log.warning("rejected a message from %r: %s: %s", device[:100], reason, detail)
-        key = device if DEVICE_ID.match(device) else ""
-        if now - self._last_reject_of.get(key, -REJECT_INTERVAL_S) < REJECT_INTERVAL_S:
-            return
-        if len(self._last_reject_of) >= MAX_REJECT_KEYS:
-            self._last_reject_of.clear()
-        self._last_reject_of[key] = now
-        self._sink.rejected(messages.rejection(device, reason, detail, time.time()))
+        if self._reject_publish.allow(device if DEVICE_ID.match(device) else "", now):
+            self._sink.rejected(messages.rejection(device, reason, detail, time.time()))
 
     def _emit(self, events: list[AlarmEvent]) -> None:
         assert self._sink is not None

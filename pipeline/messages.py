@@ -47,3 +47,20 @@ def stats(model_version: str, active_streams: int, queue_windows: int, degraded:
     """Stats: the counters since start (`counts`) and the daemon's state now."""
     return {"time": now, "model_version": model_version, "active_streams": active_streams,
             "queue_windows": queue_windows, "degraded": degraded, "analysis_alive": analysis_alive, **counts}
+
+
+class Throttle:
+    """At most one message per key every `interval_s` (s); it forgets all keys when it holds `max_keys`."""
+
+    def __init__(self, interval_s: float, max_keys: int = 100_000) -> None:
+        self.interval_s, self.max_keys = interval_s, max_keys
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        """Whether a message for `key` may go out at `now` (s, monotonic); if so, it counts as sent."""
+        if now - self._last.get(key, now - self.interval_s) < self.interval_s:
+            return False
+        if key not in self._last and len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = now
+        return True

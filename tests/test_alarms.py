@@ -170,3 +170,20 @@ def test_alarm_id_is_stable_across_updates() -> None:
     tachy = [e for e in events if e.type == "extreme_tachycardia"]
     assert [e.state for e in tachy][:2] == ["raised", "updated"]
     assert len({e.alarm_id for e in tachy}) == 1
+
+
+def test_reconcile_open_alarms_with_the_restored_state() -> None:
+    from pipeline.messages import alarm
+    from pipeline.reconcile import reconcile
+
+    held = DeviceAlarms("bed", CONFIG, "test", 0.0)
+    kept = held.on_silence(20.0, 11.0)[0]  # signal_loss, open on the broker too: goes on
+    stale = held.on_gap(25.0, {})[0]  # data_gap, cleared after the state was saved: forgotten
+    lost = DeviceAlarms("bed", CONFIG, "test", 0.0).on_window(  # raised after the save: its state is gone
+        SignalCheck.batch([np.concatenate([np.zeros(300), np.full(60, 6.0)])], CONFIG)[0], [], 30.0, 29.7)[0]
+    other = DeviceAlarms("cot", CONFIG, "test", 0.0).on_silence(40.0, 12.0)[0]  # a device it never had
+    docs = [alarm(kept), alarm(lost), alarm(other), {"alarm_id": "junk"}]
+    events = reconcile(docs, {"bed": held}, lambda device: {"bed": 35.0}.get(device, 0.0))
+    assert [(e.alarm_id, e.state) for e in events] == [(lost.alarm_id, "cleared"), (other.alarm_id, "cleared")]
+    assert events[0].time == 35.0 and events[1].time == 40.0  # never before the raise
+    assert held.alarm_ids() == {kept.alarm_id} and stale.alarm_id != kept.alarm_id

@@ -39,3 +39,11 @@ def test_a_message_that_breaks_its_schema_is_caught() -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, SCHEMAS["Beats"])
     assert len(messages.rejection("x" * 300, "bad_device_id", "", T0)["device"]) == 100
+
+
+def test_throttle_lets_one_message_per_key_through_per_interval() -> None:
+    throttle = messages.Throttle(5.0, max_keys=2)
+    assert [throttle.allow(k, t) for k, t in [("a", 0.0), ("a", 1.0), ("b", 1.0), ("a", 5.0), ("b", 5.5)]] == [
+        True, False, True, True, False]
+    assert throttle.allow("c", 6.0)  # a third key: the others are forgotten...
+    assert throttle.allow("b", 6.1)  # ...so b may go again
