@@ -39,9 +39,10 @@ class BeatNet(nn.Module):
         return ("h", "c") if self.config.cell == "lstm" else ("h",)
 
     def initial_state(self, batch_size: int) -> State:
-        """Zero state, each tensor of shape (num_layers, batch_size, hidden_size)."""
+        """Zero state on the network's device, each tensor of shape (num_layers, batch_size, hidden_size)."""
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
-        return tuple(torch.zeros(shape) for _ in self.state_names)
+        device = next(self.parameters()).device
+        return tuple(torch.zeros(shape, device=device) for _ in self.state_names)
 
     def forward(self, frames: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         """Run a batch of frame sequences.

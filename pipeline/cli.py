@@ -65,6 +65,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_noise(args: argparse.Namespace) -> int:
+    from train.noise import evaluate_noise, format_noise
+
+    for noise in args.noise:
+        report = evaluate_noise(args.model, args.records, args.physionet_dir, args.lead, noise, args.snr, args.out,
+                                args.window_s)
+        print(format_noise(report))
+    print(f"reports in {args.out}")
+    return 0
+
+
 def cmd_build_model(args: argparse.Namespace) -> int:
     from train.build import build_model
     from train.evaluate import format_summary
@@ -72,6 +83,16 @@ def cmd_build_model(args: argparse.Namespace) -> int:
     report = build_model(args.config, args.out, args.report_dir)
     print(format_summary(report))
     print(f"wrote {args.out}; report in {args.report_dir}")
+    return 0
+
+
+def cmd_cross_validate(args: argparse.Namespace) -> int:
+    from train.config import load_train_config
+    from train.crossval import cross_validate, format_cv
+
+    config = load_train_config(args.config, _overrides(args.set))
+    print(format_cv(cross_validate(config, args.folds, args.seeds, args.out, args.jobs)))
+    print(f"report in {args.out / 'cv.json'}")
     return 0
 
 
@@ -192,10 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
     p.add_argument("--history", type=Path, help="history.json of the training run, for training curves")
 
+    p = add("evaluate-noise", cmd_evaluate_noise, "Score a model on records with recorded noise added (nstdb "
+            "bw/em/ma, their evaluation half) at several SNRs.")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="ONNX model (default: the shipped one)")
+    p.add_argument("--records", nargs="+", default=["mitdb/DS2"], help="db/record, mitdb/DS2, ... (default DS2)")
+    p.add_argument("--noise", nargs="+", default=["em"], choices=["bw", "em", "ma"], help="nstdb noise records")
+    p.add_argument("--snr", nargs="+", type=float, default=[24.0, 18.0, 12.0, 6.0, 0.0], help="SNRs (dB)")
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
+                   help="folder of WFDB databases; missing records are downloaded")
+    p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+    p.add_argument("--out", type=Path, default=Path("runs/noise"), help="output folder (noise-<name>.json)")
+    p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
+
     p = add("build-model", cmd_build_model, "Train, export and evaluate in one go: the shipped model's recipe.")
     p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))
     p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
     p.add_argument("--report-dir", type=Path, default=Path("docs/model"), help="evaluation report and plots")
+
+    p = add("cross-validate", cmd_cross_validate, "Patient-wise cross-validation of a training recipe on its "
+            "training and validation records (DS2 never takes part), over several seeds.")
+    p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))
+    p.add_argument("--folds", type=int, default=5, help="number of patient folds")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
+    p.add_argument("--out", type=Path, default=Path("runs/cv"), help="output folder (cv.json, runs/)")
+    p.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in a process of its own")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm for the same epochs; compare DS2 scores and "
                            "gradients over BPTT depth.")

@@ -87,10 +87,11 @@ def segment_batches(records: list[FramedRecord], segment: int, batch: int, jitte
 def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[np.ndarray]:
     """Per-frame class probabilities of whole records, one pass each."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for record in records:
-        logits, *_ = model(torch.from_numpy(record.frames)[None], *model.initial_state(1))
-        out.append(torch.softmax(logits, -1)[0].numpy())
+        logits, *_ = model(torch.from_numpy(record.frames)[None].to(device), *model.initial_state(1))
+        out.append(torch.softmax(logits, -1)[0].cpu().numpy())
     return out
 
 
@@ -185,12 +186,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     train_records, val_records = load(data.train_records), load(data.val_records)
     log.info("training on %d records, validating on %d", len(train_records), len(val_records))
-    model = BeatNet(mc)
-    ema = BeatNet(mc)  # exponential moving average of the weights: what is validated and shipped
+    device = torch.device(config.device)
+    model = BeatNet(mc).to(device)
+    ema = BeatNet(mc).to(device)  # exponential moving average of the weights: what is validated and shipped
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=loss_weights(train_records, oc.loss_weight_power, oc.loss_weight_max),
-                                  reduction="none")
+    loss_fn = nn.CrossEntropyLoss(weight=loss_weights(train_records, oc.loss_weight_power, oc.loss_weight_max)
+                                  .to(device), reduction="none")
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     if resume and (run_dir / "last.pt").exists():
@@ -217,13 +219,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         model.train()
         losses, grad_norms = [], []
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
-        for frames, labels in bar:
+        for frames_cpu, labels_cpu in bar:
+            frames, labels = frames_cpu.to(device), labels_cpu.to(device)
             state = model.initial_state(frames.shape[0])
             for t0 in range(0, frames.shape[1], chunk):
                 logits, *state_list = model(frames[:, t0:t0 + chunk], *state)
                 state = tuple(s.detach() for s in state_list)
                 per_frame = loss_fn(logits.reshape(-1, logits.shape[-1]), labels[:, t0:t0 + chunk].reshape(-1))
-                mask = (torch.arange(t0, t0 + logits.shape[1]) >= warmup).float().repeat(frames.shape[0])
+                mask = (torch.arange(t0, t0 + logits.shape[1], device=device) >= warmup).float().repeat(
+                    frames.shape[0])
                 loss = (per_frame * mask).sum() / mask.sum().clamp(min=1)
                 optimizer.zero_grad()
                 loss.backward()

@@ -1,0 +1,48 @@
+"""Noise stress: recorded nstdb noise added at the SNR asked for, evaluation noise never the training noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import SHIPPED_MODEL
+from pipeline.config import AlarmConfig
+from pipeline.tools.records import load_record
+from train.noise import add_noise, evaluate_noise, load_noise, qrs_amplitude_mv, unreadable_windows
+
+
+@pytest.mark.parametrize("snr_db", [12.0, 0.0, -6.0])
+def test_noise_is_added_at_the_snr_asked_for(physionet: Path, snr_db: float) -> None:
+    clean = load_record(physionet / "mitdb", "100")
+    noise, fs = load_noise(physionet, "em", "eval")
+    noisy = add_noise(clean, noise, fs, snr_db)
+    added = noisy.signal_mv - clean.signal_mv
+    snr = 10 * np.log10((qrs_amplitude_mv(clean) ** 2 / 8) / np.mean(added**2))
+    assert snr == pytest.approx(snr_db, abs=1e-6)
+    assert np.array_equal(noisy.beat_samples, clean.beat_samples)
+
+
+def test_training_and_evaluation_noise_do_not_overlap(physionet: Path) -> None:
+    train, fs = load_noise(physionet, "ma", "train")
+    evaluation, _ = load_noise(physionet, "ma", "eval")
+    assert fs == 360.0 and abs(len(train) - len(evaluation)) <= 1
+    whole = np.concatenate([train, evaluation])
+    assert len(whole) == 650_000  # the record's 30 min 5 s, split once, nothing shared
+
+
+def test_the_daemons_signal_check_flags_a_window_of_heavy_noise(physionet: Path) -> None:
+    clean = load_record(physionet / "mitdb", "100")
+    noise, fs = load_noise(physionet, "ma", "eval")
+    flagged = unreadable_windows(add_noise(clean, noise, fs, -20.0), 1.0, AlarmConfig())
+    assert not unreadable_windows(clean, 1.0, AlarmConfig()).any() and flagged.mean() > 0.5
+
+
+def test_noise_report(physionet: Path, tmp_path: Path) -> None:
+    report = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, "MLII", "em", [24.0, 0.0], tmp_path)
+    assert json.loads((tmp_path / "noise-em.json").read_text()) == json.loads(json.dumps(report))
+    high, low = report["levels"]
+    assert high["all"]["qrs_ppv"] > low["all"]["qrs_ppv"]  # more noise, more false beats
+    assert 0.0 <= low["flagged_windows"] <= 1.0

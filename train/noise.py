@@ -1,0 +1,139 @@
+"""Noise stress after the MIT-BIH Noise Stress Test: real recorded noise added to clean records at a chosen SNR.
+
+The noise comes from nstdb's noise records (`bw` baseline wander, `em` electrode motion, `ma` muscle
+artefact; 360 Hz, channel 0). Each is split in time: the first half (`TRAIN_PART`) may augment training,
+the second half (`EVAL_PART`) only evaluates, so no evaluation noise is ever trained on. The test records
+118e*/119e* are never used for training either.
+
+SNR as the Noise Stress Test defines it: S = (QRS peak-to-peak amplitude)² / 8, the amplitude being the
+median over the record's reference beats; N = the mean square of the added noise; SNR = 10 log10(S / N) dB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pipeline.alarms import SignalCheck
+from pipeline.config import AlarmConfig
+from pipeline.model import BeatModel
+from pipeline.tools.records import EcgRecord, ensure_records, load_records
+from train.ec57 import Ec57Stats, confusion, empty_matrix
+
+log = logging.getLogger(__name__)
+
+NOISE_RECORDS = ("bw", "em", "ma")
+TRAIN_PART = (0.0, 0.5)  # fraction of each noise record that training may use
+EVAL_PART = (0.5, 1.0)  # ... and that only evaluation uses
+QRS_HALF_WIDTH_S = 0.06  # around each reference R peak, for its peak-to-peak amplitude (s)
+
+
+def load_noise(physionet_dir: Path, name: str, part: Literal["train", "eval"]) -> tuple[NDArray[np.float64], float]:
+    """Channel 0 of nstdb noise record `name` (mV) restricted to its training or evaluation part, and its fs (Hz)."""
+    if name not in NOISE_RECORDS:
+        raise ValueError(f"noise {name!r} is not one of {NOISE_RECORDS}")
+    db_dir = physionet_dir / "nstdb"
+    ensure_records(db_dir, [name], "nstdb")
+    import wfdb  # only here: the noise records have no beat annotations for load_record
+
+    rec = wfdb.rdrecord(str(db_dir / name), channels=[0], physical=True)
+    signal = np.nan_to_num(rec.p_signal[:, 0].astype(np.float64))
+    a, b = TRAIN_PART if part == "train" else EVAL_PART
+    return signal[round(a * len(signal)):round(b * len(signal))], float(rec.fs)
+
+
+def qrs_amplitude_mv(record: EcgRecord) -> float:
+    """Median peak-to-peak amplitude (mV) of the record's reference QRS complexes."""
+    half = round(QRS_HALF_WIDTH_S * record.fs)
+    x = record.signal_mv
+    amplitudes = [np.ptp(x[max(0, s - half):s + half + 1]) for s in record.beat_samples]
+    return float(np.median(amplitudes))
+
+
+def add_noise(record: EcgRecord, noise: NDArray[np.float64], noise_fs: float, snr_db: float,
+              offset_s: float = 0.0) -> EcgRecord:
+    """`record` with `noise` (mV at `noise_fs` Hz, from `offset_s` on, repeated as needed) added at `snr_db`."""
+    n = len(record.signal_mv)
+    t = (offset_s + np.arange(n) / record.fs) * noise_fs % len(noise)  # noise sample of each record sample
+    resampled = np.interp(t, np.arange(len(noise)), noise)
+    resampled -= resampled.mean()
+    signal_power = qrs_amplitude_mv(record) ** 2 / 8
+    gain = np.sqrt(signal_power / (np.mean(resampled**2) * 10 ** (snr_db / 10)))
+    return dataclasses.replace(record, signal_mv=record.signal_mv + gain * resampled)
+
+
+def unreadable_windows(record: EcgRecord, window_s: float, config: AlarmConfig) -> NDArray[np.bool_]:
+    """Per `window_s` window: would the daemon's signal check call it unreadable (flat, saturated or noisy)?"""
+    step = round(window_s * record.fs)
+    windows = [record.signal_mv[a:a + step] for a in range(0, len(record.signal_mv) - step + 1, step)]
+    return np.array([c.flat or c.saturated or c.noisy for c in SignalCheck.batch(windows, config)], dtype=bool)
+
+
+def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, noise_name: str,
+                   snrs_db: list[float], out_dir: Path, window_s: float = 1.0) -> dict[str, Any]:
+    """Score `model_path` on the records with evaluation noise added at each SNR; write noise.json to `out_dir`.
+
+    Per SNR: EC57 gross statistics over everything, the share of windows the daemon's signal check
+    flags as unreadable, and the statistics over the readable windows only (beats and detections in
+    flagged windows left out), which is what reaches the beat-based alarms.
+    """
+    from train.evaluate import stream_records  # the daemon's code path
+
+    records = [record for _, record in load_records(specs, physionet_dir, lead)]
+    noise, noise_fs = load_noise(physionet_dir, noise_name, "eval")
+    model = BeatModel(model_path)
+    config = AlarmConfig()
+    levels = []
+    for snr in snrs_db:
+        noisy = [add_noise(r, noise, noise_fs, snr, offset_s=60.0 * k) for k, r in enumerate(records)]
+        detections = stream_records(model, noisy, window_s)
+        everything, readable = empty_matrix(), empty_matrix()
+        flagged_windows = total_windows = 0
+        for record, (det_samples, det_classes) in zip(noisy, detections, strict=True):
+            ref_s, det_s = record.beat_samples / record.fs, det_samples / record.fs
+            everything += confusion(ref_s, record.beat_classes, det_s, det_classes)
+            flagged = unreadable_windows(record, window_s, config)
+            flagged_windows, total_windows = flagged_windows + int(flagged.sum()), total_windows + len(flagged)
+            keep_ref = ~_in_flagged(ref_s, flagged, window_s)
+            keep_det = ~_in_flagged(det_s, flagged, window_s)
+            readable += confusion(ref_s[keep_ref], record.beat_classes[keep_ref], det_s[keep_det],
+                                  det_classes[keep_det])
+        level: dict[str, Any] = {"snr_db": snr, "flagged_windows": flagged_windows / total_windows,
+                                 "all": Ec57Stats(everything).summary(),
+                                 "readable": Ec57Stats(readable).summary()}
+        log.info("%s at %g dB: QRS +P %.4f Se %.4f; %.1f %% of windows flagged; readable +P %.4f", noise_name, snr,
+                 level["all"]["qrs_ppv"], level["all"]["qrs_se"], 100 * level["flagged_windows"],
+                 level["readable"]["qrs_ppv"])
+        levels.append(level)
+    report: dict[str, Any] = {
+        "model": str(model_path), "model_version": model.info.version, "records": specs, "lead": lead,
+        "noise": noise_name, "noise_part": f"second half of nstdb/{noise_name} (never used for training)",
+        "snr_definition": "S = (median reference QRS peak-to-peak amplitude)^2 / 8, N = mean square of the added "
+                          "noise", "window_s": window_s, "levels": levels}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"noise-{noise_name}.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    return report
+
+
+def _in_flagged(times_s: NDArray[np.floating[Any]], flagged: NDArray[np.bool_], window_s: float) -> NDArray[np.bool_]:
+    index = np.minimum((times_s / window_s).astype(np.int64), len(flagged) - 1)
+    return flagged[index] if len(flagged) else np.zeros(len(times_s), dtype=bool)
+
+
+def format_noise(report: dict[str, Any]) -> str:
+    """The noise report as a small table for the terminal."""
+    lines = [f"{report['noise']} noise on {', '.join(report['records'])} ({report['noise_part']})",
+             "SNR dB | QRS Se % | QRS +P % | V F1 | S F1 | windows flagged % | readable QRS +P %"]
+    for lv in report["levels"]:
+        a, r = lv["all"], lv["readable"]
+        lines.append(f"{lv['snr_db']:>6g} | {100 * a['qrs_se']:8.2f} | {100 * a['qrs_ppv']:8.2f} | "
+                     f"{a['V_f1']:.3f} | {a['S_f1']:.3f} | {100 * lv['flagged_windows']:17.1f} | "
+                     f"{100 * r['qrs_ppv']:.2f}")
+    return "\n".join(lines)
+
