@@ -46,6 +46,9 @@ class OptimConfig(Strict):
     loss_weight_max: float = Field(10.0, ge=1, description="cap on a class's loss weight")
     label_width_frames: int = Field(3, ge=1, description="frames labelled per beat, centred")
     amplitude_jitter: float = Field(0.2, ge=0, description="random gain 1 +- this per segment")
+    noise_fraction: float = Field(0.0, ge=0, le=1, description="share of segments with recorded noise added (the "
+                                  "training half of nstdb bw/em/ma)")
+    noise_snr_db: tuple[float, float] = Field((0.0, 24.0), description="SNR range of that noise (dB), uniform")
     threads: int = Field(2, ge=1)
     seed: int = 0
     patience: int | None = Field(6, ge=1, description="stop after this many epochs without a better val score")

@@ -14,6 +14,7 @@ from pipeline.aami import MODEL_CLASSES
 from pipeline.beats import r_peak_output_frame
 from pipeline.dsp import FilterSpec, Preprocessor
 from pipeline.tools.records import EcgRecord, load_records
+from train.noise import qrs_amplitude_mv
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,13 @@ class FramedRecord:
         name: "db/record".
         frames: (n_frames, frame_size) filtered ECG at the model rate, mV.
         labels: (n_frames,) class index per output frame (0 = background), already delayed.
+        qrs_power_mv2: (median reference QRS peak-to-peak)² / 8 (mV²): the S of a noise SNR.
     """
 
     name: str
     frames: NDArray[np.float32]
     labels: NDArray[np.int64]
+    qrs_power_mv2: float
 
 
 def frame_labels(record: EcgRecord, config: ModelConfig, n_frames: int, width: int) -> NDArray[np.int64]:
@@ -46,7 +49,8 @@ def frame_labels(record: EcgRecord, config: ModelConfig, n_frames: int, width: i
 def frame_record(record: EcgRecord, config: ModelConfig, spec: FilterSpec, label_width: int) -> FramedRecord:
     """Filter, resample and frame one record with the daemon's DSP, and label its frames."""
     frames = Preprocessor(spec, record.fs, config.fs, config.frame_size)(record.signal_mv)
-    return FramedRecord(record.name, frames, frame_labels(record, config, len(frames), label_width))
+    return FramedRecord(record.name, frames, frame_labels(record, config, len(frames), label_width),
+                        qrs_amplitude_mv(record) ** 2 / 8)
 
 
 def load_framed(specs: list[str], physionet_dir: Path, lead: str, config: ModelConfig, spec: FilterSpec,

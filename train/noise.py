@@ -14,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+from models.config import ModelConfig
 from pipeline.alarms import SignalCheck
 from pipeline.config import AlarmConfig
+from pipeline.dsp import FilterSpec, Preprocessor
 from pipeline.model import BeatModel
 from pipeline.tools.records import EcgRecord, ensure_records, load_records
 from train.ec57 import Ec57Stats, confusion, empty_matrix
@@ -46,6 +49,32 @@ def load_noise(physionet_dir: Path, name: str, part: Literal["train", "eval"]) -
     signal = np.nan_to_num(rec.p_signal[:, 0].astype(np.float64))
     a, b = TRAIN_PART if part == "train" else EVAL_PART
     return signal[round(a * len(signal)):round(b * len(signal))], float(rec.fs)
+
+
+@dataclass(frozen=True)
+class FramedNoise:
+    """The training half of a noise record as the network sees it.
+
+    Attributes:
+        name: "bw", "em" or "ma".
+        frames: (n_frames, frame_size) the noise through the shared DSP at the model rate (mV).
+        power_mv2: mean square of the raw noise, its mean removed (mV²): the N of the SNR.
+    """
+
+    name: str
+    frames: NDArray[np.float32]
+    power_mv2: float
+
+
+def framed_training_noise(physionet_dir: Path, config: ModelConfig, spec: FilterSpec) -> list[FramedNoise]:
+    """Every noise record's training half, filtered and framed like the ECG (the DSP is linear, so the
+    frames of ECG plus noise are the frames of each added up, but for the filter's first samples)."""
+    out = []
+    for name in NOISE_RECORDS:
+        noise, fs = load_noise(physionet_dir, name, "train")
+        frames = Preprocessor(spec, fs, config.fs, config.frame_size)(noise)
+        out.append(FramedNoise(name, frames, float(np.mean((noise - noise.mean()) ** 2))))
+    return out
 
 
 def qrs_amplitude_mv(record: EcgRecord) -> float:

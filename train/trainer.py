@@ -29,6 +29,7 @@ from pipeline.tools.records import resolve_records
 from train.config import TrainConfig
 from train.dataset import FramedRecord, load_framed
 from train.ec57 import Ec57Stats, confusion, empty_matrix, match_beats
+from train.noise import FramedNoise, framed_training_noise
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,23 @@ def neutral_decision(beat_threshold: float) -> Decision:
 
 
 def segment_batches(records: list[FramedRecord], segment: int, batch: int, jitter: float,
-                    rng: np.random.Generator) -> list[tuple[Tensor, Tensor]]:
-    """One epoch of batches: segments of `segment` frames from random offsets, shuffled."""
+                    rng: np.random.Generator, noise: list[FramedNoise] | None = None, noise_fraction: float = 0.0,
+                    noise_snr_db: tuple[float, float] = (0.0, 24.0)) -> list[tuple[Tensor, Tensor]]:
+    """One epoch of batches: segments of `segment` frames from random offsets, a random gain each, and in
+    `noise_fraction` of them a random stretch of a random noise record at a random SNR (dB); shuffled."""
     frames, labels = [], []
     for record in records:
         start = int(rng.integers(0, segment)) if len(record.frames) > 2 * segment else 0
         for s in range(start, len(record.frames) - segment + 1, segment):
             gain = 1.0 + rng.uniform(-jitter, jitter)
-            frames.append(record.frames[s:s + segment] * gain)
+            x = record.frames[s:s + segment] * gain
+            if noise and rng.random() < noise_fraction:
+                n = noise[int(rng.integers(len(noise)))]
+                at = int(rng.integers(0, len(n.frames) - len(x) + 1))
+                snr = rng.uniform(*noise_snr_db)
+                x = x + np.sqrt(record.qrs_power_mv2 * gain**2 / (n.power_mv2 * 10 ** (snr / 10))) * n.frames[
+                    at:at + len(x)]
+            frames.append(x)
             labels.append(record.labels[s:s + segment])
     order = rng.permutation(len(frames))
     return [(torch.from_numpy(np.stack([frames[i] for i in idx]).astype(np.float32)),
@@ -185,6 +195,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         return load_framed(specs, data.physionet_dir, data.lead, mc, config.filter, oc.label_width_frames)
 
     train_records, val_records = load(data.train_records), load(data.val_records)
+    noise = framed_training_noise(data.physionet_dir, mc, config.filter) if oc.noise_fraction > 0 else None
     log.info("training on %d records, validating on %d", len(train_records), len(val_records))
     device = torch.device(config.device)
     model = BeatNet(mc).to(device)
@@ -212,7 +223,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     started = time.monotonic()
     for epoch in range(start_epoch, total_epochs):
         rng = np.random.default_rng(oc.seed + epoch)
-        batches = segment_batches(train_records, segment, oc.batch_streams, oc.amplitude_jitter, rng)
+        batches = segment_batches(train_records, segment, oc.batch_streams, oc.amplitude_jitter, rng, noise,
+                                  oc.noise_fraction, oc.noise_snr_db)
         lr = oc.lr * 0.5 * (1 + math.cos(math.pi * epoch / total_epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
