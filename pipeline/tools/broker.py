@@ -50,6 +50,7 @@ class LocalBroker:
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
+        self._dir.mkdir(parents=True, exist_ok=True)
         conf = self._dir / "mosquitto.conf"
         base = self._config or (f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
                                 f"max_queued_messages 100000\n{self._extra}")
@@ -72,6 +73,7 @@ class LocalBroker:
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s:g} s")
 
     def stop(self) -> None:
+        """Stop mosquitto and remove its folder (config, log)."""
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -80,6 +82,7 @@ class LocalBroker:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def log_text(self) -> str:
         path = self._dir / "mosquitto.log"
