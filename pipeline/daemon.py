@@ -268,8 +268,8 @@ class Daemon:
             self._sink.status(doc)
 
     # --- intake (source thread) -----------------------------------------------------------------
-    def _deliver(self, device: str, payload: bytes, received: float) -> bool:
-        """Queue a window; True when taken (queued, or dropped for overload and counted)."""
+    def _deliver(self, device: str, payload: bytes, received: float) -> None:
+        """Queue a window, or drop it for overload and count it."""
         self.metrics.messages_in.inc()
         try:
             self._queue.put_nowait(Pending(device, payload, received))
@@ -282,7 +282,6 @@ class Daemon:
                     self._degraded_since = self._last_drop
                     log.error("cannot keep up: window queue full (%d), dropping windows", self._queue.maxsize)
                     self._publish_status("online")
-        return True
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:

@@ -16,8 +16,8 @@ from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 log = logging.getLogger(__name__)
 
-# deliver(device_id, payload, received_monotonic_s) -> whether the daemon took the window
-Deliver = Callable[[str, bytes, float], bool]
+# deliver(device_id, payload, received_monotonic_s)
+Deliver = Callable[[str, bytes, float], None]
 
 
 class WindowSource(Protocol):
@@ -56,7 +56,9 @@ class MqttSource:
     def start(self, deliver: Deliver) -> None:
         """Subscribe (or, before the client connects, have it subscribe on connect)."""
         def on_message(topic: str, payload: bytes) -> bool:
-            return self._taking and deliver(self._topics.device_of(topic), payload, time.monotonic())
+            if self._taking:  # else left unacknowledged: the broker keeps it for the next run
+                deliver(self._topics.device_of(topic), payload, time.monotonic())
+            return self._taking
 
         self._taking = True
         self._client.subscribe(self._topics.ecg(), on_message, self._qos)

@@ -24,8 +24,9 @@ class MemorySource:
     def stop(self) -> None:
         self._deliver = None
 
-    def send(self, device: str, payload: bytes) -> bool:
-        return self._deliver is not None and self._deliver(device, payload, time.monotonic())
+    def send(self, device: str, payload: bytes) -> None:
+        if self._deliver is not None:
+            self._deliver(device, payload, time.monotonic())
 
 
 class MemorySink:

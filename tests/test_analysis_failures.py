@@ -103,7 +103,11 @@ def test_a_dead_worker_fails_the_process_and_says_offline() -> None:
     config = DaemonConfig.model_validate({"metrics": {"port": None}})
     source, sink = MemorySource(), MemorySink(on_beats)
     daemon = Daemon(config, source, sink)
-    sender = threading.Thread(target=lambda: source.started.wait(30) and source.send("bed", window(0)))
+    def send_once_started() -> None:
+        if source.started.wait(30):
+            source.send("bed", window(0))
+
+    sender = threading.Thread(target=send_once_started)
     sender.start()
     assert serve(config, daemon) == EXIT_ANALYSIS_FAILED  # serve() returns on its own: the daemon failed
     sender.join()
