@@ -1,5 +1,5 @@
-"""The beat network's configuration (no torch): saved in every checkpoint and, as part of ModelInfo, in every
-ONNX file, so the network can be rebuilt from either."""
+"""The networks' configurations (no torch): saved in every checkpoint and, as part of ModelInfo, in every ONNX
+file, so a network can be rebuilt from either."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.aami import MODEL_CLASSES
+from pipeline.beat_context import FEATURE_NAMES
 
 
 class ModelConfig(BaseModel):
@@ -37,3 +38,14 @@ class ModelConfig(BaseModel):
     def output_delay_s(self) -> float:
         """Time (s) from a beat's R peak to the output frame that reports it."""
         return self.output_delay_frames * self.frame_size / self.fs
+
+
+class BeatStageConfig(BaseModel):
+    """The beat-sequence network: a recurrent cell stepping once per detected beat over `pipeline.beat_context`
+    features, re-deciding each beat's AAMI class with the stream's rhythm in view."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    feature_names: tuple[str, ...] = Field(FEATURE_NAMES, description="per-beat inputs, in order")
+    hidden_size: int = Field(32, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)

@@ -1,4 +1,5 @@
-"""Causal recurrent beat network: frames of filtered ECG in, per-frame beat classes out.
+"""The two causal recurrent networks: frames of filtered ECG -> per-frame beat classes (`BeatNet`), and
+detected beats with their rhythm context -> each beat's AAMI class (`BeatSequenceNet`).
 
 Every frame (``frame_size`` samples at ``fs`` Hz) goes through a small dense encoder, a
 unidirectional recurrent cell (LSTM, GRU or vanilla RNN) and a linear head over
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.config import ModelConfig
+from models.config import BeatStageConfig, ModelConfig
+from pipeline.aami import AAMI_CLASSES
 
 State = tuple[Tensor, ...]
 
@@ -62,6 +64,38 @@ class BeatNet(nn.Module):
         rnn_state = (state[0], state[1]) if self.config.cell == "lstm" else state[0]
         hidden, new_state = self.rnn(cell_input, rnn_state)
         return hidden, (tuple(new_state) if isinstance(new_state, tuple) else (new_state,))
+
+
+class BeatSequenceNet(nn.Module):
+    """Per-beat features -> dense layer -> GRU, one step per beat -> AAMI class logits.
+
+    The features are standardised inside the network (`feature_mean`, `feature_std`, set from the training
+    beats), so the exported graph takes the raw features of `pipeline.beat_context`.
+    """
+
+    feature_mean: Tensor
+    feature_std: Tensor
+
+    def __init__(self, config: BeatStageConfig) -> None:
+        super().__init__()
+        self.config = config
+        n_features = len(config.feature_names)
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        self.encoder = nn.Sequential(nn.Linear(n_features, config.hidden_size), nn.GELU())
+        self.rnn = nn.GRU(config.hidden_size, config.hidden_size, batch_first=True)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, len(AAMI_CLASSES))
+
+    def initial_state(self, batch_size: int) -> Tensor:
+        """Zero state of shape (1, batch_size, hidden_size)."""
+        return torch.zeros(1, batch_size, self.config.hidden_size, device=self.feature_mean.device)
+
+    def forward(self, features: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """features (batch, beats, n_features), state (1, batch, hidden) -> (logits (batch, beats, 5), new state)."""
+        x = (features - self.feature_mean) / self.feature_std
+        hidden, new_state = self.rnn(self.encoder(x), state)
+        return self.head(self.dropout(hidden)), new_state
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,11 +1,11 @@
-"""Alarm rules per device: physiological (from beats) and technical (from the signal and its arrival).
+"""Alarm rules per device: physiological (from beats and the VF detector) and technical.
 
 Every alarm has a stable id and a lifecycle raised -> updated -> cleared, and an IEC
-60601-1-8 priority. Physiological alarms are held back (neither raised, updated nor
-cleared) while a technical alarm makes the beats unreliable, and that technical alarm says
-so; likewise during the model's warm-up after a stream starts or restarts. Times are
-signal times (s, Unix time of the ECG), so a replayed record gives the same alarms at any
-speed.
+60601-1-8 priority. Physiological alarms are held back (neither raised, updated nor cleared)
+while a technical alarm makes the beats unreliable (every one but saturation: a clipped QRS
+still times its beat), and that technical alarm says so; likewise during the model's warm-up
+after a stream starts or restarts. Times are signal times (s, Unix time of the ECG), so a
+replayed record gives the same alarms at any speed.
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.af import AF_BEATS, AfDetectorInfo, af_features
+from pipeline.codec import Window
 from pipeline.config import AlarmConfig
 
 Priority = Literal["high", "medium", "low"]
+PRIORITIES = ("high", "medium", "low")
 State = Literal["raised", "updated", "cleared"]
 
 # type -> (kind, priority, message)
 ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
+    "ventricular_fibrillation": ("physiological", "high", "Ventricular fibrillation / flutter"),
+    "atrial_fibrillation": ("physiological", "medium", "Atrial fibrillation"),  # priority: AlarmConfig.af_priority
     "asystole": ("physiological", "high", "Asystole: no QRS detected"),
     "extreme_bradycardia": ("physiological", "high", "Extreme bradycardia"),
     "extreme_tachycardia": ("physiological", "high", "Extreme tachycardia"),
@@ -40,7 +45,9 @@ ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
     "data_gap": ("technical", "low", "Gap in the ECG data; analysis restarted"),
     "windows_dropped": ("technical", "medium", "Monitor overloaded: ECG windows of this device were not analysed"),
 }
-HISTORY_BEATS = 24  # beats kept per device: the longest rule (tachycardia, 17 beats) plus margin
+# Technical alarms that leave physiological alarms running: a clipped QRS still gives its beat's time.
+KEEPS_PHYSIOLOGICAL = frozenset({"saturation"})
+HISTORY_BEATS = AF_BEATS + 1  # beats kept per device: the longest rule (AF, 33 beats)
 
 
 @dataclass(frozen=True)
@@ -53,14 +60,11 @@ class AlarmEvent:
     state: State
     time: float
     evidence: dict[str, Any]
+    priority: Priority
 
     @property
     def kind(self) -> str:
         return ALARM_TYPES[self.type][0]
-
-    @property
-    def priority(self) -> Priority:
-        return ALARM_TYPES[self.type][1]
 
     @property
     def message(self) -> str:
@@ -76,6 +80,18 @@ class _Active:
     evidence: dict[str, Any]
 
 
+INT16_RAILS = (-32768, 32767)  # the binary format's ADC limits
+MAX_HALF_STEP_MV = 0.005  # windows in mV (gain 1) carry no ADC step: one rail value is then within 5 µV
+
+
+def longest_run(mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """Length of the longest run of True in each row of `mask` (n, m)."""
+    position = np.arange(1, mask.shape[1] + 1)
+    last_false = np.maximum.accumulate(np.where(mask, 0, position[None, :]), axis=1)
+    longest: NDArray[np.int64] = (position[None, :] - last_false).max(axis=1, initial=0)
+    return longest
+
+
 @dataclass
 class SignalCheck:
     """Technical findings of one window (raw signal, mV)."""
@@ -87,19 +103,33 @@ class SignalCheck:
     noise_mv: float
 
     @classmethod
-    def batch(cls, windows: list[NDArray[np.float64]], config: AlarmConfig) -> list[SignalCheck]:
-        """Checks of many windows, computed together for windows of equal length."""
+    def batch(cls, windows: list[Window], config: AlarmConfig) -> list[SignalCheck]:
+        """Checks of many windows, computed together for windows of equal length and rate.
+
+        Saturation is the signal held at a rail, not a large amplitude: a run of `saturation_run_s` at
+        the window's maximum or minimum (within half an ADC step of the window's own gain, at most
+        MAX_HALF_STEP_MV) that lies at least `saturation_min_mv` from 0 mV, or a sample at the binary
+        format's int16 limits.
+        """
         out: list[SignalCheck | None] = [None] * len(windows)
-        by_length: dict[int, list[int]] = {}
+        groups: dict[tuple[int, float], list[int]] = {}
         for i, w in enumerate(windows):
-            by_length.setdefault(len(w), []).append(i)
-        for n, rows in by_length.items():
-            x = np.stack([windows[i] for i in rows])
+            groups.setdefault((len(w.samples_mv), w.fs), []).append(i)
+        for (n, fs), rows in groups.items():
+            x = np.stack([windows[i].samples_mv for i in rows])
+            gain = np.array([windows[i].adc_gain for i in rows])[:, None]
+            baseline = np.array([windows[i].adc_baseline for i in rows])[:, None]
             ptp = np.ptp(x, axis=1)
-            peak = np.abs(x).max(axis=1)
             noise = np.median(np.abs(np.diff(x, 2, axis=1)), axis=1) if n > 2 else np.zeros(len(rows))
+            half_step = np.minimum(0.5 / gain, MAX_HALF_STEP_MV)
+            need = max(2, int(np.ceil(config.saturation_run_s * fs)))
+            high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+            at_high = (longest_run(x >= high - half_step) >= need) & (np.abs(high[:, 0]) >= config.saturation_min_mv)
+            at_low = (longest_run(x <= low + half_step) >= need) & (np.abs(low[:, 0]) >= config.saturation_min_mv)
+            adc = np.rint(x * gain + baseline)
+            saturated = at_high | at_low | ((adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])).any(axis=1)
             for k, i in enumerate(rows):
-                out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(peak[k] >= config.saturation_mv),
+                out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(saturated[k]),
                              noisy=bool(noise[k] > config.noise_mv), peak_to_peak_mv=float(ptp[k]),
                              noise_mv=float(noise[k]))
         return [c for c in out if c is not None]
@@ -113,26 +143,35 @@ class DeviceAlarms:
     config: AlarmConfig
     model_version: str
     started: float  # signal time the stream (re)started (s)
+    af: AfDetectorInfo | None = None  # the model's AF detector (None: no AF alarm)
     times: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
     classes: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
     v_times: deque[float] = field(default_factory=deque)
     active: dict[str, _Active] = field(default_factory=dict)
     gap_since: float | None = None
     rate_from: float = 0.0  # rate rules use beats from here on: a pause that was an asystole is not a bradycardia (s)
+    vf_since: float | None = None  # signal time from which the VF detector has said VF without a break (s)
+    vf_last: float | None = None  # the last time it said VF (s)
+    af_since: float | None = None  # likewise for the AF detector (s)
+    af_last: float | None = None
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
+                "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
                            for t, a in self.active.items()}}
 
     @classmethod
-    def from_dict(cls, device: str, config: AlarmConfig, model_version: str, doc: dict[str, Any]) -> DeviceAlarms:
-        alarms = cls(device, config, model_version, float(doc["started"]))
+    def from_dict(cls, device: str, config: AlarmConfig, model_version: str, af: AfDetectorInfo | None,
+                  doc: dict[str, Any]) -> DeviceAlarms:
+        alarms = cls(device, config, model_version, float(doc["started"]), af)
         alarms.gap_since = doc["gap_since"]
         alarms.rate_from = float(doc["rate_from"])
+        alarms.vf_since, alarms.vf_last = doc["vf_since"], doc["vf_last"]
+        alarms.af_since, alarms.af_last = doc["af_since"], doc["af_last"]
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -141,13 +180,37 @@ class DeviceAlarms:
 
     # --- inputs -------------------------------------------------------------------------------
     def on_window(self, check: SignalCheck, beats: list[tuple[float, str]], now: float,
-                  analysed_until: float) -> list[AlarmEvent]:
-        """One analysed window ending at `now` (s, signal time): its technical check, then the beats it
-        completed (R-peak time s, AAMI class), then asystole judged on the beat time line up to
-        `analysed_until` (s), the latest time for which every beat has been emitted."""
+                  analysed_until: float, vf_found: bool = False) -> list[AlarmEvent]:
+        """One analysed window ending at `now` (s, signal time): its technical check, the VF detector's verdict
+        on the signal up to `now`, then the beats it completed (R-peak time s, AAMI class), then asystole
+        judged on the beat time line up to `analysed_until` (s), the latest time for which every beat has
+        been emitted."""
         events = self._technical(check, now)
+        events += self._fibrillation(vf_found, now)
         events += self._beats(beats, now)
         return events + self._asystole(analysed_until)
+
+    def _fibrillation(self, vf_found: bool, now: float) -> list[AlarmEvent]:
+        """VF raised once the detector has said VF for `vf_confirm_s`, cleared after `vf_clear_s` without it.
+        It supersedes asystole and bradycardia: without QRS complexes, the beat rules see a slow or no rate."""
+        if vf_found:
+            self.vf_since = now if self.vf_since is None else self.vf_since
+            self.vf_last = now
+        else:
+            self.vf_since = None
+        if self._technical_active() or now - self.started < self.config.warmup_s:
+            return []
+        c = self.config
+        if "ventricular_fibrillation" in self.active:
+            present = self.vf_last is not None and now - self.vf_last < c.vf_clear_s
+        else:
+            present = self.vf_since is not None and now - self.vf_since >= c.vf_confirm_s
+        evidence = {"vf_since": self.vf_since} if present else {"seconds_without_vf": c.vf_clear_s}
+        events = self._set("ventricular_fibrillation", present, now, evidence, update=False)
+        if present:
+            for superseded in ("asystole", "extreme_bradycardia"):
+                events += self._set(superseded, False, now, {"superseded_by": "ventricular_fibrillation"})
+        return events
 
     def _beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
         """The rules run after each beat, so a pattern that ends inside a window is not missed."""
@@ -172,7 +235,7 @@ class DeviceAlarms:
         if new_beat and "asystole" in self.active:
             events += self._set("asystole", False, now, {})
             self.rate_from = now
-        for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule):
+        for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule, self._af_rule):
             events += rule(now, new_beat)
         return events
 
@@ -182,8 +245,9 @@ class DeviceAlarms:
                 ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
                 ("saturation", check.saturated, {}),
                 ("poor_signal", check.noisy and not check.flat, {"noise_mv": round(check.noise_mv, 4)})):
-            events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": "suspended"})
-        if any(e.state == "cleared" for e in events):
+            effect = "active" if alarm_type in KEEPS_PHYSIOLOGICAL else "suspended"
+            events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": effect})
+        if any(e.state == "cleared" and e.type not in KEEPS_PHYSIOLOGICAL for e in events):
             self._restart(now)
         if self.gap_since is not None and now - self.gap_since >= self.config.warmup_s:
             self.gap_since = None
@@ -200,7 +264,7 @@ class DeviceAlarms:
         silent = analysed_until - last
         onset = last + self.config.asystole_s
         if (silent < self.config.asystole_s or self._technical_active() or onset - self.started < self.config.warmup_s
-                or (ended and "asystole" in self.active)):
+                or (ended and "asystole" in self.active) or "ventricular_fibrillation" in self.active):
             return []
         evidence = {"seconds_without_qrs": round(silent, 2), **({"pause_ended": True} if ended else {})}
         return self._set("asystole", True, onset, evidence, update=False)
@@ -225,6 +289,7 @@ class DeviceAlarms:
         self.times.clear()
         self.classes.clear()
         self.v_times.clear()
+        self.vf_since = self.vf_last = self.af_since = self.af_last = None
         self.started = now
 
     def on_overload(self, now: float, dropped: int) -> list[AlarmEvent]:
@@ -267,6 +332,8 @@ class DeviceAlarms:
         for alarm_type, n, bpm, below in (("extreme_bradycardia", c.brady_beats, c.brady_bpm, True),
                                           ("extreme_tachycardia", c.tachy_beats, c.tachy_bpm, False)):
             hr = self._hr_bpm(n)
+            if below and "ventricular_fibrillation" in self.active:
+                continue
             if hr is not None and self.times[-n] >= self.rate_from:
                 events += self._set(alarm_type, hr < bpm if below else hr > bpm, now, self._evidence(n, hr))
         return events
@@ -311,9 +378,30 @@ class DeviceAlarms:
         present = per_min > c.pvc_per_min or ("pvc_burden" in self.active and per_min > c.pvc_clear_per_min)
         return self._set("pvc_burden", present, now, {"v_beats_last_minute": per_min}, update=False)
 
+    def _af_rule(self, now: float, new_beats: bool) -> list[AlarmEvent]:
+        """AF raised once the detector has said AF at every beat for `af_confirm_s`, cleared after `af_clear_s`
+        without it; judged on the last AF_BEATS RR intervals."""
+        if self.af is None or not new_beats or len(self.times) < AF_BEATS + 1:
+            return []
+        c = self.config
+        features = af_features(np.asarray(self.times), np.array([k in "SV" for k in self.classes]))
+        p_af = float(self.af.probability(features[None])[0])
+        if p_af >= self.af.threshold:
+            self.af_since = now if self.af_since is None else self.af_since
+            self.af_last = now
+        else:
+            self.af_since = None
+        if "atrial_fibrillation" in self.active:
+            present = self.af_last is not None and now - self.af_last < c.af_clear_s
+        else:
+            present = self.af_since is not None and now - self.af_since >= c.af_confirm_s
+        evidence = {"p_af": round(p_af, 2), **self._evidence(AF_BEATS + 1, self._hr_bpm(AF_BEATS + 1))}
+        return self._set("atrial_fibrillation", present, now, evidence)
+
     # --- lifecycle ----------------------------------------------------------------------------
     def _technical_active(self) -> bool:
-        return any(ALARM_TYPES[t][0] == "technical" for t in self.active)
+        """A technical alarm that suspends the physiological ones is active."""
+        return any(ALARM_TYPES[t][0] == "technical" and t not in KEEPS_PHYSIOLOGICAL for t in self.active)
 
     def _evidence(self, n_beats: int, hr: float | None) -> dict[str, Any]:
         times, classes = list(self.times)[-n_beats:], list(self.classes)[-n_beats:]
@@ -343,5 +431,6 @@ class DeviceAlarms:
 
     def _event(self, alarm_type: str, state: State, now: float, evidence: dict[str, Any]) -> AlarmEvent:
         active = self.active[alarm_type]
+        priority = self.config.af_priority if alarm_type == "atrial_fibrillation" else ALARM_TYPES[alarm_type][1]
         return AlarmEvent(active.alarm_id, self.device, alarm_type, state, now,
-                          {**evidence, "raised_at": active.raised, "model_version": self.model_version})
+                          {**evidence, "raised_at": active.raised, "model_version": self.model_version}, priority)

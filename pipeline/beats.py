@@ -47,6 +47,7 @@ class PickedBeats:
     Attributes:
         row: row of the beat's stream in the batch.
         frame: global frame index (since the stream started) of the output frame with peak P(beat).
+        end_frame: global frame index of the frame that ended the beat's run (when the beat was picked).
         class_index: index into the model's class names (1..n_classes-1; 0 is background).
         confidence: summed probability of the chosen class over summed P(beat) in the run (0-1).
         class_sum: (n_beats, n_classes-1) class probabilities summed over each beat's run.
@@ -54,6 +55,7 @@ class PickedBeats:
 
     row: NDArray[np.int64]
     frame: NDArray[np.int64]
+    end_frame: NDArray[np.int64]
     class_index: NDArray[np.int64]
     confidence: NDArray[np.float32]
     class_sum: NDArray[np.float32]
@@ -110,12 +112,12 @@ def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArra
     peak_frame = state.peak_frame[slots]
     class_sum = state.class_sum[slots]
     first_frame = state.frames_seen[slots]
-    out: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]] = []
+    out: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]] = []
     for t in range(n_frames):
         ending = in_run & ~above[:, t]
         if ending.any():
             idx = np.flatnonzero(ending)
-            out.append((idx, peak_frame[idx], class_sum[idx]))
+            out.append((idx, peak_frame[idx], first_frame[idx] + t, class_sum[idx]))
             in_run[idx] = False
         on = above[:, t]
         if on.any():
@@ -136,13 +138,14 @@ def pick_beats(probs: NDArray[np.float32], state: BeatPickerState, slots: NDArra
     if out:
         row = np.concatenate([o[0] for o in out])
         frame = np.concatenate([o[1] for o in out])
-        sums = np.concatenate([o[2] for o in out])
+        end_frame = np.concatenate([o[2] for o in out])
+        sums = np.concatenate([o[3] for o in out])
     else:
-        row = frame = np.zeros(0, dtype=np.int64)
+        row = frame = end_frame = np.zeros(0, dtype=np.int64)
         sums = np.zeros((0, probs.shape[2] - 1), dtype=np.float32)
     order = np.lexsort((frame, row))
     class_index, confidence = decision.classify(sums[order])
-    return PickedBeats(row[order], frame[order], class_index, confidence, sums[order])
+    return PickedBeats(row[order], frame[order], end_frame[order], class_index, confidence, sums[order])
 
 
 def r_peak_output_frame(time_s: NDArray[np.float64], config: ModelConfig) -> NDArray[np.int64]:

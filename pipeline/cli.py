@@ -76,6 +76,46 @@ def cmd_evaluate_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_alarms(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from train.alarm_eval import evaluate_alarms, format_alarm_report
+
+    alarms = load_config(args.config).alarms
+    report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.lead, alarms, args.out,
+                             args.window_s, pictures=not args.no_pictures)
+    print(format_alarm_report(report))
+    print(f"report in {args.out / 'alarms.json'}")
+    return 0
+
+
+def cmd_train_vf(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from train.vf import train_vf
+
+    report = train_vf(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+                      load_config(args.config).alarms, args.folds, args.max_false_per_hour, tuple(args.records))
+    for t, scores in report["thresholds"].items():
+        vf = scores["vf"]
+        print(f"threshold {t}: VF episodes {vf['events_alarmed']}/{vf['events']} alarmed, time to alarm median "
+              f"{vf['time_to_alarm_median_s']} s, 95th percentile {vf['time_to_alarm_p95_s']} s, "
+              f"false VF alarms {vf['false_per_hour']:.2f}/h")
+    print(f"chose threshold {report['threshold']}; wrote {args.out}; report in {args.report_dir / 'vf-cv.json'}")
+    return 0
+
+
+def cmd_train_af(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from train.af import train_af
+
+    report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+                      load_config(args.config).alarms, args.folds, args.challenge_limit)
+    for t, f1 in report["thresholds"].items():
+        print(f"threshold {t}: Challenge 2017 F1 N {f1['N']:.3f} A {f1['A']:.3f} O {f1['O']:.3f} ~ {f1['~']:.3f}, "
+              f"score {f1['challenge_score']:.3f}")
+    print(f"chose threshold {report['threshold']}; wrote {args.out}; report in {args.report_dir / 'af-cv.json'}")
+    return 0
+
+
 def cmd_build_model(args: argparse.Namespace) -> int:
     from train.build import build_model
     from train.evaluate import format_summary
@@ -93,6 +133,19 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, _overrides(args.set))
     print(format_cv(cross_validate(config, args.folds, args.seeds, args.out, args.jobs)))
     print(f"report in {args.out / 'cv.json'}")
+    return 0
+
+
+def cmd_train_beat_stage(args: argparse.Namespace) -> int:
+    from pipeline.config import validate_config
+    from train.beat_stage import build_beat_stage, format_beat_stage
+    from train.config import BeatStageTrainConfig, apply_overrides
+
+    config = validate_config(BeatStageTrainConfig, apply_overrides({}, _overrides(args.set)), "--set")
+    report = build_beat_stage(args.cv_dir, args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+                              config, args.cv_only)
+    print(format_beat_stage(report))
+    print(f"reports in {args.report_dir}" if args.cv_only else f"wrote {args.out}; reports in {args.report_dir}")
     return 0
 
 
@@ -225,6 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/noise"), help="output folder (noise-<name>.json)")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
 
+    p = add("evaluate-alarms", cmd_evaluate_alarms, "Run records offline through the daemon's analysis (DSP, model, "
+            "beat picking, alarm rules) and score every alarm type against the reference annotations.")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="ONNX model (default: the shipped one)")
+    p.add_argument("--records", nargs="+", default=["mitdb/DS2", "cudb/all"],
+                   help="db/record, mitdb/DS2, db/all (default mitdb/DS2 cudb/all)")
+    p.add_argument("--config", type=Path, help="daemon config YAML whose `alarms` section to use (default: built-in)")
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
+                   help="folder of WFDB databases; missing records are downloaded")
+    p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+    p.add_argument("--out", type=Path, default=Path("runs/alarms"), help="output folder (alarms.json, timelines/, "
+                   "strips/)")
+    p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
+    p.add_argument("--no-pictures", action="store_true", help="write alarms.json only")
+
+    def add_detector_training(p: argparse.ArgumentParser, report: str) -> None:
+        p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model to add the detector to")
+        p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
+        p.add_argument("--report-dir", type=Path, default=Path("docs/alarms"), help=f"where {report} goes")
+        p.add_argument("--config", type=Path, help="daemon config YAML whose `alarms` section to use (default: "
+                       "built-in)")
+        p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+        p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
+                       help="folder of WFDB databases; missing records are downloaded")
+        p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+
+    p = add("train-vf", cmd_train_vf, "Fit the VF detector on cudb and MIT-BIH DS1, cross-validate its alarm by "
+            "patient folds, choose its threshold, and write it into the model's metadata.")
+    add_detector_training(p, "vf-cv.json")
+    p.add_argument("--records", nargs="+", default=["cudb/all", "mitdb/DS1"],
+                   help="records to train and cross-validate on (DS2 is refused)")
+    p.add_argument("--max-false-per-hour", type=float, default=0.1,
+                   help="the lowest threshold whose cross-validated false VF alarms per hour stay at or below this")
+
+    p = add("train-af", cmd_train_af, "Fit the AF detector on the Challenge 2017 set and MIT-BIH DS1, score it by "
+            "5-fold cross-validation with the Challenge's own score, and write it into the model's metadata.")
+    add_detector_training(p, "af-cv.json")
+    p.add_argument("--challenge-limit", type=int, help="use only the first N Challenge recordings (tests)")
+
     p = add("build-model", cmd_build_model, "Train, export and evaluate in one go: the shipped model's recipe.")
     p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))
     p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
@@ -238,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/cv"), help="output folder (cv.json, runs/)")
     p.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in a process of its own")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    p = add("train-beat-stage", cmd_train_beat_stage, "Train the beat-sequence stage on the out-of-fold beats of a "
+            "cross-validation run, cross-validate both stages, attach it to a frame model and score DS2 once.")
+    p.add_argument("--cv-dir", type=Path, default=Path("runs/cv"), help="--out of `ecgmon cross-validate`")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="frame model to attach the stage to")
+    p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
+    p.add_argument("--report-dir", type=Path, default=Path("docs/model/beat-stage"), help="cv.json and ds2/")
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
+    p.add_argument("--lead", default="MLII")
+    p.add_argument("--cv-only", action="store_true", help="cross-validate only: no model written, DS2 not scored")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting, e.g. --set epochs=10 or model.hidden_size=16")
 
     p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm for the same epochs; compare DS2 scores and "
                            "gradients over BPTT depth.")
@@ -283,9 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
 
-    p = add("demo", cmd_demo, "Local broker + daemon + shipped model + a replayed MIT-BIH record; prints alarms.")
-    add_records(p, ["mitdb/200"])
-    p.set_defaults(speed=10.0, duration_s=180.0, default_log_level="WARNING")  # the alarm lines are the output
+    p = add("demo", cmd_demo, "Local broker + daemon + shipped model + replayed PhysioNet records (ventricular "
+            "ectopy, ventricular fibrillation, atrial fibrillation), one device each; prints alarms.")
+    add_records(p, ["mitdb/200", "cudb/cu01", "mitdb/201"])
+    p.set_defaults(speed=10.0, duration_s=300.0, default_log_level="WARNING")  # the alarm lines are the output
     return parser
 
 

@@ -65,6 +65,8 @@ class Window:
         fs: sampling rate (Hz).
         lead: lead name, e.g. "MLII".
         samples_mv: the samples in mV, float64.
+        adc_gain: ADC units per mV the samples came in (1: they came in mV).
+        adc_baseline: ADC value of 0 mV.
     """
 
     seq: int
@@ -72,6 +74,8 @@ class Window:
     fs: float
     lead: str
     samples_mv: NDArray[np.float64]
+    adc_gain: float = 1.0
+    adc_baseline: float = 0.0
 
     @property
     def duration_s(self) -> float:
@@ -189,7 +193,7 @@ def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floa
     largest = float(np.abs(samples_mv).max())
     if not largest <= MAX_ABS_MV:  # also catches overflow to inf
         raise DecodeError("out_of_range", f"a sample of {largest:.3g} mV is beyond ±{MAX_ABS_MV:g} mV")
-    return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=samples_mv)
+    return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=samples_mv, adc_gain=gain, adc_baseline=baseline)
 
 
 def encode_binary(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.int16], gain: float,

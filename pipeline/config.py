@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -103,11 +103,24 @@ class AlarmConfig(Strict):
     update_interval_s: float = Field(10.0, ge=0, description="at most one 'updated' event per alarm this often (s)")
     event_hold_s: float = Field(30.0, gt=0, description="a pattern alarm clears this long after it was last seen")
     clear_after_beats: int = Field(5, ge=1, description="normal beats that clear a rate or run alarm")
+    vf_confirm_s: float = Field(1.0, ge=0, description="ventricular_fibrillation: the VF detector says VF without "
+                                "a break for this long (s; its threshold is in the model's metadata)")
+    vf_clear_s: float = Field(5.0, gt=0, description="ventricular_fibrillation clears this long after the "
+                              "detector last said VF (s)")
+    af_confirm_s: float = Field(30.0, ge=0, description="atrial_fibrillation: the AF detector says AF at every beat "
+                                "for this long (s; its threshold is in the model's metadata)")
+    af_clear_s: float = Field(30.0, gt=0, description="atrial_fibrillation clears this long after the detector "
+                              "last said AF (s)")
+    af_priority: Literal["high", "medium", "low"] = Field("medium", description="IEC 60601-1-8 priority of "
+                                                          "atrial_fibrillation")
     signal_loss_s: float = Field(10.0, gt=0, description="no data for this long (s)")
     overload_hold_s: float = Field(10.0, ge=0, description="windows_dropped and the degraded status clear only "
                                    "after this long without a dropped window (s)")
     flat_mv: float = Field(0.01, gt=0, description="window peak-to-peak below this is a flat line / leads off")
-    saturation_mv: float = Field(5.0, gt=0, description="|sample| at or above this is saturation (mV)")
+    saturation_run_s: float = Field(0.04, gt=0, description="saturation: the signal sits at one value (within half an "
+                                    "ADC step) at the window's maximum or minimum for this long (s) ...")
+    saturation_min_mv: float = Field(1.0, gt=0, description="... that value at least this far from 0 mV; or any "
+                                     "sample at the int16 limits of the binary format")
     noise_mv: float = Field(0.3, gt=0, description="median |second difference| above this is poor quality (mV); "
                             "white noise of 0.18 mV rms reaches it")
 

@@ -167,7 +167,7 @@ class Daemon:
             try:
                 self._streams.restore(device, doc["streams"])
                 self._alarms[device] = DeviceAlarms.from_dict(device, self.config.alarms, self.model_version,
-                                                              doc["alarms"])
+                                                              self.model.info.af_detector, doc["alarms"])
                 self._admission.restore(device, doc["stream"], unix_minus_monotonic)
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("saved state of device %r is malformed (%s): it starts cold", device, err)
@@ -368,7 +368,8 @@ class Daemon:
             self._count_drop(verdict.kind)
             return None
         if verdict.kind == "new":
-            self._alarms[item.device] = DeviceAlarms(item.device, self.config.alarms, self.model_version, window.t0)
+            self._alarms[item.device] = DeviceAlarms(item.device, self.config.alarms, self.model_version, window.t0,
+                                                     self.model.info.af_detector)
         if verdict.kind != "next":
             self._streams.open(item.device, window.fs)
         if verdict.kind == "restart":
@@ -394,7 +395,7 @@ class Daemon:
         beats_of: defaultdict[str, list[Beat]] = defaultdict(list)
         for beat in self._streams.process([(a.device, a.window.samples_mv) for a in group]):
             beats_of[beat.stream_id].append(beat)
-        checks = SignalCheck.batch([a.window.samples_mv for a in group], self.config.alarms)
+        checks = SignalCheck.batch([a.window for a in group], self.config.alarms)
         for a, check in zip(group, checks, strict=True):
             try:
                 self._report(a, check, beats_of[a.device])
@@ -414,7 +415,8 @@ class Daemon:
             self.metrics.beats.labels(cls).inc()
         end = a.window.t0 + a.window.duration_s
         analysed_until = a.stream.origin + self._streams.analysed_until_s(a.device)
-        self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until))
+        self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
+                                                    self._streams.vf_found(a.device)))
         self.metrics.result_delay.observe(max(0.0, time.time() - end))
 
     def _reject(self, device: str, reason: str, detail: str) -> None:

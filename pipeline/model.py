@@ -2,11 +2,15 @@
 
 The ONNX file is the single source of truth: the daemon takes the model rate, frame size,
 output delay, filter, class names and decision rule from its metadata, never from
-constants of its own.
+constants of its own. A model may carry a second stage, the beat-sequence network that
+re-decides each beat's class from its rhythm context: a small ONNX graph of its own, stored
+in the same file's metadata (`BEAT_STAGE_KEY`, base64), so one file still holds the whole model.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Any
@@ -17,13 +21,20 @@ from numpy.typing import NDArray
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from pydantic import ConfigDict, Field, ValidationError
 
-from models.config import ModelConfig
+from models.config import BeatStageConfig, ModelConfig
+from pipeline.af import AF_FEATURE_NAMES, AfDetectorInfo
+from pipeline.beat_context import FEATURE_NAMES
 from pipeline.beats import Decision
 from pipeline.dsp import FilterSpec
+from pipeline.vf import VF_FEATURE_NAMES, VfDetectorInfo
 
 FRAMES_INPUT = "frames"
 PROBS_OUTPUT = "probs"
 STATE_OUT_SUFFIX = "_out"
+FEATURES_INPUT = "features"
+BEAT_STATE_INPUT = "h"
+BEAT_STAGE_KEY = "beat_stage_onnx"
+OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector"})  # a model may lack these
 # What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
 ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                    ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
@@ -31,6 +42,16 @@ ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_erro
 
 class ModelError(RuntimeError):
     """The model file is missing, unreadable or not an ecgmon beat model."""
+
+
+class BeatStageInfo(BeatStageConfig):
+    """The beat-sequence stage's network config and provenance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(description="hash of the stage's weights")
+    training_data: str
+    cv_metrics: dict[str, Any] = Field(description="patient-wise cross-validation of both stages together")
 
 
 class ModelInfo(ModelConfig):
@@ -47,6 +68,12 @@ class ModelInfo(ModelConfig):
     config_hash: str = Field(description="hash of the training config (TrainConfig.hash)")
     training_data: str
     ds2_metrics: dict[str, Any] = Field(description="gross EC57 statistics on DS2 (fractions 0-1); {} if not scored")
+    af_detector: AfDetectorInfo | None = Field(None, description="atrial fibrillation from the beat sequence "
+                                               "(`pipeline.af`), null when the model has none")
+    vf_detector: VfDetectorInfo | None = Field(None, description="ventricular fibrillation from the signal "
+                                               "(`pipeline.vf`), null when the model has none")
+    beat_stage: BeatStageInfo | None = Field(None, description="the beat-sequence stage, null when the frame stage "
+                                             "decides the classes alone")
 
     @property
     def decision(self) -> Decision:
@@ -58,18 +85,56 @@ class ModelInfo(ModelConfig):
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelInfo:
-        """Parse metadata_props written by `to_metadata`; every field must be there (no defaults filled in)."""
-        missing = sorted(cls.model_fields.keys() - props.keys())
+        """Parse metadata_props written by `to_metadata`; every field must be there, no default stands in, but
+        for the optional parts a model may lack (OPTIONAL_PARTS: then None)."""
+        missing = sorted(set(cls.model_fields) - OPTIONAL_PARTS - props.keys())
         if missing:
             raise ModelError(f"model metadata is incomplete or invalid: no {', '.join(missing)}")
         try:
-            return cls.model_validate({key: json.loads(value) for key, value in props.items()})
+            return cls.model_validate({key: json.loads(value) for key, value in props.items()
+                                       if key in cls.model_fields})
         except (ValidationError, json.JSONDecodeError) as err:
             raise ModelError(f"model metadata is incomplete or invalid: {err}") from err
 
 
+def open_session(model: str | bytes, options: ort.SessionOptions, what: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except ORT_LOAD_ERRORS as err:
+        raise ModelError(f"cannot load {what}: {err}") from err
+
+
+class BeatStage:
+    """The beat-sequence network in ONNX Runtime: one step per beat, batched across streams."""
+
+    def __init__(self, onnx_base64: str, info: BeatStageInfo, options: ort.SessionOptions, path: Path) -> None:
+        try:
+            model = base64.b64decode(onnx_base64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ModelError(f"{path}: {BEAT_STAGE_KEY} is not base64: {err}") from err
+        self._session = open_session(model, options, f"the beat stage of {path}")
+        self.info = info
+        inputs = {i.name: i.shape for i in self._session.get_inputs()}
+        if set(inputs) != {FEATURES_INPUT, BEAT_STATE_INPUT} or inputs[FEATURES_INPUT][-1] != len(info.feature_names):
+            raise ModelError(f"{path}: beat stage inputs {inputs} do not match its metadata")
+        if info.feature_names != FEATURE_NAMES:
+            raise ModelError(f"{path}: the beat stage takes the features {info.feature_names}, but this version of "
+                             f"ecgmon computes {FEATURE_NAMES}; retrain it with `ecgmon train-beat-stage`")
+
+    def initial_state(self, n_streams: int) -> NDArray[np.float32]:
+        """Zero state (1, n_streams, hidden_size)."""
+        return np.zeros((1, n_streams, self.info.hidden_size), dtype=np.float32)
+
+    def run(self, features: NDArray[np.float32], state: NDArray[np.float32]
+            ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """One beat per stream: features (streams, n_features) -> AAMI class probabilities (streams, 5), state."""
+        probs, new_state = self._session.run(None, {FEATURES_INPUT: features[:, None], BEAT_STATE_INPUT: state})
+        return probs[:, 0], new_state
+
+
 class BeatModel:
-    """One ONNX Runtime session of the beat model, run on batches of streams."""
+    """ONNX Runtime sessions of the beat model (the frame stage, and the beat stage when it has one), run on
+    batches of streams."""
 
     def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
         if not path.is_file():
@@ -77,11 +142,20 @@ class BeatModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except ORT_LOAD_ERRORS as err:
-            raise ModelError(f"cannot load model {path}: {err}") from err
-        self.info = ModelInfo.from_metadata(dict(self._session.get_modelmeta().custom_metadata_map))
+        self._session = open_session(str(path), options, f"model {path}")
+        props = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.info = ModelInfo.from_metadata(props)
+        self.beat_stage: BeatStage | None = None
+        if self.info.beat_stage is not None:
+            if BEAT_STAGE_KEY not in props:
+                raise ModelError(f"{path}: metadata describes a beat stage but holds no {BEAT_STAGE_KEY}")
+            self.beat_stage = BeatStage(props[BEAT_STAGE_KEY], self.info.beat_stage, options, path)
+        for name, detector, features in (("VF", self.info.vf_detector, VF_FEATURE_NAMES),
+                                         ("AF", self.info.af_detector, AF_FEATURE_NAMES)):
+            if detector is not None and not detector.matches(features):
+                raise ModelError(f"{path}: the {name} detector takes the features {detector.feature_names}, but this "
+                                 f"version of ecgmon computes {features}; retrain it with `ecgmon train-"
+                                 f"{name.lower()}`")
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         if FRAMES_INPUT not in inputs or outputs[0] != PROBS_OUTPUT:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms
+from pipeline.alarms import ALARM_TYPES, PRIORITIES, AlarmEvent, DeviceAlarms
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def clear_orphan(doc: dict[str, Any], now: float) -> AlarmEvent | None:
             return None
         return AlarmEvent(str(doc["alarm_id"]), str(doc["device"]), alarm_type, "cleared", max(now, raised),
                           {"reason": ORPHAN_REASON, "raised_at": raised,
-                           "model_version": doc["evidence"]["model_version"]})
+                           "model_version": doc["evidence"]["model_version"]},
+                          doc["priority"] if doc.get("priority") in PRIORITIES else ALARM_TYPES[alarm_type][1])
     except (KeyError, TypeError, ValueError):
         return None

@@ -1,9 +1,12 @@
 """Many ECG streams through one beat model, window by window with carried state.
 
-Each stream owns a slot: its DSP state (filter, resampler, framer), its recurrent state
-and its beat-picking carry-over. Windows from many streams are batched into one model
-run (one run per distinct frame count), state gathered from and scattered back to the
-slots. `ecgmon evaluate` and the daemon both go through this class.
+Each stream owns a slot: its DSP state (filter, resampler, framer), its recurrent state, its
+beat-picking carry-over, for a model with a beat stage its rhythm context and beat-stage
+state, and for a model with a VF detector its last seconds of signal. Windows from many
+streams are batched into one model run (one run per distinct frame count), state gathered
+from and scattered back to the slots; the beat stage then steps once per beat, the k-th
+beats of all streams in one batch. `ecgmon evaluate` and the daemon both go through this
+class.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.beats import BeatPickerState, pick_beats, r_peak_time_s
+from pipeline.aami import AAMI_CLASSES
+from pipeline.beat_context import BeatContext, SignalWindow, rank_in_row
+from pipeline.beats import BeatPickerState, PickedBeats, pick_beats, r_peak_time_s
 from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
+from pipeline.vf import VfDetector
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,8 @@ class Beat:
         stream_id: the stream it belongs to.
         time_s: R-peak time (s) since the stream's first sample.
         class_name: AAMI class ("N", "S", "V", "F", "Q").
-        confidence: the class's share of the beat probability (0-1).
+        confidence: probability of that class (0-1): the beat stage's, or the frame stage's share of the beat
+            probability in a model without one.
     """
 
     stream_id: str
@@ -48,6 +55,13 @@ class BeatStreams:
         self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
         self._state = model.initial_state(capacity)
         self._picker = BeatPickerState(capacity, len(self.info.class_names))
+        # With a beat stage: each slot's beat context and beat-stage state.
+        self._context = BeatContext(capacity, self.info.fs, self.info.frame_size) if model.beat_stage else None
+        self._beat_state = model.beat_stage.initial_state(capacity) if model.beat_stage else None
+        # With a VF detector: each slot's last seconds of signal, and whether they look like VF.
+        vf = self.info.vf_detector
+        self._vf = VfDetector(capacity, self.info.fs, vf) if vf is not None else None
+        self._vf_found = np.zeros(capacity, dtype=bool)
         self._capacity = capacity
 
     def open(self, stream_id: str, fs: float) -> None:
@@ -61,12 +75,24 @@ class BeatStreams:
         for array in self._state:
             array[:, slot] = 0.0
         self._picker.reset(np.array([slot]))
+        if self._context is not None and self._beat_state is not None:
+            self._context.reset(np.array([slot]))
+            self._beat_state[:, slot] = 0.0
+        if self._vf is not None:
+            self._vf.reset(np.array([slot]))
+        self._vf_found[slot] = False
 
     def save(self, stream_id: str) -> dict[str, Any]:
         """Everything `stream_id` carries (DSP, recurrent state, beat picking) as JSON-able values."""
         slot = self._slot_of[stream_id]
-        return {"dsp": self._dsp.save_slot(slot), "recurrent": [a[:, slot].tolist() for a in self._state],
-                "picker": self._picker.save_slot(slot)}
+        doc = {"dsp": self._dsp.save_slot(slot), "recurrent": [a[:, slot].tolist() for a in self._state],
+               "picker": self._picker.save_slot(slot)}
+        if self._context is not None and self._beat_state is not None:
+            doc["context"] = self._context.save_slot(slot)
+            doc["beat_stage"] = self._beat_state[:, slot].tolist()
+        if self._vf is not None:
+            doc["vf"] = {**self._vf.save_slot(slot), "found": bool(self._vf_found[slot])}
+        return doc
 
     def restore(self, stream_id: str, doc: dict[str, Any]) -> None:
         """Open `stream_id` with state saved by `save` (raises KeyError/ValueError on a malformed doc)."""
@@ -76,6 +102,13 @@ class BeatStreams:
         for array, saved in zip(self._state, doc["recurrent"], strict=True):
             array[:, slot] = np.asarray(saved, dtype=np.float32).reshape(array[:, slot].shape)
         self._picker.load_slot(slot, doc["picker"])
+        if self._context is not None and self._beat_state is not None:
+            self._context.load_slot(slot, doc["context"])
+            self._beat_state[:, slot] = np.asarray(doc["beat_stage"], dtype=np.float32).reshape(
+                self._beat_state[:, slot].shape)
+        if self._vf is not None:
+            self._vf.load_slot(slot, doc["vf"])
+            self._vf_found[slot] = bool(doc["vf"]["found"])
 
     def analysed_until_s(self, stream_id: str) -> float:
         """Time (s since the stream's first sample) up to which every beat of `stream_id` has been returned.
@@ -87,6 +120,11 @@ class BeatStreams:
         p = self._picker
         frame = p.peak_frame[slot] if p.in_run[slot] else p.frames_seen[slot]
         return float(r_peak_time_s(np.array([frame]), self.info)[0])
+
+    def vf_found(self, stream_id: str) -> bool:
+        """Whether the last `pipeline.vf.VF_WINDOW_S` of `stream_id`, as of its latest window, look like ventricular
+        fibrillation (always False for a model without a VF detector)."""
+        return bool(self._vf_found[self._slot_of[stream_id]])
 
     @property
     def capacity(self) -> int:
@@ -123,17 +161,50 @@ class BeatStreams:
         probs, new_state = self.model.run(frames, [array[:, slots] for array in self._state])
         for array, new in zip(self._state, new_state, strict=True):
             array[:, slots] = new
+        if self._vf is not None:
+            self._vf.update(slots, frames)
+            self._vf_found[slots] = self._vf.found(slots)
         picked = pick_beats(probs, self._picker, slots, self.info.decision)
-        info = self.info
-        time_s = r_peak_time_s(picked.frame, info)
-        return [Beat(ids[row], float(t), info.class_names[c], float(conf))
-                for row, t, c, conf in zip(picked.row, time_s, picked.class_index, picked.confidence, strict=True)
-                if t >= 0]  # a "beat" before the first sample is a cold-start artefact
+        time_s = r_peak_time_s(picked.frame, self.info)
+        real = time_s >= 0  # a "beat" before the first sample is a cold-start artefact
+        row, time_s = picked.row[real], time_s[real]
+        if self._context is None:
+            names = np.array(self.info.class_names)[picked.class_index[real]]
+            confidence = picked.confidence[real]
+        else:
+            signal = self._context.window(slots, frames)
+            names, confidence = self._beat_stage(slots[row], row, time_s, picked, real, signal)
+        return [Beat(ids[r], float(t), str(c), float(p)) for r, t, c, p in zip(row, time_s, names, confidence,
+                                                                              strict=True)]
+
+    def _beat_stage(self, beat_slots: NDArray[np.int64], row: NDArray[np.int64], time_s: NDArray[np.float64],
+                    picked: PickedBeats, real: NDArray[np.bool_], signal: SignalWindow
+                    ) -> tuple[NDArray[np.str_], NDArray[np.float32]]:
+        """AAMI class and probability of each beat from the beat stage, stepping the k-th beats of all streams
+        together (beats sorted by row, then time)."""
+        assert self.model.beat_stage is not None and self._context is not None and self._beat_state is not None
+        class_sum, end_frame = picked.class_sum[real], picked.end_frame[real]
+        probs = np.zeros((len(row), len(AAMI_CLASSES)), dtype=np.float32)
+        rank = rank_in_row(row)
+        for k in range(int(rank.max(initial=-1)) + 1):
+            at = np.flatnonzero(rank == k)
+            slots = beat_slots[at]
+            features = self._context.step(slots, time_s[at], end_frame[at], class_sum[at], signal, row[at])
+            probs[at], new_state = self.model.beat_stage.run(features, self._beat_state[:, slots])
+            self._beat_state[:, slots] = new_state
+        best = probs.argmax(axis=1)
+        return np.array(AAMI_CLASSES)[best], probs[np.arange(len(best)), best]
 
     def _grow(self) -> None:
         old = self._capacity
         self._capacity *= 2
         self._state = [np.concatenate([a, np.zeros_like(a)], axis=1) for a in self._state]
         self._picker.grow(self._capacity)
+        if self._context is not None and self._beat_state is not None:
+            self._context.grow(self._capacity)
+            self._beat_state = np.concatenate([self._beat_state, np.zeros_like(self._beat_state)], axis=1)
         self._dsp.grow(self._capacity)
+        self._vf_found = np.concatenate([self._vf_found, np.zeros(old, dtype=bool)])
+        if self._vf is not None:
+            self._vf.grow(self._capacity)
         self._free.extend(range(self._capacity - 1, old - 1, -1))

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck
+from pipeline.codec import Window
 from pipeline.config import AlarmConfig
+from pipeline.tools.records import load_record
 
 CONFIG = AlarmConfig()
 CLEAN = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.5, noise_mv=0.01)
+
+
+def check(samples_mv: np.ndarray, fs: float = 360.0, adc_gain: float = 200.0) -> SignalCheck:
+    """The signal check of one window (mV) that came in ADC units of `adc_gain` per mV."""
+    return SignalCheck.batch([Window(0, 0.0, fs, "MLII", samples_mv, adc_gain, 0.0)], CONFIG)[0]
 
 
 def feed(alarms: DeviceAlarms, rhythm: list[tuple[str, float]], start: float) -> tuple[list[AlarmEvent], float]:
@@ -109,7 +118,7 @@ def test_pvc_burden_does_not_chatter_around_its_threshold() -> None:
 def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
     _, t = feed(alarms, normal(10), 0.0)
-    flat = SignalCheck.batch([np.zeros(360)], CONFIG)[0]
+    flat = check(np.zeros(360))
     events = []
     for k in range(10):  # 10 s of flat line: no beats, yet no asystole
         events += alarms.on_window(flat, [], t + k + 1, t + k + 0.7)
@@ -125,9 +134,99 @@ def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
 ])
 def test_signal_checks(alarm_type: str, samples: np.ndarray) -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
-    events = alarms.on_window(SignalCheck.batch([samples], CONFIG)[0], [], 1.0, 0.7)
+    events = alarms.on_window(check(samples), [], 1.0, 0.7)
     assert states(events, alarm_type) == ["raised"]
     assert states(alarms.on_window(CLEAN, [], 2.0, 1.7), alarm_type) == ["cleared"]
+
+
+class TestFibrillation:
+    """The VF detector's verdicts per window (`vf_found`) become the ventricular_fibrillation alarm."""
+
+    def test_raised_after_confirmation_supersedes_asystole_and_clears(self) -> None:
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(15), 0.0)
+        events: list[AlarmEvent] = []
+        for k in range(1, 13):  # 12 s of VF: no beats, the detector says VF in every window
+            events += alarms.on_window(CLEAN, [], t + k, t + k - 0.3, vf_found=True)
+        vf = [e for e in events if e.type == "ventricular_fibrillation"]
+        assert [e.state for e in vf] == ["raised"]
+        assert vf[0].time == t + 1 + CONFIG.vf_confirm_s and vf[0].priority == "high"
+        assert states(events, "asystole") == []  # the pause is VF, not asystole
+        after = []
+        for k in range(13, 20):  # the detector stops saying VF: cleared vf_clear_s after the last VF window
+            after += alarms.on_window(CLEAN, [], t + k, t + k - 0.3, vf_found=False)
+        cleared = [e for e in after if e.type == "ventricular_fibrillation"]
+        assert [e.state for e in cleared] == ["cleared"] and cleared[0].time == t + 12 + CONFIG.vf_clear_s
+
+    def test_a_break_restarts_the_confirmation(self) -> None:
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(15), 0.0)
+        events: list[AlarmEvent] = []
+        for k, found in enumerate([True, False, True, False, True, False], start=1):
+            events += alarms.on_window(CLEAN, [(t + k - 0.5, "N")], t + k, t + k - 0.3, vf_found=found)
+        assert states(events, "ventricular_fibrillation") == []
+
+
+class TestSaturation:
+    """Saturation is a signal held at a rail, not a large amplitude."""
+
+    def test_clipped_at_a_rail(self) -> None:
+        t = np.arange(360) / 360
+        clipped = np.minimum(3.0 * np.sin(2 * np.pi * 1.5 * t), 2.5)  # a large wave flattened at +2.5 mV
+        assert check(clipped).saturated
+
+    def test_tall_narrow_peaks_are_not_saturation(self) -> None:
+        x = np.zeros(360)
+        x[100:104] = [3.0, 8.0, 8.0, 3.0]  # an 8 mV R peak, two samples at its top
+        assert not check(x).saturated
+
+    def test_a_plateau_near_the_baseline_is_not_saturation(self) -> None:
+        x = np.zeros(360)
+        x[:200] = 0.4  # a flat stretch at 0.4 mV: ST segment or baseline, not a rail
+        assert not check(x).saturated
+
+    def test_rail_judged_within_the_adc_step(self) -> None:
+        x = np.full(360, 2.0)
+        x[::2] += 0.002  # 0.4 ADC units apart at 200 units/mV (one value, rounding), 2 units at 1000 units/mV
+        x[:100] = 0.0
+        assert check(x, adc_gain=200.0).saturated
+        assert not check(x, adc_gain=1000.0).saturated
+
+    def test_int16_limits(self) -> None:
+        x = np.zeros(360)
+        x[10] = 32767 / 200.0  # one sample at the binary format's upper limit
+        assert check(x).saturated
+
+    def test_saturation_does_not_hide_ventricular_tachycardia(self) -> None:
+        """A clipped QRS still times its beat: VT during saturation is raised, not held back."""
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(15), 0.0)
+        clipped = check(np.concatenate([np.zeros(300), np.full(60, 6.0)]))
+        events = alarms.on_window(clipped, [], t + 0.3, t)
+        assert states(events, "saturation") == ["raised"]
+        assert events[0].evidence["physiological_alarms"] == "active"
+        for k in range(1, 8):
+            events += alarms.on_window(clipped, [(t + 0.4 * k, "V")], t + 0.4 * k + 0.3, t + 0.4 * k)
+        assert states(events, "ventricular_tachycardia") == ["raised"]
+
+    @pytest.mark.parametrize("name", ["cu09", "cu13", "cu31"])
+    def test_tall_real_ecg_is_not_saturated(self, physionet: Path, name: str) -> None:
+        """cudb records whose waves reach 5 mV were called saturated by the former fixed 5 mV threshold in
+        11-26 windows each; held to the rails, they are not."""
+        record = load_record(physionet / "cudb", name)
+        assert np.abs(record.signal_mv).max() >= 5.0
+        windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
+        saturated = sum(c.saturated for c in SignalCheck.batch(windows, CONFIG))
+        assert saturated <= 0.01 * len(windows)
+
+
+    def test_real_clipping_is_found(self, physionet: Path) -> None:
+        """cudb cu34 clips at +3.198 / -3.200 mV during its arrhythmia: those windows are saturated."""
+        record = load_record(physionet / "cudb", "cu34")
+        windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
+        saturated = [w for w, c in zip(windows, SignalCheck.batch(windows, CONFIG), strict=True) if c.saturated]
+        assert len(saturated) >= 20
+        assert all(np.isclose(np.abs(w.samples_mv).max(), 3.2, atol=0.01) for w in saturated)
 
 
 def test_signal_loss_and_gap() -> None:
@@ -180,7 +279,7 @@ def test_reconcile_open_alarms_with_the_restored_state() -> None:
     kept = held.on_silence(20.0, 11.0)[0]  # signal_loss, open on the broker too: goes on
     stale = held.on_gap(25.0, {})[0]  # data_gap, cleared after the state was saved: forgotten
     lost = DeviceAlarms("bed", CONFIG, "test", 0.0).on_window(  # raised after the save: its state is gone
-        SignalCheck.batch([np.concatenate([np.zeros(300), np.full(60, 6.0)])], CONFIG)[0], [], 30.0, 29.7)[0]
+        check(np.concatenate([np.zeros(300), np.full(60, 6.0)])), [], 30.0, 29.7)[0]
     other = DeviceAlarms("cot", CONFIG, "test", 0.0).on_silence(40.0, 12.0)[0]  # a device it never had
     docs = [alarm(kept), alarm(lost), alarm(other), {"alarm_id": "junk"}]
     events = reconcile(docs, {"bed": held}, lambda device: {"bed": 35.0}.get(device, 0.0))

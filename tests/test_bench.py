@@ -16,7 +16,7 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
     assert point.dropped == 0
     assert point.daemon_cpu_s > 0 and point.rss_mb > 0 and point.batch_mean >= 1
     figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
-               "inference_ceiling_stream_s_per_cpu_s": {"1": 1.0}, "state_bytes_per_device": 1,
+               "analysis_ceiling_device_s_per_cpu_s": {"1": 1.0}, "state_bytes_per_device": 1,
                "environment": {"cpus": "2", "processor": "x", "machine": "x", "python": "3", "onnxruntime": "1",
                                "numpy": "2", "paho-mqtt": "2", "mosquitto": "mosquitto"}}
     text = write_report(figures, tmp_path / "benchmarks.md", "ecgmon bench --devices 50")

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from train.config import TrainConfig
 from train.crossval import patient_folds
 from train.trainer import DataLeakError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def config(physionet: Path, **data: object) -> TrainConfig:
@@ -36,17 +33,8 @@ def test_ds2_never_enters_a_fold(physionet: Path, tmp_path: Path) -> None:
         cross_validate(config(physionet, train_records=["mitdb/DS1", "mitdb/232"]), 5, [0], tmp_path)
 
 
-def test_a_tiny_recipe_is_cross_validated_end_to_end(physionet: Path, tmp_path: Path) -> None:
-    settings = {"name": "tiny", "data.physionet_dir": physionet, "model.hidden_size": 8, "model.encoder_dim": 8,
-                "data.train_records": "[mitdb/101, mitdb/106, mitdb/108, mitdb/112, mitdb/115, mitdb/116, mitdb/119, "
-                                      "mitdb/122, mitdb/124]",
-                "data.val_records": "[]", "optim.epochs": 1, "optim.segment_s": 30, "optim.chunk_s": 10,
-                "optim.batch_streams": 4, "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01}
-    code = main(["--log-level", "WARNING", "cross-validate", "--config", str(REPO / "configs" / "train-lstm.yaml"),
-                 "--folds", "3", "--seeds", "0", "--jobs", "3", "--out", str(tmp_path),
-                 *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])
-    assert code == 0
-    report = json.loads((tmp_path / "cv.json").read_text())
+def test_a_tiny_recipe_is_cross_validated_end_to_end(tiny_cv: Path) -> None:
+    report = json.loads((tiny_cv / "cv.json").read_text())
     assert report["k"] == 3 and [r["seed"] for r in report["runs"]] == [0] and len(report["folds"]) == 3
     assert 0.0 <= report["mean"]["qrs_se"] <= 1.0 and report["std"]["qrs_se"] == 0.0
     assert len(report["runs"][0]["folds"]) == 3  # trained in three processes at once

@@ -15,12 +15,19 @@ from tests.conftest import REPO, T0
 
 SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
 EVENT = AlarmEvent("bed/asystole/1767225604000", "bed", "asystole", "raised", T0 + 4,
-                   {"seconds_without_qrs": 4.2, "raised_at": T0 + 4, "model_version": "m"})
+                   {"seconds_without_qrs": 4.2, "raised_at": T0 + 4, "model_version": "m"}, "high")
 
 EXAMPLES: list[tuple[str, dict[str, Any]]] = [
     ("Beats", messages.beats("bed", 3, T0, "m", [(T0 + 0.31, "N", 0.98), (T0 + 0.9, "V", 0.7)])),
     ("Beats", messages.beats("bed", 4, T0 + 1, "m", [])),
     ("Alarm", messages.alarm(EVENT)),
+    ("Alarm", messages.alarm(AlarmEvent("bed/ventricular_fibrillation/1", "bed", "ventricular_fibrillation", "raised",
+                                        T0 + 9, {"vf_since": T0 + 8, "raised_at": T0 + 9, "model_version": "m"},
+                                        "high"))),
+    ("Alarm", messages.alarm(AlarmEvent("bed/atrial_fibrillation/1", "bed", "atrial_fibrillation", "updated", T0 + 60,
+                                        {"p_af": 0.93, "heart_rate_bpm": 112.0, "beat_counts": {"N": 33},
+                                         "span": [T0, T0 + 59], "raised_at": T0 + 40, "model_version": "m"},
+                                        "medium"))),
     ("Rejection", messages.rejection("bed", "bad_t0", "t0 1.0 outside ...", T0)),
     ("Rejection", messages.rejection("x" * 300, "bad_device_id", "...", T0)),
     ("Status", messages.status("online", "m", degraded=False, analysis_alive=True, now=T0)),

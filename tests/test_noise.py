@@ -36,7 +36,7 @@ def test_training_and_evaluation_noise_do_not_overlap(physionet: Path) -> None:
 def test_the_daemons_signal_check_flags_a_window_of_heavy_noise(physionet: Path) -> None:
     clean = load_record(physionet / "mitdb", "100")
     noise, fs = load_noise(physionet, "ma", "eval")
-    flagged = unreadable_windows(add_noise(clean, noise, fs, -20.0), 1.0, AlarmConfig())
+    flagged = unreadable_windows(add_noise(clean, noise, fs, -30.0), 1.0, AlarmConfig())
     assert not unreadable_windows(clean, 1.0, AlarmConfig()).any() and flagged.mean() > 0.5
 
 

@@ -15,6 +15,7 @@ import pytest
 from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.state import STATE_FORMAT
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
 from train.evaluate import stream_records
@@ -58,7 +59,7 @@ def test_bad_state_file_is_reported_and_ignored(tmp_path: Path, start_daemon: Ca
     if problem == "corrupt":
         path.write_bytes(b"\x1f\x8b not really gzip")
     else:
-        doc: dict[str, object] = {"format": 1 if problem != "wrong_format" else 99,
+        doc: dict[str, object] = {"format": STATE_FORMAT if problem != "wrong_format" else 99,
                                   "model_version": "someone-else", "saved_at": 1e12,
                                   "devices": {"bed-1": {"streams": {"dsp": {}}}}}
         if problem == "bad_device":

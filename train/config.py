@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 
-from models.config import ModelConfig
+from models.config import BeatStageConfig, ModelConfig
 from pipeline.config import ConfigError, Strict, validate_config
 from pipeline.dsp import FilterSpec
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
@@ -77,13 +77,33 @@ class TrainConfig(Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+class BeatStageTrainConfig(Strict):
+    """Training of the beat-sequence stage on out-of-fold frame-stage beats (`ecgmon train-beat-stage`)."""
+
+    model: BeatStageConfig = BeatStageConfig()
+    epochs: int = Field(15, ge=1)
+    sequence_beats: int = Field(256, ge=8, description="beats per training sequence (state starts at zero)")
+    batch_sequences: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate, cosine decay")
+    weight_decay: float = Field(1e-3, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    loss_weight_power: float = Field(0.5, ge=0, description="loss weight of class c = (n_N / n_c) ** power")
+    loss_weight_max: float = Field(10.0, ge=1)
+    threads: int = Field(2, ge=1)
+
+
 def load_train_config(path: Path, overrides: dict[str, object] | None = None) -> TrainConfig:
     """Load and validate a YAML training config; `overrides` maps dotted keys to values."""
-    raw = yaml.safe_load(path.read_text()) or {}
-    for dotted, value in (overrides or {}).items():
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or {})
+    return validate_config(TrainConfig, raw, str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, object]) -> dict[str, Any]:
+    """Set each dotted key of `overrides` ("optim.epochs": 2) in the nested `raw`, in place; returns `raw`."""
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return validate_config(TrainConfig, raw, str(path))
+    return raw

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from models.network import BeatNet
 from pipeline.aami import MODEL_CLASSES
 from pipeline.beats import Decision
-from pipeline.model import FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
+from pipeline.model import BEAT_STAGE_KEY, FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
 from train.config import TrainConfig
 from train.trainer import load_model, neutral_decision
 
@@ -36,6 +36,21 @@ class StreamingBeatNet(nn.Module):
         return (torch.softmax(logits, dim=-1), *new_state)
 
 
+def export_recurrent(module: nn.Module, args: tuple[Tensor, ...], out: Path, input_names: list[str],
+                     output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """torch.onnx.export with the TorchScript exporter, which gives ONNX's own LSTM/GRU/RNN ops with fully
+    dynamic batch and time axes (torch.export pins the time axis of the output here). It warns that it is
+    deprecated, and that a batch size other than 1 needs care, which the tests cover (batched vs
+    single-stream runs agree)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        torch.onnx.export(module, args, str(out), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
+
+
 def model_info(config: TrainConfig, decision: Decision, ds2_metrics: dict[str, Any]) -> ModelInfo:
     """The metadata of a model trained per `config`: its network config, filter, decision rule and provenance."""
     config_hash = config.hash()
@@ -48,10 +63,28 @@ def model_info(config: TrainConfig, decision: Decision, ds2_metrics: dict[str, A
                      ds2_metrics=ds2_metrics)
 
 
-def write_metadata(path: Path, info: ModelInfo) -> None:
-    """Replace the metadata_props of the ONNX file at `path` with `info`; the graph and weights are untouched."""
+def versioned(version: str, part: str, digest: str) -> str:
+    """`version` with its `.<part>.<digest>` suffix set (replaced where it has one, appended where not)."""
+    head, found, tail = version.partition(f".{part}.")
+    rest = tail.partition(".")[2] if found else ""
+    return f"{head}.{part}.{digest}" + (f".{rest}" if rest else "")
+
+
+def read_metadata(path: Path) -> ModelInfo:
+    """The ModelInfo of the ONNX file at `path`, read without opening its graphs (its beat stage may be stale)."""
+    return ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(path)).metadata_props})
+
+
+def write_metadata(path: Path, info: ModelInfo, beat_stage_onnx: str | None = None) -> None:
+    """Replace the metadata_props of the ONNX file at `path` with `info`; the graph and weights are untouched.
+
+    A beat stage's graph (base64 ONNX) is `beat_stage_onnx` when given, else the one the file already holds.
+    """
     proto = onnx.load(str(path))
-    onnx.helper.set_model_props(proto, info.to_metadata())
+    props = info.to_metadata()
+    if info.beat_stage is not None:
+        props[BEAT_STAGE_KEY] = beat_stage_onnx or {p.key: p.value for p in proto.metadata_props}[BEAT_STAGE_KEY]
+    onnx.helper.set_model_props(proto, props)
     proto.producer_name = "ecgmon"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
@@ -72,17 +105,8 @@ def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None 
                                                PROBS_OUTPUT: {0: "batch", 1: "time"}}
     dynamic_axes.update({name: {1: "batch"} for name in state_in + state_out})
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The TorchScript exporter gives ONNX's own LSTM/GRU/RNN ops with fully dynamic batch and time axes
-    # (torch.export pins the time axis of the output here); it warns that it is deprecated, and that a
-    # batch size other than 1 needs care, which the tests cover (batched vs single-stream runs agree).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
-        warnings.filterwarnings("ignore", message="The feature will be removed")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
-        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
-        torch.onnx.export(wrapper, (frames, *state), str(out), input_names=[FRAMES_INPUT, *state_in],
-                          output_names=[PROBS_OUTPUT, *state_out], dynamic_axes=dynamic_axes,
-                          opset_version=OPSET, dynamo=False)
+    export_recurrent(wrapper, (frames, *state), out, [FRAMES_INPUT, *state_in], [PROBS_OUTPUT, *state_out],
+                     dynamic_axes)
     info = model_info(config, decision, ds2_metrics or {})
     write_metadata(out, info)
     log.info("exported %s (%d bytes), version %s", out, out.stat().st_size, info.version)

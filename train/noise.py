@@ -99,8 +99,7 @@ def add_noise(record: EcgRecord, noise: NDArray[np.float64], noise_fs: float, sn
 
 def unreadable_windows(record: EcgRecord, window_s: float, config: AlarmConfig) -> NDArray[np.bool_]:
     """Per `window_s` window: would the daemon's signal check call it unreadable (flat, saturated or noisy)?"""
-    step = round(window_s * record.fs)
-    windows = [record.signal_mv[a:a + step] for a in range(0, len(record.signal_mv) - step + 1, step)]
+    windows = [record.window(k, window_s) for k in range(int(len(record.signal_mv) / record.fs // window_s))]
     return np.array([c.flat or c.saturated or c.noisy for c in SignalCheck.batch(windows, config)], dtype=bool)
 
 

@@ -41,10 +41,14 @@ class DataLeakError(ValueError):
 def check_split(config: TrainConfig) -> None:
     """DS2 never trains, validates or tunes anything, however it is named ("mitdb/all", "MITDB/100", ...)."""
     for role, specs in (("train", config.data.train_records), ("val", config.data.val_records)):
-        leaked = [f"{db}/{name}" for db, name in resolve_records(specs)
-                  if db == "mitdb" and (name in DS2 or name == "all")]
-        if leaked:
-            raise DataLeakError(f"data.{role}_records includes MIT-BIH DS2 ({', '.join(leaked)}): DS2 is test-only")
+        check_not_ds2(specs, f"data.{role}_records")
+
+
+def check_not_ds2(specs: list[str], role: str) -> None:
+    """Raise DataLeakError if record specs name any MIT-BIH DS2 record."""
+    leaked = [f"{db}/{name}" for db, name in resolve_records(specs) if db == "mitdb" and (name in DS2 or name == "all")]
+    if leaked:
+        raise DataLeakError(f"{role} includes MIT-BIH DS2 ({', '.join(leaked)}): DS2 is test-only")
 
 
 def set_seed(seed: int) -> None:

@@ -30,9 +30,12 @@ import numpy as np
 import yaml
 
 from models import SHIPPED_MODEL
+from pipeline.beat_context import BeatContext
 from pipeline.model import BeatModel
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.streams import BeatStreams
 from pipeline.tools.broker import LocalBroker, free_port
+from pipeline.vf import VfDetector
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +177,22 @@ def _wait_for_metrics(port: int, daemon: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("daemon did not come up")
 
 
-def inference_ceiling(model_path: Path, batch: int, seconds: float = 5.0) -> float:
-    """Stream-seconds per CPU-second of ONNX Runtime alone (1 thread, 1 s windows, state carried)."""
-    model = BeatModel(model_path, intra_op_threads=1)
-    frames_per_s = round(model.info.fs / model.info.frame_size)
-    frames = np.random.default_rng(0).normal(0, 0.3, (batch, frames_per_s, model.info.frame_size)).astype(np.float32)
-    state = model.initial_state(batch)
-    runs, start = 0, time.process_time()
-    while time.process_time() - start < seconds:
-        _, state = model.run(frames, state)
-        runs += 1
-    return runs * batch / (time.process_time() - start)
+def analysis_ceiling(model_path: Path, batch: int, signal_mv: np.ndarray, fs: float, seconds: float = 5.0
+                     ) -> float:
+    """Device-seconds of ECG analysed per CPU-second by the analysis alone, no MQTT: `BeatStreams` with `batch`
+    devices in 1 s windows of a real record (devices offset by 37 s), all of DSP, the frame stage, beat picking
+    and the beat stage; 1 ONNX Runtime thread."""
+    streams = BeatStreams(BeatModel(model_path, intra_op_threads=1), capacity=batch)
+    window = round(fs)
+    starts = [(37 * i * window) % (len(signal_mv) - window) for i in range(batch)]
+    for i in range(batch):
+        streams.open(str(i), fs)
+    windows_run, begin = 0, time.process_time()
+    while time.process_time() - begin < seconds:
+        at = [(s + windows_run * window) % (len(signal_mv) - window) for s in starts]
+        streams.process([(str(i), signal_mv[a:a + window]) for i, a in enumerate(at)])
+        windows_run += 1
+    return windows_run * batch / (time.process_time() - begin)
 
 
 def environment() -> dict[str, str]:
@@ -195,11 +203,20 @@ def environment() -> dict[str, str]:
 
 
 def state_bytes_per_device(model_path: Path) -> int:
-    """Bytes of numpy state the daemon keeps per device in its slot arrays (recurrent + picker)."""
+    """Bytes of numpy state the daemon keeps per device in its slot arrays (both stages' recurrent state, beat
+    picker, beat context, VF detector's signal history)."""
     model = BeatModel(model_path)
     recurrent = sum(layers * hidden * 4 for layers, hidden in model.state_shapes)
     picker = 1 + 4 + 8 + 4 * (len(model.info.class_names) - 1) + 8
-    return recurrent + picker
+    total = recurrent + picker
+    if model.info.vf_detector is not None:
+        vf = VfDetector(1, model.info.fs, model.info.vf_detector)
+        total += sum(int(getattr(vf, name).nbytes) for name in VfDetector.FIELDS) + 1
+    if model.beat_stage is not None:
+        context = BeatContext(1, model.info.fs, model.info.frame_size)
+        total += sum(int(getattr(context, name).nbytes) for name in BeatContext.FIELDS)
+        total += 4 * model.beat_stage.info.hidden_size
+    return total
 
 
 def points_table(points: list[Point]) -> str:
@@ -227,17 +244,20 @@ def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[floa
         log.info("window %g s: %s", w, points[-1])
     capacity = {d: max((p.devices for p in points if p.design == d and p.window_s == 1.0 and p.ok), default=0)
                 for d in ("batched", "naive")}
-    ceiling = {str(b): inference_ceiling(model, b) for b in (1, 256, 1024)}
+    from pipeline.tools.records import load_records  # wfdb, only for the ceiling's real ECG
+
+    record = load_records(records[:1], physionet_dir, "MLII")[0][1]
+    ceiling = {str(b): analysis_ceiling(model, b, record.signal_mv, record.fs) for b in (1, 256, 1024)}
     return {"points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity,
             "mqtt_client_us_per_message_in_and_out": mqtt_client_cost(),
-            "inference_ceiling_stream_s_per_cpu_s": ceiling, "state_bytes_per_device": state_bytes_per_device(model),
+            "analysis_ceiling_device_s_per_cpu_s": ceiling, "state_bytes_per_device": state_bytes_per_device(model),
             "environment": environment()}
 
 
 def write_report(figures: dict[str, Any], out: Path, command: str) -> str:
     """docs/benchmarks.md from the figures of one run; returns the text."""
     points = [Point(**{k: v for k, v in p.items() if k != "ok"}) for p in figures["points"]]
-    cap, ceiling = figures["capacity"], figures["inference_ceiling_stream_s_per_cpu_s"]
+    cap, ceiling = figures["capacity"], figures["analysis_ceiling_device_s_per_cpu_s"]
     env = figures["environment"]
     batched_1s = sorted((p for p in points if p.design == "batched" and p.window_s == 1.0), key=lambda p: p.devices)
     rss_per_device = ""
@@ -274,9 +294,9 @@ every window is answered. The naive design is the same daemon with batching off
 | capacity, naive | {cap['naive']} of those tried |
 | capacity ratio batched / naive | {ratio:.1f} |
 | daemon CPU at capacity | {cpu_at_capacity:.2f} cores |
-| inference-only ceiling, ONNX Runtime alone, 1 thread, stream-s per CPU-s | {ceiling_text} |
+| analysis-only ceiling (DSP, both stages, VF, beat picking; no MQTT), 1 thread, device-s per CPU-s | {ceiling_text} |
 | resident memory per device (RSS slope from fewest to most devices) | {rss_per_device or 'n/a'} |
-| numpy state per device (recurrent state + beat picker) | {figures['state_bytes_per_device']} bytes |
+| numpy state per device (recurrent, picker, context, VF history) | {figures['state_bytes_per_device']} bytes |
 | paho-mqtt alone: CPU per message received plus one published, 5,000/s each | {mqtt_cost:.0f} µs |
 
 ## All points

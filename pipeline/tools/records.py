@@ -16,13 +16,14 @@ from numpy.typing import NDArray
 from wfdb.io import download
 
 from pipeline.aami import AAMI_CLASS_OF_SYMBOL, DS1, DS2
+from pipeline.codec import Window
 
 log = logging.getLogger(__name__)
 
 PHYSIONET_INDEX_URL = "https://physionet.org/files/"
 
 # Versions of the databases this project reads (PhysioNet paths are <db>/<version>).
-DB_VERSIONS = {"mitdb": "1.0.0", "svdb": "1.0.0", "nstdb": "1.0.0", "cudb": "1.0.0"}
+DB_VERSIONS = {"mitdb": "1.0.0", "svdb": "1.0.0", "nstdb": "1.0.0", "cudb": "1.0.0", "challenge-2017": "1.0.0"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,16 @@ class EcgRecord:
     beat_classes: NDArray[np.str_]
     adc_gain: float = 200.0
     baseline: int = 0
+
+    def window_count(self, window_s: float) -> int:
+        """Windows of `window_s` (s) the record is streamed in, the last one possibly shorter."""
+        return int(np.ceil(len(self.signal_mv) / self.fs / window_s))
+
+    def window(self, k: int, window_s: float) -> Window:
+        """The k-th window of `window_s` (s) as the daemon decodes it (t0: s since the record's start)."""
+        samples = self.signal_mv[round(k * window_s * self.fs):round((k + 1) * window_s * self.fs)]
+        return Window(seq=k, t0=k * window_s, fs=self.fs, lead=self.sig_name, samples_mv=samples,
+                      adc_gain=self.adc_gain, adc_baseline=self.baseline)
 
 
 def download_records(db: str, records: list[str] | None, dest: Path,
@@ -96,7 +107,7 @@ def list_records(db_dir: Path) -> list[str]:
 
 
 def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord:
-    """Read one lead of a record and its AAMI beats.
+    """Read one lead of a record and its AAMI beats (none for a record without an `atr` file).
 
     Args:
         db_dir: folder holding the WFDB files.
@@ -106,14 +117,27 @@ def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord
     path = str(db_dir / name)
     rec = wfdb.rdrecord(path, physical=True)
     channel = rec.sig_name.index(lead) if lead in rec.sig_name else 0
-    ann = wfdb.rdann(path, "atr")
-    symbols = np.asarray(ann.symbol)
+    if (db_dir / f"{name}.atr").exists():
+        ann = wfdb.rdann(path, "atr")
+        symbols, samples = np.asarray(ann.symbol), np.asarray(ann.sample, dtype=np.int64)
+    else:  # a database without beat annotations (the Challenge 2017 set)
+        symbols, samples = np.array([], dtype=np.str_), np.array([], dtype=np.int64)
     is_beat = np.isin(symbols, list(AAMI_CLASS_OF_SYMBOL))
     classes = np.asarray([AAMI_CLASS_OF_SYMBOL[s] for s in symbols[is_beat]], dtype=np.str_)
     signal_mv = np.nan_to_num(rec.p_signal[:, channel].astype(np.float64))
     return EcgRecord(name=name, signal_mv=signal_mv, fs=float(rec.fs), sig_name=rec.sig_name[channel],
-                     beat_samples=np.asarray(ann.sample[is_beat], dtype=np.int64), beat_classes=classes,
+                     beat_samples=samples[is_beat], beat_classes=classes,
                      adc_gain=float(rec.adc_gain[channel]), baseline=int(rec.baseline[channel]))
+
+
+def load_rhythm(db_dir: Path, name: str, fs: float) -> tuple[NDArray[np.float64], list[str], list[str]]:
+    """Every annotation of a record's `atr` file: times (s at `fs`), WFDB symbols, aux notes ("\\x00" stripped);
+    empty for a record without one."""
+    if not (db_dir / f"{name}.atr").exists():
+        return np.array([]), [], []
+    ann = wfdb.rdann(str(db_dir / name), "atr")
+    notes = [(note or "").strip("\x00") for note in ann.aux_note]
+    return np.asarray(ann.sample, dtype=np.float64) / fs, list(ann.symbol), notes
 
 
 def resolve_records(specs: list[str], default_db: str = "mitdb") -> list[tuple[str, str]]:
@@ -142,6 +166,15 @@ def expand_all(pairs: list[tuple[str, str]], physionet_dir: Path) -> list[tuple[
     for db, name in pairs:
         out.extend((db, r) for r in list_records(physionet_dir / db)) if name == "all" else out.append((db, name))
     return out
+
+
+def challenge_labels(db_dir: Path) -> dict[str, str]:
+    """Record -> PhysioNet/CinC Challenge 2017 label (N normal, A AF, O other rhythm, ~ noisy) from REFERENCE.csv."""
+    labels = {}
+    for line in (db_dir / "REFERENCE.csv").read_text().split():
+        record, _, label = line.partition(",")
+        labels[record] = label
+    return labels
 
 
 def load_records(specs: list[str], physionet_dir: Path, lead: str | None = "MLII") -> list[tuple[str, EcgRecord]]:

@@ -1,0 +1,76 @@
+"""The AF detector: RR irregularity features, the atrial_fibrillation alarm, and its training command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models import SHIPPED_MODEL
+from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_features
+from pipeline.alarms import DeviceAlarms, SignalCheck
+from pipeline.config import AlarmConfig
+from pipeline.model import BeatModel
+from train.af import f1_scores, train_af
+
+CLEAN = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.5, noise_mv=0.01)
+RNG = np.random.default_rng(0)
+
+
+def beat_times(rr_s: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(rr_s)])
+
+
+def feature(times: np.ndarray, name: str, ectopic: np.ndarray | None = None) -> float:
+    ectopic = np.zeros(len(times), bool) if ectopic is None else ectopic
+    return float(af_features(times, ectopic)[AF_FEATURE_NAMES.index(name)])
+
+
+def test_random_rr_is_irregular_sinus_and_bigeminy_are_not() -> None:
+    sinus = beat_times(0.8 + 0.01 * RNG.standard_normal(AF_BEATS))
+    af = beat_times(RNG.uniform(0.4, 1.0, AF_BEATS))
+    bigeminy = beat_times(np.tile([0.5, 1.0], AF_BEATS // 2))
+    assert feature(sinus, "median_drr") < 0.05 < 0.2 < feature(af, "median_drr")
+    assert feature(bigeminy, "turning_points") == 1.0  # alternation: every RR is a peak or a trough
+    assert 0.4 < feature(af, "turning_points") < 0.9
+    assert feature(af, "entropy") > feature(sinus, "entropy")
+
+
+# A hand-made detector: AF when the median |dRR| / RR is high (standardised around 0.1).
+DETECTOR = AfDetectorInfo(feature_names=AF_FEATURE_NAMES, feature_mean=(0.0,) * 2 + (0.1,) + (0.0,) * 4,
+                          feature_std=(1.0,) * 2 + (0.05,) + (1.0,) * 4, coef=(0.0,) * 2 + (3.0,) + (0.0,) * 4,
+                          intercept=0.0, threshold=0.5, training_data="test", cv_metrics={})
+
+
+def test_alarm_raised_after_confirmation_with_configured_priority_and_cleared() -> None:
+    config = AlarmConfig(af_priority="high")
+    alarms = DeviceAlarms("dev", config, "test", 0.0, DETECTOR)
+    times = beat_times(np.concatenate([0.8 + 0.01 * RNG.standard_normal(60), RNG.uniform(0.4, 1.0, 150),
+                                       0.8 + 0.01 * RNG.standard_normal(120)]))
+    onset, offset = times[60], times[210]
+    events = []
+    for t in times[1:]:
+        events += alarms.on_window(CLEAN, [(float(t), "N")], float(t) + 0.3, float(t))
+    af = [e for e in events if e.type == "atrial_fibrillation" and e.state in ("raised", "cleared")]
+    assert [e.state for e in af] == ["raised", "cleared"]
+    assert af[0].priority == "high" and 0.0 < af[0].evidence["p_af"] <= 1.0
+    assert onset + config.af_confirm_s <= af[0].time <= onset + config.af_confirm_s + 30.0
+    assert offset < af[1].time <= offset + config.af_clear_s + 30.0
+
+
+def test_f1_scores_follow_the_challenge_definition() -> None:
+    truth = ["N", "N", "A", "O", "~"]
+    predicted = ["N", "A", "A", "N", "~"]
+    f1 = f1_scores(truth, predicted)
+    assert f1["N"] == 2 / (2 + 2) and f1["A"] == 2 / (2 + 1) and f1["O"] == 0.0 and f1["~"] == 1.0
+    assert f1["challenge_score"] == (f1["N"] + f1["A"] + f1["O"]) / 3
+
+
+def test_train_af_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    report = train_af(SHIPPED_MODEL, out, tmp_path, physionet, "MLII", AlarmConfig(), k=2, challenge_limit=80)
+    detector = BeatModel(out).info.af_detector
+    assert detector is not None and detector.threshold == report["threshold"]
+    saved = json.loads((tmp_path / "af-cv.json").read_text())
+    assert saved["recordings"] == 80 and 0.0 <= saved["thresholds"][str(report["threshold"])]["A"] <= 1.0

@@ -1,0 +1,70 @@
+"""`ecgmon evaluate-alarms`: the offline run gives the daemon's alarms, and scores real records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import SHIPPED_MODEL
+from pipeline.codec import encode_binary
+from pipeline.config import AlarmConfig
+from pipeline.daemon import Daemon
+from pipeline.model import BeatModel
+from pipeline.mqtt import MqttClient, Topics
+from pipeline.tools.records import load_record
+from tests.conftest import T0, Collector
+from train.alarm_eval import evaluate_alarms, run_alarms
+
+TOPICS = Topics("ecgmon")
+
+
+def test_offline_alarms_equal_the_daemons(physionet: Path, publisher: MqttClient,
+                                          start_daemon: Callable[..., Daemon],
+                                          collect: Callable[[str], Collector]) -> None:
+    """cudb cu01 (ventricular tachycardia, then fibrillation) through mosquitto and the daemon, and offline."""
+    record = load_record(physionet / "cudb", "cu01")
+    offline = run_alarms(BeatModel(SHIPPED_MODEL), [record], AlarmConfig(), window_s=1.0)[0]
+    assert offline, "cu01 raises alarms: the comparison below must compare something"
+
+    alarms, beats = collect(TOPICS.alarms()), collect(TOPICS.beats())
+    start_daemon()
+    fs, n = int(record.fs), int(len(record.signal_mv) // record.fs)
+    adc = np.rint(record.signal_mv * record.adc_gain + record.baseline).astype(np.int16)  # as the device sends it
+    for k in range(n):
+        publisher.publish(TOPICS.ecg("cu01"), encode_binary(k, T0 + k, fs, record.sig_name, adc[k * fs:(k + 1) * fs],
+                                                            record.adc_gain, record.baseline), qos=1)
+    beats.wait_for(lambda d: any(b["device"] == "cu01" and b["seq"] == n - 1 for b in d), timeout=120)
+    barrier = encode_binary(0, T0, 360, "MLII", np.concatenate([np.zeros(300), np.full(60, 1400)]).astype(np.int16),
+                            200.0)
+    publisher.publish(TOPICS.ecg("barrier"), barrier, qos=1)  # its alarm comes out after every one of cu01's
+    alarms.wait_for(lambda d: any(a["device"] == "barrier" for a in d), timeout=60)
+
+    offline_events = [(e.type, e.state, round(e.time, 3)) for e in offline if e.time < n]
+    daemon_events = [(a["type"], a["state"], round(a["time"] - T0, 3)) for a in alarms.docs() if a["device"] == "cu01"]
+    assert daemon_events == offline_events
+
+
+@pytest.fixture(scope="module")
+def report(physionet: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
+    out = tmp_path_factory.mktemp("alarms")
+    return evaluate_alarms(SHIPPED_MODEL, ["cudb/cu01", "mitdb/119"], physionet, "MLII", AlarmConfig(), out), out
+
+
+def test_report_scores_vf_episodes_and_normal_rhythm(report: tuple[dict[str, object], Path]) -> None:
+    doc, out = report
+    assert json.loads((out / "alarms.json").read_text()) == doc
+    by_type = doc["by_type"]
+    assert isinstance(by_type, dict)
+    vf = by_type["ventricular_fibrillation"]
+    assert vf["events"] >= 1  # cu01 ends in ventricular fibrillation (its "[" mark)
+    assert 0 < doc["normal_rhythm_hours"] < doc["monitored_hours"]  # type: ignore[operator]
+    assert by_type["ventricular_bigeminy"]["events"] > 0  # 119: bigeminy, found by the rules on reference beats
+
+
+def test_report_draws_a_timeline_per_record(report: tuple[dict[str, object], Path]) -> None:
+    _, out = report
+    assert sorted(p.name for p in (out / "timelines").iterdir()) == ["cudb-cu01.png", "mitdb-119.png"]

@@ -1,0 +1,199 @@
+"""`ecgmon evaluate-alarms`: records run offline through the daemon's analysis, alarms scored.
+
+Each record is a live device: 1 s windows (configurable) through `BeatStreams` (DSP, both model
+stages, beat picking), `SignalCheck.batch` and `DeviceAlarms.on_window`, the calls and order of
+the daemon's `_analyse` (a test holds the two equal through a real broker). Signal time starts
+at 0 at each record's first sample. The reference: rhythm episodes from the annotations, and
+the alarm rules themselves run over the reference beats (same definitions, same config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck
+from pipeline.config import AlarmConfig
+from pipeline.model import BeatModel
+from pipeline.streams import BeatStreams
+from pipeline.tools.records import EcgRecord, load_records, load_rhythm
+from train.alarm_score import (
+    MIN_EVENT_S,
+    SCORED_PRIORITY,
+    TOLERANCE_S,
+    Episode,
+    TypeScore,
+    alarm_episodes,
+    merge_adjacent,
+    rhythm_episodes,
+    score_type,
+)
+
+log = logging.getLogger(__name__)
+
+LETHAL_RHYTHMS = ("VF",)
+RULES = (f"alarm episodes from raised to cleared; a reference event is alarmed when an alarm of the type is active "
+         f"between its start and {TOLERANCE_S:.0f} s after its end; an alarm is true when it overlaps, within "
+         f"{TOLERANCE_S:.0f} s, a reference event that justifies it; VF events shorter than "
+         f"{MIN_EVENT_S['ventricular_fibrillation']:.0f} s not scored for sensitivity; beat-derived reference events "
+         "(asystole, rates, VT, couplets, ...) from the daemon's alarm rules run over the reference beats")
+
+
+@dataclass(frozen=True)
+class RecordAlarms:
+    """One record's alarms and reference (times s from its first sample)."""
+
+    name: str
+    record: EcgRecord
+    duration_s: float
+    events: list[AlarmEvent]
+    alarms: list[Episode]
+    rhythm: list[Episode]
+    references: list[Episode]
+
+
+def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
+               ) -> list[list[AlarmEvent]]:
+    """Alarm events of each record streamed as one device through the daemon's analysis."""
+    streams = BeatStreams(model, capacity=len(records))
+    alarms = [DeviceAlarms(r.name, config, model.info.version, 0.0, model.info.af_detector) for r in records]
+    events: list[list[AlarmEvent]] = [[] for _ in records]
+    for r in records:
+        streams.open(r.name, r.fs)
+    for k in range(max(r.window_count(window_s) for r in records)):
+        live = [i for i, r in enumerate(records) if k < r.window_count(window_s)]
+        windows = [records[i].window(k, window_s) for i in live]
+        beats_of: dict[str, list[tuple[float, str]]] = {records[i].name: [] for i in live}
+        for beat in streams.process([(records[i].name, w.samples_mv) for i, w in zip(live, windows, strict=True)]):
+            beats_of[beat.stream_id].append((beat.time_s, beat.class_name))
+        checks = SignalCheck.batch(windows, config)
+        for i, window, check in zip(live, windows, checks, strict=True):
+            name = records[i].name
+            events[i] += alarms[i].on_window(check, beats_of[name], window.t0 + window.duration_s,
+                                             streams.analysed_until_s(name), streams.vf_found(name))
+    return events
+
+
+def reference_events(record: EcgRecord, config: AlarmConfig, rhythm: list[Episode],
+                     window_s: float) -> list[Episode]:
+    """Beat-derived reference events: the alarm rules over the reference beats, outside lethal rhythms.
+
+    Inside VF no beats are annotated, so the rules would find asystole there: those events are dropped
+    (the VF episode is the reference).
+    """
+    clean = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.0, noise_mv=0.0)
+    rules = DeviceAlarms(record.name, config, "reference", 0.0)
+    times = record.beat_samples / record.fs
+    found: list[AlarmEvent] = []
+    for k in range(record.window_count(window_s)):
+        a, b = k * window_s, min((k + 1) * window_s, len(record.signal_mv) / record.fs)
+        inside = (times >= a) & (times < b)
+        beats = list(zip(times[inside].tolist(), record.beat_classes[inside].tolist(), strict=True))
+        found += rules.on_window(clean, beats, b, b)
+    duration_s = len(record.signal_mv) / record.fs
+    lethal = [e for e in rhythm if e.label in LETHAL_RHYTHMS]
+    derived = alarm_episodes(((e.alarm_id, e.type, e.state, e.time) for e in found), duration_s)
+    return [e for e in derived if not any(v.start <= e.start <= v.end for v in lethal)]
+
+
+def load_alarm_records(specs: list[str], physionet_dir: Path, lead: str
+                       ) -> tuple[list[tuple[str, EcgRecord]], dict[str, list[Episode]]]:
+    """("db/record", record) for every record named by `specs`, and each one's rhythm episodes."""
+    named = load_records(specs, physionet_dir, lead)
+    rhythm_of = {}
+    for name, record in named:
+        db, _, record_name = name.rpartition("/")
+        times, symbols, notes = load_rhythm(physionet_dir / db, record_name, record.fs)
+        rhythm_of[name] = rhythm_episodes(times.tolist(), symbols, notes, len(record.signal_mv) / record.fs)
+    return named, rhythm_of
+
+
+def collect_records(model: BeatModel, named: list[tuple[str, EcgRecord]], rhythm_of: dict[str, list[Episode]],
+                    config: AlarmConfig, window_s: float) -> list[RecordAlarms]:
+    """Each record's alarms from the daemon's analysis, beside its reference."""
+    events_of = run_alarms(model, [r for _, r in named], config, window_s)
+    out = []
+    for (name, record), events in zip(named, events_of, strict=True):
+        duration_s = len(record.signal_mv) / record.fs
+        rhythm = rhythm_of[name]
+        references = merge_adjacent([*rhythm, *reference_events(record, config, rhythm, window_s)])
+        alarms = alarm_episodes(((e.alarm_id, e.type, e.state, e.time) for e in events), duration_s)
+        out.append(RecordAlarms(name, record, duration_s, events, alarms, rhythm, references))
+    return out
+
+
+def score(results: list[RecordAlarms]) -> dict[str, Any]:
+    """Per alarm type: gross scores over all records, and per record."""
+    monitored_h = sum(r.duration_s for r in results) / 3600
+    normal_h = sum(e.duration_s for r in results for e in r.rhythm if e.label == "N") / 3600
+    physiological = list(SCORED_PRIORITY)
+    gross: dict[str, TypeScore] = {t: TypeScore(t) for t in physiological}
+    per_record = []
+    for r in results:
+        row: dict[str, Any] = {"record": r.name, "hours": r.duration_s / 3600,
+                               "normal_rhythm_hours": sum(e.duration_s for e in r.rhythm if e.label == "N") / 3600}
+        for t in physiological:
+            s = score_type(t, r.alarms, r.references, r.rhythm, MIN_EVENT_S.get(t, 0.0))
+            gross[t].add(s)
+            if s.events or s.alarms:
+                row[t] = {"events": s.events, "alarmed": s.events_alarmed, "alarms": s.alarms,
+                          "false": s.alarms - s.alarms_true}
+        row["technical_alarms"] = {t: sum(1 for a in r.alarms if a.label == t)
+                                   for t, (kind, _, _) in ALARM_TYPES.items() if kind == "technical"}
+        per_record.append(row)
+    high = [t for t, priority in SCORED_PRIORITY.items() if priority == "high"]
+    false_high_normal = sum(gross[t].false_in_normal_rhythm for t in high)
+    false_normal = sum(gross[t].false_in_normal_rhythm for t in physiological)
+    return {
+        "rules": RULES, "monitored_hours": monitored_h, "normal_rhythm_hours": normal_h,
+        "false_high_priority_per_hour_normal_rhythm": false_high_normal / normal_h if normal_h else None,
+        "false_physiological_per_hour_normal_rhythm": false_normal / normal_h if normal_h else None,
+        "false_high_priority_per_hour": sum(gross[t].alarms - gross[t].alarms_true for t in high) / monitored_h,
+        "by_type": {t: gross[t].summary(monitored_h, normal_h) for t in physiological},
+        "per_record": per_record,
+    }
+
+
+def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, config: AlarmConfig,
+                    out_dir: Path, window_s: float = 1.0, pictures: bool = True) -> dict[str, Any]:
+    """Score the daemon's alarms on `specs`; write alarms.json (and timelines and strips) to `out_dir`."""
+    model = BeatModel(model_path)
+    named, rhythm_of = load_alarm_records(specs, physionet_dir, lead)
+    results = collect_records(model, named, rhythm_of, config, window_s)
+    report = {"model": str(model_path), "model_version": model.info.version, "records": [r.name for r in results],
+              "lead": lead, "window_s": window_s, **score(results)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))
+    if pictures:
+        from train.alarm_plots import plot_strips, plot_timelines  # matplotlib only here
+        plot_timelines(results, out_dir / "timelines")
+        plot_strips(results, out_dir / "strips")
+    return report
+
+
+def format_alarm_report(report: dict[str, Any]) -> str:
+    """A table for the terminal: one line per alarm type with events or alarms."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def sec(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    lines = [f"{len(report['records'])} records, {report['monitored_hours']:.2f} h monitored, "
+             f"{report['normal_rhythm_hours']:.2f} h of annotated normal rhythm",
+             f"{'alarm':<24} {'events':>6} {'Se %':>6} {'alarms':>6} {'+P %':>6} {'FA/h':>6} {'FA/h N':>6} "
+             f"{'t50 s':>6} {'t95 s':>6} {'dSe %':>6} {'d+P %':>6}"]
+    for t, s in report["by_type"].items():
+        if not (s["events"] or s["alarms"]):
+            continue
+        lines.append(f"{t:<24} {s['events']:>6} {pct(s['episode_se']):>6} {s['alarms']:>6} {pct(s['episode_ppv']):>6} "
+                     f"{sec(s['false_per_hour']):>6} {sec(s['false_per_hour_normal_rhythm']):>6} "
+                     f"{sec(s['time_to_alarm_median_s']):>6} {sec(s['time_to_alarm_p95_s']):>6} "
+                     f"{pct(s['duration_se']):>6} {pct(s['duration_ppv']):>6}")
+    lines.append(f"false high-priority alarms per hour of normal rhythm: "
+                 f"{sec(report['false_high_priority_per_hour_normal_rhythm'])}; all physiological: "
+                 f"{sec(report['false_physiological_per_hour_normal_rhythm'])}")
+    return "\n".join(lines)
