@@ -81,8 +81,9 @@ def cmd_evaluate_alarms(args: argparse.Namespace) -> int:
     from train.alarm_eval import evaluate_alarms, format_alarm_report
 
     alarms = load_config(args.config).alarms
+    noise = (args.noise, args.snr) if args.noise else None
     report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.lead, alarms, args.out,
-                             args.window_s, pictures=not args.no_pictures)
+                             args.window_s, pictures=not args.no_pictures, noise=noise)
     print(format_alarm_report(report))
     print(f"report in {args.out / 'alarms.json'}")
     return 0
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "strips/)")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
     p.add_argument("--no-pictures", action="store_true", help="write alarms.json only")
+    p.add_argument("--noise", choices=["bw", "em", "ma"], help="add this nstdb noise (its evaluation half)")
+    p.add_argument("--snr", type=float, default=6.0, help="SNR of the added noise (dB)")
 
     def add_detector_training(p: argparse.ArgumentParser, report: str) -> None:
         p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model to add the detector to")

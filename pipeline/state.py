@@ -17,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 2  # 2: streams carry the beat context (rhythm, QRS shape) and the beat stage state
+STATE_FORMAT = 3  # 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing
 
 
 def save_state(path: Path, model_version: str, devices: dict[str, dict[str, Any]]) -> None:

@@ -68,3 +68,15 @@ def test_report_scores_vf_episodes_and_normal_rhythm(report: tuple[dict[str, obj
 def test_report_draws_a_timeline_per_record(report: tuple[dict[str, object], Path]) -> None:
     _, out = report
     assert sorted(p.name for p in (out / "timelines").iterdir()) == ["cudb-cu01.png", "mitdb-119.png"]
+
+
+def test_noise_is_added_and_reported(physionet: Path, tmp_path: Path) -> None:
+    clean = evaluate_alarms(SHIPPED_MODEL, ["mitdb/100"], physionet, "MLII", AlarmConfig(), tmp_path / "clean",
+                            pictures=False)
+    noisy = evaluate_alarms(SHIPPED_MODEL, ["mitdb/100"], physionet, "MLII", AlarmConfig(), tmp_path / "noisy",
+                            pictures=False, noise=("em", -6.0))
+    assert clean["noise"] is None and noisy["noise"] == {"record": "nstdb/em", "part": "evaluation half",
+                                                         "snr_db": -6.0}
+    assert noisy["monitored_hours"] == clean["monitored_hours"]
+    alarms_of = [sum(s["alarms"] for s in r["by_type"].values()) for r in (clean, noisy)]  # type: ignore[union-attr]
+    assert alarms_of[1] > alarms_of[0]  # at -6 dB electrode motion the daemon raises alarms sinus rhythm does not

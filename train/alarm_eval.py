@@ -158,13 +158,24 @@ def score(results: list[RecordAlarms]) -> dict[str, Any]:
 
 
 def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, config: AlarmConfig,
-                    out_dir: Path, window_s: float = 1.0, pictures: bool = True) -> dict[str, Any]:
-    """Score the daemon's alarms on `specs`; write alarms.json (and timelines and strips) to `out_dir`."""
+                    out_dir: Path, window_s: float = 1.0, pictures: bool = True,
+                    noise: tuple[str, float] | None = None) -> dict[str, Any]:
+    """Score the daemon's alarms on `specs`, with `noise` (nstdb record, SNR dB: its evaluation half, added as
+    `ecgmon evaluate-noise` adds it) when given; write alarms.json (and timelines and strips) to `out_dir`."""
     model = BeatModel(model_path)
     named, rhythm_of = load_alarm_records(specs, physionet_dir, lead)
+    if noise is not None:
+        from train.noise import add_noise, load_noise
+
+        samples, noise_fs = load_noise(physionet_dir, noise[0], "eval")
+        named = [(name, add_noise(r, samples, noise_fs, noise[1], offset_s=60.0 * k))
+                 for k, (name, r) in enumerate(named)]
     results = collect_records(model, named, rhythm_of, config, window_s)
     report = {"model": str(model_path), "model_version": model.info.version, "records": [r.name for r in results],
-              "lead": lead, "window_s": window_s, **score(results)}
+              "lead": lead, "window_s": window_s,
+              "noise": None if noise is None else {"record": f"nstdb/{noise[0]}", "part": "evaluation half",
+                                                   "snr_db": noise[1]},
+              **score(results)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))
     if pictures:
