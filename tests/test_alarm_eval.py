@@ -78,5 +78,5 @@ def test_noise_is_added_and_reported(physionet: Path, tmp_path: Path) -> None:
     assert clean["noise"] is None and noisy["noise"] == {"record": "nstdb/em", "part": "evaluation half",
                                                          "snr_db": -6.0}
     assert noisy["monitored_hours"] == clean["monitored_hours"]
-    alarms_of = [sum(s["alarms"] for s in r["by_type"].values()) for r in (clean, noisy)]  # type: ignore[union-attr]
+    alarms_of = [sum(s["alarms"] for s in r["by_type"].values()) for r in (clean, noisy)]
     assert alarms_of[1] > alarms_of[0]  # at -6 dB electrode motion the daemon raises alarms sinus rhythm does not
