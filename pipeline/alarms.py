@@ -345,6 +345,9 @@ class DeviceAlarms:
         events: list[AlarmEvent] = []
         for alarm_type, cls, n, bpm in (("ventricular_tachycardia", "V", c.vt_beats, c.vt_bpm),
                                         ("svt", "S", c.svt_beats, c.svt_bpm)):
+            if alarm_type == "svt" and "atrial_fibrillation" in self.active:  # early beats in AF are not SVT runs
+                events += self._set("svt", False, now, {"superseded_by": "atrial_fibrillation"})
+                continue
             classes = list(self.classes)
             hr = self._hr_bpm(n)
             run = len(classes) >= n and all(k == cls for k in classes[-n:]) and hr is not None and hr > bpm

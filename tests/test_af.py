@@ -74,3 +74,17 @@ def test_train_af_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: 
     assert detector is not None and detector.threshold == report["threshold"]
     saved = json.loads((tmp_path / "af-cv.json").read_text())
     assert saved["recordings"] == 80 and 0.0 <= saved["thresholds"][str(report["threshold"])]["A"] <= 1.0
+
+
+def test_atrial_fibrillation_supersedes_svt() -> None:
+    """In AF every beat comes at a random time and the beat stage calls the early ones S: no SVT run alarm then."""
+    alarms = DeviceAlarms("dev", AlarmConfig(), "test", 0.0, DETECTOR)
+    t, events = 0.0, []
+    for rr in RNG.uniform(0.4, 1.0, 150):
+        t += float(rr)
+        events += alarms.on_window(CLEAN, [(t, "N")], t + 0.3, t)
+    assert "atrial_fibrillation" in {e.type for e in events if e.state == "raised"}
+    for _ in range(8):  # a run of fast "S" beats inside the AF episode
+        t += 0.4
+        events += alarms.on_window(CLEAN, [(t, "S")], t + 0.3, t)
+    assert [e.state for e in events if e.type == "svt"] == []
