@@ -45,7 +45,8 @@ ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
     "data_gap": ("technical", "low", "Gap in the ECG data; analysis restarted"),
     "windows_dropped": ("technical", "medium", "Monitor overloaded: ECG windows of this device were not analysed"),
 }
-# Technical alarms that leave physiological alarms running: a clipped QRS still gives its beat's time.
+# Technical alarms that leave physiological alarms running: a clipped QRS still gives its beat's time (but a
+# signal pinned at a rail for AlarmConfig.saturation_unreadable_share of a window holds them back).
 KEEPS_PHYSIOLOGICAL = frozenset({"saturation"})
 HISTORY_BEATS = AF_BEATS + 1  # beats kept per device: the longest rule (AF, 33 beats)
 
@@ -101,6 +102,7 @@ class SignalCheck:
     noisy: bool
     peak_to_peak_mv: float
     noise_mv: float
+    rail_share: float = 0.0  # share of the window's samples at a rail (0-1)
 
     @classmethod
     def batch(cls, windows: list[Window], config: AlarmConfig) -> list[SignalCheck]:
@@ -127,11 +129,15 @@ class SignalCheck:
             at_high = (longest_run(x >= high - half_step) >= need) & (np.abs(high[:, 0]) >= config.saturation_min_mv)
             at_low = (longest_run(x <= low + half_step) >= need) & (np.abs(low[:, 0]) >= config.saturation_min_mv)
             adc = np.rint(x * gain + baseline)
-            saturated = at_high | at_low | ((adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])).any(axis=1)
+            at_limits = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
+            saturated = at_high | at_low | at_limits.any(axis=1)
+            on_rail = (((x >= high - half_step) & at_high[:, None]) | ((x <= low + half_step) & at_low[:, None])
+                       | at_limits)
+            rail_share = on_rail.mean(axis=1)
             for k, i in enumerate(rows):
                 out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(saturated[k]),
                              noisy=bool(noise[k] > config.noise_mv), peak_to_peak_mv=float(ptp[k]),
-                             noise_mv=float(noise[k]))
+                             noise_mv=float(noise[k]), rail_share=float(rail_share[k]))
         return [c for c in out if c is not None]
 
 
@@ -150,6 +156,7 @@ class DeviceAlarms:
     active: dict[str, _Active] = field(default_factory=dict)
     gap_since: float | None = None
     rate_from: float = 0.0  # rate rules use beats from here on: a pause that was an asystole is not a bradycardia (s)
+    pinned: bool = False  # the last window sat at a rail for saturation_unreadable_share of it or more
     vf_since: float | None = None  # signal time from which the VF detector has said VF without a break (s)
     vf_last: float | None = None  # the last time it said VF (s)
     af_since: float | None = None  # likewise for the AF detector (s)
@@ -241,12 +248,14 @@ class DeviceAlarms:
 
     def _technical(self, check: SignalCheck, now: float) -> list[AlarmEvent]:
         events: list[AlarmEvent] = []
+        self.pinned = check.saturated and check.rail_share >= self.config.saturation_unreadable_share
         for alarm_type, present, detail in (
                 ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
-                ("saturation", check.saturated, {}),
+                ("saturation", check.saturated, {"rail_share": round(check.rail_share, 2)}),
                 ("poor_signal", check.noisy and not check.flat, {"noise_mv": round(check.noise_mv, 4)})):
-            effect = "active" if alarm_type in KEEPS_PHYSIOLOGICAL else "suspended"
-            events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": effect})
+            held = alarm_type not in KEEPS_PHYSIOLOGICAL or self.pinned
+            events += self._set(alarm_type, present, now,
+                                {**detail, "physiological_alarms": "suspended" if held else "active"})
         if any(e.state == "cleared" and e.type not in KEEPS_PHYSIOLOGICAL for e in events):
             self._restart(now)
         if self.gap_since is not None and now - self.gap_since >= self.config.warmup_s:
@@ -403,8 +412,10 @@ class DeviceAlarms:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _technical_active(self) -> bool:
-        """A technical alarm that suspends the physiological ones is active."""
-        return any(ALARM_TYPES[t][0] == "technical" and t not in KEEPS_PHYSIOLOGICAL for t in self.active)
+        """A technical alarm that suspends the physiological ones is active (saturation only while the signal is
+        pinned at a rail)."""
+        return any(ALARM_TYPES[t][0] == "technical" and (t not in KEEPS_PHYSIOLOGICAL or self.pinned)
+                   for t in self.active)
 
     def _evidence(self, n_beats: int, hr: float | None) -> dict[str, Any]:
         times, classes = list(self.times)[-n_beats:], list(self.classes)[-n_beats:]

@@ -121,6 +121,8 @@ class AlarmConfig(Strict):
                                     "ADC step) at the window's maximum or minimum for this long (s) ...")
     saturation_min_mv: float = Field(1.0, gt=0, description="... that value at least this far from 0 mV; or any "
                                      "sample at the int16 limits of the binary format")
+    saturation_unreadable_share: float = Field(0.25, gt=0, le=1, description="saturation holds back "
+                                               "physiological alarms when this share of a window sits at a rail")
     noise_mv: float = Field(0.3, gt=0, description="median |second difference| above this is poor quality (mV); "
                             "white noise of 0.18 mV rms reaches it")
 

@@ -209,6 +209,18 @@ class TestSaturation:
             events += alarms.on_window(clipped, [(t + 0.4 * k, "V")], t + 0.4 * k + 0.3, t + 0.4 * k)
         assert states(events, "ventricular_tachycardia") == ["raised"]
 
+    def test_a_signal_pinned_at_a_rail_holds_back_physiological_alarms(self) -> None:
+        """Pinned at -5 mV for most of each window (after a defibrillation, say): nothing can be read."""
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(15), 0.0)
+        pinned = check(np.concatenate([np.full(250, -5.0), np.random.default_rng(0).normal(0, 0.5, 110)]))
+        assert pinned.saturated and pinned.rail_share > CONFIG.saturation_unreadable_share
+        events = []
+        for k in range(1, 8):
+            events += alarms.on_window(pinned, [(t + 0.4 * k, "V")], t + 0.4 * k + 0.3, t + 0.4 * k, vf_found=True)
+        assert [e.type for e in events] == ["saturation"]
+        assert events[0].evidence["physiological_alarms"] == "suspended"
+
     @pytest.mark.parametrize("name", ["cu09", "cu13", "cu31"])
     def test_tall_real_ecg_is_not_saturated(self, physionet: Path, name: str) -> None:
         """cudb records whose waves reach 5 mV were called saturated by the former fixed 5 mV threshold in

@@ -49,7 +49,6 @@ class RecordAlarms:
     name: str
     record: EcgRecord
     duration_s: float
-    events: list[AlarmEvent]
     alarms: list[Episode]
     rhythm: list[Episode]
     references: list[Episode]
@@ -121,7 +120,7 @@ def collect_records(model: BeatModel, named: list[tuple[str, EcgRecord]], rhythm
         rhythm = rhythm_of[name]
         references = merge_adjacent([*rhythm, *reference_events(record, config, rhythm, window_s)])
         alarms = alarm_episodes(((e.alarm_id, e.type, e.state, e.time) for e in events), duration_s)
-        out.append(RecordAlarms(name, record, duration_s, events, alarms, rhythm, references))
+        out.append(RecordAlarms(name, record, duration_s, alarms, rhythm, references))
     return out
 
 
