@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,15 @@ class LogisticDetector(BaseModel):
     training_data: str
     cv_metrics: dict[str, Any] = Field(description="cross-validated scores of the command that trained it")
 
+    @cached_property
+    def _arrays(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Mean, std and weights as arrays, made once: `probability` runs per window or beat of every stream."""
+        return np.asarray(self.feature_mean), np.asarray(self.feature_std), np.asarray(self.coef)
+
     def probability(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
         """Probability of each feature row (n, len(feature_names))."""
-        z = (features - np.asarray(self.feature_mean)) / np.asarray(self.feature_std)
-        p: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+        mean, std, coef = self._arrays
+        p: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-(((features - mean) / std) @ coef + self.intercept)))
         return p
 
     def matches(self, feature_names: tuple[str, ...]) -> bool:

@@ -26,12 +26,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_features
-from pipeline.alarms import SignalCheck
 from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
-from pipeline.streams import BeatStreams
 from pipeline.tools.records import EcgRecord, challenge_labels, load_records
-from train.alarm_eval import load_alarm_records
+from train.alarm_eval import analyse_records, load_alarm_records
 from train.alarm_score import Episode
 from train.logistic import attach_detector, fit_detector
 
@@ -58,21 +56,15 @@ class Beats:
 
 def detect_beats(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float = 1.0
                  ) -> list[Beats]:
-    """Each record streamed through the daemon's beat analysis and signal check, all records batched."""
-    streams = BeatStreams(model, capacity=len(records))
-    for r in records:
-        streams.open(r.name, r.fs)
-    found: dict[str, list[tuple[float, str]]] = {r.name: [] for r in records}
-    bad = dict.fromkeys(found, 0)
-    for k in range(max(r.window_count(window_s) for r in records)):
-        live = [r for r in records if k < r.window_count(window_s)]
-        windows = [r.window(k, window_s) for r in live]
-        for beat in streams.process([(r.name, w.samples_mv) for r, w in zip(live, windows, strict=True)]):
-            found[beat.stream_id].append((beat.time_s, beat.class_name))
-        for r, check in zip(live, SignalCheck.batch(windows, config), strict=True):
-            bad[r.name] += check.flat or check.noisy or check.saturated
-    return [Beats(np.array([t for t, _ in found[r.name]]), np.array([c in "SV" for _, c in found[r.name]]),
-                  bad[r.name] / max(r.window_count(window_s), 1)) for r in records]
+    """Each record's beats and unreadable share from the daemon's analysis (`analyse_records`)."""
+    found: list[list[tuple[float, str]]] = [[] for _ in records]
+    bad = [0] * len(records)
+    for w in analyse_records(model, records, config, window_s):
+        found[w.record] += w.beats
+        bad[w.record] += w.check.flat or w.check.noisy or w.check.saturated
+    return [Beats(np.array([t for t, _ in beats]), np.array([c in "SV" for _, c in beats]),
+                  unreadable / max(r.window_count(window_s), 1)) for r, beats, unreadable in zip(records, found, bad,
+                                                                                                   strict=True)]
 
 
 def challenge_label(beats: Beats, p_af: float, threshold: float) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck
+from pipeline.codec import Window
 from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
 from pipeline.streams import BeatStreams
@@ -54,12 +56,24 @@ class RecordAlarms:
     references: list[Episode]
 
 
-def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
-               ) -> list[list[AlarmEvent]]:
-    """Alarm events of each record streamed as one device through the daemon's analysis."""
+@dataclass(frozen=True)
+class AnalysedWindow:
+    """One record's window after the daemon's analysis: its beats (R-peak time s, AAMI class), signal check,
+    the time up to which every beat has been emitted (s) and the VF detector's verdict."""
+
+    record: int
+    window: Window
+    beats: list[tuple[float, str]]
+    check: SignalCheck
+    analysed_until_s: float
+    vf_found: bool
+
+
+def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
+                    ) -> Iterator[AnalysedWindow]:
+    """Every record streamed as one device through the daemon's analysis (`BeatStreams.process`, then
+    `SignalCheck.batch`), all records batched, window by window."""
     streams = BeatStreams(model, capacity=len(records))
-    alarms = [DeviceAlarms(r.name, config, model.info.version, 0.0, model.info.af_detector) for r in records]
-    events: list[list[AlarmEvent]] = [[] for _ in records]
     for r in records:
         streams.open(r.name, r.fs)
     for k in range(max(r.window_count(window_s) for r in records)):
@@ -68,11 +82,20 @@ def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, 
         beats_of: dict[str, list[tuple[float, str]]] = {records[i].name: [] for i in live}
         for beat in streams.process([(records[i].name, w.samples_mv) for i, w in zip(live, windows, strict=True)]):
             beats_of[beat.stream_id].append((beat.time_s, beat.class_name))
-        checks = SignalCheck.batch(windows, config)
-        for i, window, check in zip(live, windows, checks, strict=True):
+        for i, window, check in zip(live, windows, SignalCheck.batch(windows, config), strict=True):
             name = records[i].name
-            events[i] += alarms[i].on_window(check, beats_of[name], window.t0 + window.duration_s,
-                                             streams.analysed_until_s(name), streams.vf_found(name))
+            yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
+                                 streams.vf_found(name))
+
+
+def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
+               ) -> list[list[AlarmEvent]]:
+    """Alarm events of each record streamed as one device through the daemon's analysis."""
+    alarms = [DeviceAlarms(r.name, config, model.info.version, 0.0, model.info.af_detector) for r in records]
+    events: list[list[AlarmEvent]] = [[] for _ in records]
+    for w in analyse_records(model, records, config, window_s):
+        events[w.record] += alarms[w.record].on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
+                                                       w.analysed_until_s, w.vf_found)
     return events
 
 
