@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from models import SHIPPED_MODEL
 
@@ -153,6 +153,13 @@ class DaemonConfig(Strict):
     watchdog_s: float = Field(10.0, gt=0, description="analysis that has not turned for this long is reported "
                               "stalled (status, stats, metrics) (s)")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _loss_before_eviction(self) -> DaemonConfig:
+        if self.alarms.signal_loss_s >= self.streams.idle_evict_s:
+            raise ValueError("alarms.signal_loss_s must be shorter than streams.idle_evict_s: a silent device's "
+                             "signal loss is raised before its state is forgotten")
+        return self
 
 
 class ConfigError(ValueError):

@@ -464,12 +464,11 @@ class Daemon:
             signal_now = stream.next_t0 + silent
             if dropped[device] or "windows_dropped" in alarms.active:
                 self._emit(alarms.on_overload(signal_now, dropped[device]))
+            self._emit(alarms.on_silence(signal_now, silent))  # an evicted device's loss is raised first
             if device in evict:
-                self._forget(device)  # first, so that whoever sees the clearing sees the device gone
+                self._forget(device)  # before the clearing, so that whoever sees it sees the device gone
                 self._count("evicted")
                 self._emit(alarms.clear_all(signal_now, "device silent for streams.idle_evict_s: state evicted"))
-            else:
-                self._emit(alarms.on_silence(signal_now, silent))
         self.metrics.active_streams.set(len(self._admission.streams))
         if (self._degraded_since is not None and self._queue.qsize() < self._queue.maxsize // 2
                 and now - last_drop >= self.config.alarms.overload_hold_s):

@@ -40,7 +40,7 @@ def test_overload_publishes_degraded_status_and_technical_alarms(publisher: Mqtt
 def test_idle_eviction_keeps_memory_flat_under_churn(publisher: MqttClient, start_daemon: Callable[..., Daemon],
                                                      collect: Callable[[str], Collector]) -> None:
     beats = collect(TOPICS.beats())
-    daemon = start_daemon(streams={"idle_evict_s": 1.0}, alarms={"signal_loss_s": 3600}, output={"beats": True})
+    daemon = start_daemon(streams={"idle_evict_s": 1.0}, alarms={"signal_loss_s": 0.9}, output={"beats": True})
     window = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     capacities = []
     for round_ in range(3):  # 2,000 devices appear once and vanish, three times over

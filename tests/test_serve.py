@@ -34,6 +34,13 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert "mqtt.hostname" in res.stderr and "alarms.asystole_s" in res.stderr
 
 
+def test_signal_loss_must_come_before_eviction(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"signal_loss_s must be shorter than streams\.idle_evict_s"):
+        load_config(write_config(tmp_path, streams={"idle_evict_s": 60}, alarms={"signal_loss_s": 60}))
+
+
 def test_secrets_come_from_the_environment(tmp_path: Path) -> None:
     from pipeline.config import load_config
 
