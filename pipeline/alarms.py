@@ -4,8 +4,9 @@ Every alarm has a stable id and a lifecycle raised -> updated -> cleared, and an
 60601-1-8 priority. Physiological alarms are held back (neither raised, updated nor cleared)
 while a technical alarm makes the beats unreliable (every one but saturation: a clipped QRS
 still times its beat), and that technical alarm says so; likewise during the model's warm-up
-after a stream starts or restarts. Times are signal times (s, Unix time of the ECG), so a
-replayed record gives the same alarms at any speed.
+after a stream starts or restarts. `poor_signal` (noise the quality detector judges unreadable)
+holds back only the non-lethal ones: VF and asystole stay armed through noise. Times are signal
+times (s, Unix time of the ECG), so a replayed record gives the same alarms at any speed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
 # Technical alarms that leave physiological alarms running: a clipped QRS still gives its beat's time (but a
 # signal pinned at a rail for AlarmConfig.saturation_unreadable_share of a window holds them back).
 KEEPS_PHYSIOLOGICAL = frozenset({"saturation"})
+# Technical alarms that hold back every physiological alarm but the lethal ones: in noise the VF detector still
+# reads the signal and an absent QRS is still absent.
+KEEPS_LETHAL = frozenset({"poor_signal"})
+LETHAL = ("ventricular_fibrillation", "asystole")
 HISTORY_BEATS = AF_BEATS + 1  # beats kept per device: the longest rule (AF, 33 beats)
 
 
@@ -99,14 +104,14 @@ class SignalCheck:
 
     flat: bool
     saturated: bool
-    noisy: bool
+    unreadable: bool  # the model's signal-quality detector's verdict on the stream's last 4 s
     peak_to_peak_mv: float
-    noise_mv: float
     rail_share: float = 0.0  # share of the window's samples at a rail (0-1)
 
     @classmethod
-    def batch(cls, windows: list[Window], config: AlarmConfig) -> list[SignalCheck]:
-        """Checks of many windows, computed together for windows of equal length and rate.
+    def batch(cls, windows: list[Window], unreadable: list[bool], config: AlarmConfig) -> list[SignalCheck]:
+        """Checks of many windows, computed together for windows of equal length and rate; `unreadable`: the
+        signal-quality detector's verdict for each (`BeatStreams.unreadable`).
 
         Saturation is the signal held at a rail, not a large amplitude: a run of `saturation_run_s` at
         the window's maximum or minimum (within half an ADC step of the window's own gain, at most
@@ -117,12 +122,11 @@ class SignalCheck:
         groups: dict[tuple[int, float], list[int]] = {}
         for i, w in enumerate(windows):
             groups.setdefault((len(w.samples_mv), w.fs), []).append(i)
-        for (n, fs), rows in groups.items():
+        for (_, fs), rows in groups.items():
             x = np.stack([windows[i].samples_mv for i in rows])
             gain = np.array([windows[i].adc_gain for i in rows])[:, None]
             baseline = np.array([windows[i].adc_baseline for i in rows])[:, None]
             ptp = np.ptp(x, axis=1)
-            noise = np.median(np.abs(np.diff(x, 2, axis=1)), axis=1) if n > 2 else np.zeros(len(rows))
             half_step = np.minimum(0.5 / gain, MAX_HALF_STEP_MV)
             need = max(2, int(np.ceil(config.saturation_run_s * fs)))
             high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
@@ -136,8 +140,8 @@ class SignalCheck:
             rail_share = on_rail.mean(axis=1)
             for k, i in enumerate(rows):
                 out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(saturated[k]),
-                             noisy=bool(noise[k] > config.noise_mv), peak_to_peak_mv=float(ptp[k]),
-                             noise_mv=float(noise[k]), rail_share=float(rail_share[k]))
+                             unreadable=unreadable[i], peak_to_peak_mv=float(ptp[k]),
+                             rail_share=float(rail_share[k]))
         return [c for c in out if c is not None]
 
 
@@ -161,11 +165,13 @@ class DeviceAlarms:
     vf_last: float | None = None  # the last time it said VF (s)
     af_since: float | None = None  # likewise for the AF detector (s)
     af_last: float | None = None
+    unreadable_last: float | None = None  # the last time the signal-quality detector said unreadable (s)
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
                 "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
+                "unreadable_last": self.unreadable_last,
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
@@ -179,6 +185,7 @@ class DeviceAlarms:
         alarms.rate_from = float(doc["rate_from"])
         alarms.vf_since, alarms.vf_last = doc["vf_since"], doc["vf_last"]
         alarms.af_since, alarms.af_last = doc["af_since"], doc["af_last"]
+        alarms.unreadable_last = doc["unreadable_last"]
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -205,7 +212,7 @@ class DeviceAlarms:
             self.vf_last = now
         else:
             self.vf_since = None
-        if self._technical_active() or now - self.started < self.config.warmup_s:
+        if self._held_back(lethal=True) or now - self.started < self.config.warmup_s:
             return []
         c = self.config
         if "ventricular_fibrillation" in self.active:
@@ -236,12 +243,14 @@ class DeviceAlarms:
     def _evaluate(self, now: float, new_beat: bool) -> list[AlarmEvent]:
         while self.v_times and self.v_times[0] < now - 60.0:
             self.v_times.popleft()
-        if self._technical_active() or now - self.started < self.config.warmup_s:
+        if self._held_back(lethal=True) or now - self.started < self.config.warmup_s:
             return []
         events: list[AlarmEvent] = []
         if new_beat and "asystole" in self.active:
             events += self._set("asystole", False, now, {})
             self.rate_from = now
+        if self._held_back(lethal=False):
+            return events
         for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule, self._af_rule):
             events += rule(now, new_beat)
         return events
@@ -249,15 +258,22 @@ class DeviceAlarms:
     def _technical(self, check: SignalCheck, now: float) -> list[AlarmEvent]:
         events: list[AlarmEvent] = []
         self.pinned = check.saturated and check.rail_share >= self.config.saturation_unreadable_share
+        if check.unreadable and not check.flat:
+            self.unreadable_last = now
+        noisy = self.unreadable_last is not None and now - self.unreadable_last < self.config.poor_signal_clear_s
         for alarm_type, present, detail in (
                 ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
                 ("saturation", check.saturated, {"rail_share": round(check.rail_share, 2)}),
-                ("poor_signal", check.noisy and not check.flat, {"noise_mv": round(check.noise_mv, 4)})):
-            held = alarm_type not in KEEPS_PHYSIOLOGICAL or self.pinned
-            events += self._set(alarm_type, present, now,
-                                {**detail, "physiological_alarms": "suspended" if held else "active"})
-        if any(e.state == "cleared" and e.type not in KEEPS_PHYSIOLOGICAL for e in events):
+                ("poor_signal", noisy, {"unreadable_now": check.unreadable})):
+            held = ("suspended except " + " and ".join(LETHAL) if alarm_type in KEEPS_LETHAL
+                    else "suspended" if alarm_type not in KEEPS_PHYSIOLOGICAL or self.pinned else "active")
+            events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": held},
+                                update=alarm_type != "poor_signal")
+        cleared = {e.type for e in events if e.state == "cleared"}
+        if cleared - KEEPS_PHYSIOLOGICAL - KEEPS_LETHAL:
             self._restart(now)
+        elif cleared & KEEPS_LETHAL:
+            self._forget_noise(now)
         if self.gap_since is not None and now - self.gap_since >= self.config.warmup_s:
             self.gap_since = None
             events += self._set("data_gap", False, now, {})
@@ -272,7 +288,8 @@ class DeviceAlarms:
         last = self.times[-1] if self.times else self.started
         silent = analysed_until - last
         onset = last + self.config.asystole_s
-        if (silent < self.config.asystole_s or self._technical_active() or onset - self.started < self.config.warmup_s
+        if (silent < self.config.asystole_s or self._held_back(lethal=True)
+                or onset - self.started < self.config.warmup_s
                 or (ended and "asystole" in self.active) or "ventricular_fibrillation" in self.active):
             return []
         evidence = {"seconds_without_qrs": round(silent, 2), **({"pause_ended": True} if ended else {})}
@@ -292,6 +309,19 @@ class DeviceAlarms:
         if events and not lost:
             self._restart(now)
         return events
+
+    def _forget_noise(self, now: float) -> None:
+        """Forget the beats found in noise, but the last one (as class Q, for the asystole clock): the non-lethal
+        rules start afresh, the lethal ones carry on."""
+        last = self.times[-1] if self.times else None
+        self.times.clear()
+        self.classes.clear()
+        self.v_times.clear()
+        self.af_since = self.af_last = None
+        self.rate_from = now
+        if last is not None:
+            self.times.append(last)
+            self.classes.append("Q")
 
     def _restart(self, now: float) -> None:
         """Forget the beats: after a technical problem the rhythm context is unreliable (warm-up again)."""
@@ -411,11 +441,11 @@ class DeviceAlarms:
         return self._set("atrial_fibrillation", present, now, evidence)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def _technical_active(self) -> bool:
-        """A technical alarm that suspends the physiological ones is active (saturation only while the signal is
-        pinned at a rail)."""
+    def _held_back(self, lethal: bool) -> bool:
+        """A technical alarm that holds back the physiological alarms (`lethal`: VF and asystole) is active
+        (saturation only while the signal is pinned at a rail; poor_signal only the non-lethal ones)."""
         return any(ALARM_TYPES[t][0] == "technical" and (t not in KEEPS_PHYSIOLOGICAL or self.pinned)
-                   for t in self.active)
+                   and not (lethal and t in KEEPS_LETHAL) for t in self.active)
 
     def _evidence(self, n_beats: int, hr: float | None) -> dict[str, Any]:
         times, classes = list(self.times)[-n_beats:], list(self.classes)[-n_beats:]

@@ -104,6 +104,19 @@ def cmd_train_vf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_quality(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from train.quality import format_quality_report, train_quality
+
+    report = train_quality(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+                           load_config(args.config).alarms, args.folds, args.max_clean_flagged, tuple(args.records),
+                           args.jobs)
+    print(format_quality_report(report))
+    print(f"chose threshold {report['threshold']}; wrote {args.out}; report in "
+          f"{args.report_dir / 'quality-cv.json'}")
+    return 0
+
+
 def cmd_train_af(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.af import train_af
@@ -313,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records to train and cross-validate on (DS2 is refused)")
     p.add_argument("--max-false-per-hour", type=float, default=0.1,
                    help="the lowest threshold whose cross-validated false VF alarms per hour stay at or below this")
+
+    p = add("train-quality", cmd_train_quality, "Fit the signal-quality detector on MIT-BIH DS1 clean and with nstdb "
+            "noise, cross-validate it by patient folds, choose its threshold, and write it into the model's metadata.")
+    add_detector_training(p, "quality-cv.json")
+    p.add_argument("--records", nargs="+", default=["mitdb/DS1"],
+                   help="records to train and cross-validate on (DS2 is refused)")
+    p.add_argument("--max-clean-flagged", type=float, default=0.01,
+                   help="the lowest threshold whose cross-validated share of clean windows flagged stays at or below "
+                   "this")
+    p.add_argument("--jobs", type=int, default=2, help="noise conditions run at once, each in a process of its own")
 
     p = add("train-af", cmd_train_af, "Fit the AF detector on the Challenge 2017 set and MIT-BIH DS1, score it by "
             "5-fold cross-validation with the Challenge's own score, and write it into the model's metadata.")

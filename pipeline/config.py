@@ -123,8 +123,8 @@ class AlarmConfig(Strict):
                                      "sample at the int16 limits of the binary format")
     saturation_unreadable_share: float = Field(0.25, gt=0, le=1, description="saturation holds back "
                                                "physiological alarms when this share of a window sits at a rail")
-    noise_mv: float = Field(0.3, gt=0, description="median |second difference| above this is poor quality (mV); "
-                            "white noise of 0.18 mV rms reaches it")
+    poor_signal_clear_s: float = Field(5.0, gt=0, description="poor_signal clears this long after the signal-quality "
+                                       "detector last said unreadable (s; its threshold is in the model's metadata)")
 
 
 class StateConfig(Strict):

@@ -395,7 +395,8 @@ class Daemon:
         beats_of: defaultdict[str, list[Beat]] = defaultdict(list)
         for beat in self._streams.process([(a.device, a.window.samples_mv) for a in group]):
             beats_of[beat.stream_id].append(beat)
-        checks = SignalCheck.batch([a.window for a in group], self.config.alarms)
+        checks = SignalCheck.batch([a.window for a in group], [self._streams.unreadable(a.device) for a in group],
+                                   self.config.alarms)
         for a, check in zip(group, checks, strict=True):
             try:
                 self._report(a, check, beats_of[a.device])

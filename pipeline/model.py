@@ -26,6 +26,7 @@ from pipeline.af import AF_FEATURE_NAMES, AfDetectorInfo
 from pipeline.beat_context import FEATURE_NAMES
 from pipeline.beats import Decision
 from pipeline.dsp import FilterSpec
+from pipeline.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo
 from pipeline.vf import VF_FEATURE_NAMES, VfDetectorInfo
 
 FRAMES_INPUT = "frames"
@@ -34,7 +35,8 @@ STATE_OUT_SUFFIX = "_out"
 FEATURES_INPUT = "features"
 BEAT_STATE_INPUT = "h"
 BEAT_STAGE_KEY = "beat_stage_onnx"
-OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector"})  # a model may lack these
+# Parts a model may lack.
+OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector", "quality_detector"})
 # What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
 ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                    ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
@@ -72,6 +74,8 @@ class ModelInfo(ModelConfig):
                                                "(`pipeline.af`), null when the model has none")
     vf_detector: VfDetectorInfo | None = Field(None, description="ventricular fibrillation from the signal "
                                                "(`pipeline.vf`), null when the model has none")
+    quality_detector: QualityDetectorInfo | None = Field(None, description="unreadable signal (`pipeline.quality`), "
+                                                         "null when the model has none")
     beat_stage: BeatStageInfo | None = Field(None, description="the beat-sequence stage, null when the frame stage "
                                              "decides the classes alone")
 
@@ -151,7 +155,8 @@ class BeatModel:
                 raise ModelError(f"{path}: metadata describes a beat stage but holds no {BEAT_STAGE_KEY}")
             self.beat_stage = BeatStage(props[BEAT_STAGE_KEY], self.info.beat_stage, options, path)
         for name, detector, features in (("VF", self.info.vf_detector, VF_FEATURE_NAMES),
-                                         ("AF", self.info.af_detector, AF_FEATURE_NAMES)):
+                                         ("AF", self.info.af_detector, AF_FEATURE_NAMES),
+                                         ("quality", self.info.quality_detector, QUALITY_FEATURE_NAMES)):
             if detector is not None and not detector.matches(features):
                 raise ModelError(f"{path}: the {name} detector takes the features {detector.feature_names}, but this "
                                  f"version of ecgmon computes {features}; retrain it with `ecgmon train-"

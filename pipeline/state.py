@@ -17,7 +17,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 3  # 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing
+# 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing; 4: recent signal
+# with the VF and quality verdicts, poor-signal timing
+STATE_FORMAT = 4
 
 
 def save_state(path: Path, model_version: str, devices: dict[str, dict[str, Any]]) -> None:

@@ -2,7 +2,7 @@
 
 Each stream owns a slot: its DSP state (filter, resampler, framer), its recurrent state, its
 beat-picking carry-over, for a model with a beat stage its rhythm context and beat-stage
-state, and for a model with a VF detector its last seconds of signal. Windows from many
+state, and its last seconds of signal with the VF and signal-quality detectors' verdicts on them. Windows from many
 streams are batched into one model run (one run per distinct frame count), state gathered
 from and scattered back to the slots; the beat stage then steps once per beat, the k-th
 beats of all streams in one batch. `ecgmon evaluate` and the daemon both go through this
@@ -23,7 +23,9 @@ from pipeline.beat_context import BeatContext, SignalWindow, rank_in_row
 from pipeline.beats import BeatPickerState, PickedBeats, pick_beats, r_peak_time_s
 from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
-from pipeline.vf import VfDetector
+from pipeline.quality import quality_extra_features
+from pipeline.recent import RecentSignal
+from pipeline.vf import vf_features
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ class BeatStreams:
         # With a beat stage: each slot's beat context and beat-stage state.
         self._context = BeatContext(capacity, self.info.fs, self.info.frame_size) if model.beat_stage else None
         self._beat_state = model.beat_stage.initial_state(capacity) if model.beat_stage else None
-        # With a VF detector: each slot's last seconds of signal, and whether they look like VF.
-        vf = self.info.vf_detector
-        self._vf = VfDetector(capacity, self.info.fs, vf) if vf is not None else None
+        # Each slot's last seconds of signal, whether they look like VF and whether they are unreadable.
+        self._recent = RecentSignal(capacity, self.info.fs)
         self._vf_found = np.zeros(capacity, dtype=bool)
+        self._unreadable = np.zeros(capacity, dtype=bool)
         self._capacity = capacity
 
     def open(self, stream_id: str, fs: float) -> None:
@@ -78,9 +80,8 @@ class BeatStreams:
         if self._context is not None and self._beat_state is not None:
             self._context.reset(np.array([slot]))
             self._beat_state[:, slot] = 0.0
-        if self._vf is not None:
-            self._vf.reset(np.array([slot]))
-        self._vf_found[slot] = False
+        self._recent.reset(np.array([slot]))
+        self._vf_found[slot] = self._unreadable[slot] = False
 
     def save(self, stream_id: str) -> dict[str, Any]:
         """Everything `stream_id` carries (DSP, recurrent state, beat picking) as JSON-able values."""
@@ -90,8 +91,8 @@ class BeatStreams:
         if self._context is not None and self._beat_state is not None:
             doc["context"] = self._context.save_slot(slot)
             doc["beat_stage"] = self._beat_state[:, slot].tolist()
-        if self._vf is not None:
-            doc["vf"] = {**self._vf.save_slot(slot), "found": bool(self._vf_found[slot])}
+        doc["recent"] = {**self._recent.save_slot(slot), "vf_found": bool(self._vf_found[slot]),
+                         "unreadable": bool(self._unreadable[slot])}
         return doc
 
     def restore(self, stream_id: str, doc: dict[str, Any]) -> None:
@@ -106,9 +107,9 @@ class BeatStreams:
             self._context.load_slot(slot, doc["context"])
             self._beat_state[:, slot] = np.asarray(doc["beat_stage"], dtype=np.float32).reshape(
                 self._beat_state[:, slot].shape)
-        if self._vf is not None:
-            self._vf.load_slot(slot, doc["vf"])
-            self._vf_found[slot] = bool(doc["vf"]["found"])
+        self._recent.load_slot(slot, doc["recent"])
+        self._vf_found[slot] = bool(doc["recent"]["vf_found"])
+        self._unreadable[slot] = bool(doc["recent"]["unreadable"])
 
     def analysed_until_s(self, stream_id: str) -> float:
         """Time (s since the stream's first sample) up to which every beat of `stream_id` has been returned.
@@ -122,9 +123,20 @@ class BeatStreams:
         return float(r_peak_time_s(np.array([frame]), self.info)[0])
 
     def vf_found(self, stream_id: str) -> bool:
-        """Whether the last `pipeline.vf.VF_WINDOW_S` of `stream_id`, as of its latest window, look like ventricular
-        fibrillation (always False for a model without a VF detector)."""
+        """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, look like
+        ventricular fibrillation (always False for a model without a VF detector)."""
         return bool(self._vf_found[self._slot_of[stream_id]])
+
+    def recent_signal(self, stream_id: str) -> NDArray[np.float32] | None:
+        """The last `pipeline.recent.RECENT_S` of `stream_id` as the detectors judge it (mV at 90 Hz, a copy), or None
+        before a whole one has been seen."""
+        slot = self._slot_of[stream_id]
+        return self._recent.history[slot].copy() if self._recent.ready(np.array([slot]))[0] else None
+
+    def unreadable(self, stream_id: str) -> bool:
+        """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, are too noisy for
+        its beats to be trusted (always False for a model without a signal-quality detector)."""
+        return bool(self._unreadable[self._slot_of[stream_id]])
 
     @property
     def capacity(self) -> int:
@@ -161,9 +173,7 @@ class BeatStreams:
         probs, new_state = self.model.run(frames, [array[:, slots] for array in self._state])
         for array, new in zip(self._state, new_state, strict=True):
             array[:, slots] = new
-        if self._vf is not None:
-            self._vf.update(slots, frames)
-            self._vf_found[slots] = self._vf.found(slots)
+        self._judge_signal(slots, frames)
         picked = pick_beats(probs, self._picker, slots, self.info.decision)
         time_s = r_peak_time_s(picked.frame, self.info)
         real = time_s >= 0  # a "beat" before the first sample is a cold-start artefact
@@ -176,6 +186,22 @@ class BeatStreams:
             names, confidence = self._beat_stage(slots[row], row, time_s, picked, real, signal)
         return [Beat(ids[r], float(t), str(c), float(p)) for r, t, c, p in zip(row, time_s, names, confidence,
                                                                               strict=True)]
+
+    def _judge_signal(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> None:
+        """Take the frames into each slot's recent signal; the VF and signal-quality detectors judge it once a
+        whole `RECENT_S` has been seen."""
+        self._recent.update(slots, frames)
+        vf, quality = self.info.vf_detector, self.info.quality_detector
+        ready = slots[self._recent.ready(slots)]
+        if (vf is None and quality is None) or not len(ready):
+            return
+        x = self._recent.history[ready]
+        features = vf_features(x, self._recent.fs)
+        if vf is not None:
+            self._vf_found[ready] = vf.probability(features) >= vf.threshold
+        if quality is not None:
+            features = np.hstack([features, quality_extra_features(x, self._recent.fs)])
+            self._unreadable[ready] = quality.probability(features) >= quality.threshold
 
     def _beat_stage(self, beat_slots: NDArray[np.int64], row: NDArray[np.int64], time_s: NDArray[np.float64],
                     picked: PickedBeats, real: NDArray[np.bool_], signal: SignalWindow
@@ -205,6 +231,6 @@ class BeatStreams:
             self._beat_state = np.concatenate([self._beat_state, np.zeros_like(self._beat_state)], axis=1)
         self._dsp.grow(self._capacity)
         self._vf_found = np.concatenate([self._vf_found, np.zeros(old, dtype=bool)])
-        if self._vf is not None:
-            self._vf.grow(self._capacity)
+        self._unreadable = np.concatenate([self._unreadable, np.zeros(old, dtype=bool)])
+        self._recent.grow(self._capacity)
         self._free.extend(range(self._capacity - 1, old - 1, -1))

@@ -14,7 +14,7 @@ from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
 from train.af import f1_scores, train_af
 
-CLEAN = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.5, noise_mv=0.01)
+CLEAN = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_mv=1.5)
 RNG = np.random.default_rng(0)
 
 

@@ -13,12 +13,12 @@ from pipeline.config import AlarmConfig
 from pipeline.tools.records import load_record
 
 CONFIG = AlarmConfig()
-CLEAN = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.5, noise_mv=0.01)
+CLEAN = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_mv=1.5)
 
 
 def check(samples_mv: np.ndarray, fs: float = 360.0, adc_gain: float = 200.0) -> SignalCheck:
     """The signal check of one window (mV) that came in ADC units of `adc_gain` per mV."""
-    return SignalCheck.batch([Window(0, 0.0, fs, "MLII", samples_mv, adc_gain, 0.0)], CONFIG)[0]
+    return SignalCheck.batch([Window(0, 0.0, fs, "MLII", samples_mv, adc_gain, 0.0)], [False], CONFIG)[0]
 
 
 def feed(alarms: DeviceAlarms, rhythm: list[tuple[str, float]], start: float) -> tuple[list[AlarmEvent], float]:
@@ -128,15 +128,56 @@ def test_leads_off_holds_back_physiological_alarms_and_says_so() -> None:
     assert states(events, "leads_off") == ["cleared"]
 
 
-@pytest.mark.parametrize(("alarm_type", "samples"), [
-    ("saturation", np.concatenate([np.zeros(300), np.full(60, 6.0)])),
-    ("poor_signal", np.random.default_rng(0).normal(0, 0.5, 360)),
-])
-def test_signal_checks(alarm_type: str, samples: np.ndarray) -> None:
+def test_saturation_raised_and_cleared() -> None:
     alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
-    events = alarms.on_window(check(samples), [], 1.0, 0.7)
-    assert states(events, alarm_type) == ["raised"]
-    assert states(alarms.on_window(CLEAN, [], 2.0, 1.7), alarm_type) == ["cleared"]
+    events = alarms.on_window(check(np.concatenate([np.zeros(300), np.full(60, 6.0)])), [], 1.0, 0.7)
+    assert states(events, "saturation") == ["raised"]
+    assert states(alarms.on_window(CLEAN, [], 2.0, 1.7), "saturation") == ["cleared"]
+
+
+class TestPoorSignal:
+    """The quality detector's verdicts (`SignalCheck.unreadable`) become poor_signal, which holds back the
+    non-lethal physiological alarms only."""
+
+    NOISY = SignalCheck(flat=False, saturated=False, unreadable=True, peak_to_peak_mv=3.0)
+
+    def test_raised_at_once_and_cleared_after_a_readable_hold(self) -> None:
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(20), 0.0)
+        assert states(alarms.on_window(self.NOISY, [], t + 1, t + 0.7), "poor_signal") == ["raised"]
+        events = [e for k in range(2, 2 + int(CONFIG.poor_signal_clear_s)) for e in
+                  alarms.on_window(CLEAN, [(t + k - 0.5, "N")], t + k, t + k - 0.3)]
+        assert states(events, "poor_signal") == ["cleared"]
+        assert events[-1].time - t - 1 == pytest.approx(CONFIG.poor_signal_clear_s)
+
+    def test_holds_back_ventricular_tachycardia_but_not_asystole_or_vf(self) -> None:
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(20), 0.0)
+        events = alarms.on_window(self.NOISY, [], t + 0.3, t)
+        assert events[0].evidence["physiological_alarms"] == "suspended except ventricular_fibrillation and asystole"
+        for _ in range(10):  # noise called V beats at 150 bpm: no VT alarm
+            t += 0.4
+            events += alarms.on_window(self.NOISY, [(t, "V")], t + 0.3, t)
+        assert {e.type for e in events} == {"poor_signal"}
+        for k in range(1, 6):  # then nothing at all: asystole after 4 s, through the noise
+            events += alarms.on_window(self.NOISY, [], t + k, t + k)
+        assert states(events, "asystole") == ["raised"]
+        for k in range(6, 9):  # VF found in the noise
+            events += alarms.on_window(self.NOISY, [], t + k, t + k, vf_found=True)
+        assert states(events, "ventricular_fibrillation") == ["raised"]
+
+    def test_beats_found_in_noise_do_not_count_after_it(self) -> None:
+        alarms = DeviceAlarms("dev", CONFIG, "test", 0.0)
+        _, t = feed(alarms, normal(20), 0.0)
+        events = []
+        for _ in range(12):  # noise called V beats (more than pvc_per_min), then readable signal again
+            t += 0.4
+            events += alarms.on_window(self.NOISY, [(t, "V")], t + 0.3, t)
+        events += feed(alarms, normal(int(CONFIG.poor_signal_clear_s / 0.8) + 1), t)[0]
+        assert states(events, "poor_signal") == ["raised", "cleared"]
+        assert {e.type for e in events} == {"poor_signal"}
+        events, _ = feed(alarms, [("V", 0.8)], events[-1].time)  # one real V beat is not a PVC burden
+        assert events == []
 
 
 class TestFibrillation:
@@ -228,7 +269,7 @@ class TestSaturation:
         record = load_record(physionet / "cudb", name)
         assert np.abs(record.signal_mv).max() >= 5.0
         windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
-        saturated = sum(c.saturated for c in SignalCheck.batch(windows, CONFIG))
+        saturated = sum(c.saturated for c in SignalCheck.batch(windows, [False] * len(windows), CONFIG))
         assert saturated <= 0.01 * len(windows)
 
 
@@ -236,7 +277,8 @@ class TestSaturation:
         """cudb cu34 clips at +3.198 / -3.200 mV during its arrhythmia: those windows are saturated."""
         record = load_record(physionet / "cudb", "cu34")
         windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
-        saturated = [w for w, c in zip(windows, SignalCheck.batch(windows, CONFIG), strict=True) if c.saturated]
+        checks = SignalCheck.batch(windows, [False] * len(windows), CONFIG)
+        saturated = [w for w, c in zip(windows, checks, strict=True) if c.saturated]
         assert len(saturated) >= 20
         assert all(np.isclose(np.abs(w.samples_mv).max(), 3.2, atol=0.01) for w in saturated)
 

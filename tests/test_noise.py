@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from models import SHIPPED_MODEL
-from pipeline.config import AlarmConfig
 from pipeline.tools.records import load_record
-from train.noise import add_noise, evaluate_noise, load_noise, qrs_amplitude_mv, unreadable_windows
+from train.noise import add_noise, evaluate_noise, load_noise, qrs_amplitude_mv
 
 
 @pytest.mark.parametrize("snr_db", [12.0, 0.0, -6.0])
@@ -33,19 +32,12 @@ def test_training_and_evaluation_noise_do_not_overlap(physionet: Path) -> None:
     assert len(whole) == 650_000  # the record's 30 min 5 s, split once, nothing shared
 
 
-def test_the_daemons_signal_check_flags_a_window_of_heavy_noise(physionet: Path) -> None:
-    clean = load_record(physionet / "mitdb", "100")
-    noise, fs = load_noise(physionet, "ma", "eval")
-    flagged = unreadable_windows(add_noise(clean, noise, fs, -30.0), 1.0, AlarmConfig())
-    assert not unreadable_windows(clean, 1.0, AlarmConfig()).any() and flagged.mean() > 0.5
-
-
 def test_noise_report(physionet: Path, tmp_path: Path) -> None:
     report = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, "MLII", "em", [24.0, 0.0], tmp_path)
     assert json.loads((tmp_path / "noise-em.json").read_text()) == json.loads(json.dumps(report))
     high, low = report["levels"]
     assert high["all"]["qrs_ppv"] > low["all"]["qrs_ppv"]  # more noise, more false beats
-    assert 0.0 <= low["flagged_windows"] <= 1.0
+    assert high["flagged_windows"] < low["flagged_windows"]  # ... and more of it flagged unreadable
 
 
 def test_training_noise_is_the_training_half_through_the_shared_dsp(physionet: Path) -> None:

@@ -12,9 +12,10 @@ from models import SHIPPED_MODEL
 from pipeline.config import AlarmConfig
 from pipeline.dsp import Preprocessor
 from pipeline.model import BeatModel
+from pipeline.recent import RecentSignal
 from pipeline.streams import BeatStreams
 from pipeline.tools.records import load_record
-from pipeline.vf import VF_FEATURE_NAMES, VfDetector, vf_features
+from pipeline.vf import VF_FEATURE_NAMES, vf_features
 from train.alarm_eval import run_alarms
 from train.trainer import DataLeakError
 from train.vf import train_vf
@@ -45,14 +46,14 @@ def test_any_window_size_gives_the_same_features(physionet: Path) -> None:
     features = {}
     for step in (fs, fs // 5):
         pre = Preprocessor(info.filter, record.fs, info.fs, info.frame_size)
-        detector = VfDetector(1, info.fs, None)
+        recent = RecentSignal(1, info.fs)
         rows = []
         for a in range(0, len(signal), step):
             frames = pre(signal[a:a + step])
             if len(frames):
-                detector.update(np.array([0]), frames[None])
-            if (a + step) % fs == 0 and detector.samples_seen[0] >= detector.history.shape[1]:
-                rows.append(detector.features(np.array([0]))[0])
+                recent.update(np.array([0]), frames[None])
+            if (a + step) % fs == 0 and recent.ready(np.array([0]))[0]:
+                rows.append(vf_features(recent.history[:1], recent.fs)[0])
         features[step] = np.array(rows)
     assert len(features[fs]) == 16  # 20 s, the first whole 4 s window after 4 s
     np.testing.assert_allclose(features[fs], features[fs // 5], rtol=1e-6)

@@ -61,7 +61,7 @@ def detect_beats(model: BeatModel, records: list[EcgRecord], config: AlarmConfig
     bad = [0] * len(records)
     for w in analyse_records(model, records, config, window_s):
         found[w.record] += w.beats
-        bad[w.record] += w.check.flat or w.check.noisy or w.check.saturated
+        bad[w.record] += w.check.flat or w.check.unreadable or w.check.saturated
     return [Beats(np.array([t for t, _ in beats]), np.array([c in "SV" for _, c in beats]),
                   unreadable / max(r.window_count(window_s), 1)) for r, beats, unreadable in zip(records, found, bad,
                                                                                                    strict=True)]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck
 from pipeline.codec import Window
 from pipeline.config import AlarmConfig
@@ -59,7 +62,8 @@ class RecordAlarms:
 @dataclass(frozen=True)
 class AnalysedWindow:
     """One record's window after the daemon's analysis: its beats (R-peak time s, AAMI class), signal check,
-    the time up to which every beat has been emitted (s) and the VF detector's verdict."""
+    the time up to which every beat has been emitted (s), the VF detector's verdict and the recent signal the
+    detectors judged (`BeatStreams.recent_signal`)."""
 
     record: int
     window: Window
@@ -67,12 +71,13 @@ class AnalysedWindow:
     check: SignalCheck
     analysed_until_s: float
     vf_found: bool
+    recent_mv: NDArray[np.float32] | None
 
 
 def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
                     ) -> Iterator[AnalysedWindow]:
     """Every record streamed as one device through the daemon's analysis (`BeatStreams.process`, then
-    `SignalCheck.batch`), all records batched, window by window."""
+    `SignalCheck.batch` with the signal-quality verdicts), all records batched, window by window."""
     streams = BeatStreams(model, capacity=len(records))
     for r in records:
         streams.open(r.name, r.fs)
@@ -82,10 +87,11 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
         beats_of: dict[str, list[tuple[float, str]]] = {records[i].name: [] for i in live}
         for beat in streams.process([(records[i].name, w.samples_mv) for i, w in zip(live, windows, strict=True)]):
             beats_of[beat.stream_id].append((beat.time_s, beat.class_name))
-        for i, window, check in zip(live, windows, SignalCheck.batch(windows, config), strict=True):
+        unreadable = [streams.unreadable(records[i].name) for i in live]
+        for i, window, check in zip(live, windows, SignalCheck.batch(windows, unreadable, config), strict=True):
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
-                                 streams.vf_found(name))
+                                 streams.vf_found(name), streams.recent_signal(name))
 
 
 def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -106,7 +112,7 @@ def reference_events(record: EcgRecord, config: AlarmConfig, rhythm: list[Episod
     Inside VF no beats are annotated, so the rules would find asystole there: those events are dropped
     (the VF episode is the reference).
     """
-    clean = SignalCheck(flat=False, saturated=False, noisy=False, peak_to_peak_mv=1.0, noise_mv=0.0)
+    clean = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_mv=1.0)
     rules = DeviceAlarms(record.name, config, "reference", 0.0)
     times = record.beat_samples / record.fs
     found: list[AlarmEvent] = []

@@ -23,9 +23,16 @@ STRIP_S = 20.0  # strip length (s)
 MAX_STRIPS = 60  # per run, the first ones in record order
 
 
+def fresh_folder(out_dir: Path) -> None:
+    """`out_dir`, made if missing, without the pictures of an earlier run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+
+
 def plot_timelines(results: list[RecordAlarms], out_dir: Path) -> None:
     """One PNG per record: reference rhythm, beat-derived reference events, alarms (by priority), minutes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fresh_folder(out_dir)
     for r in results:
         rows = sorted({a.label for a in r.alarms} | {e.label for e in r.references if e.label in ALARM_TYPES})
         fig, ax = plt.subplots(figsize=(12, 1.2 + 0.3 * (len(rows) + 1)))
@@ -73,7 +80,7 @@ def _strip(r: RecordAlarms, episode: Episode, what: str, path: Path) -> None:
 
 def plot_strips(results: list[RecordAlarms], out_dir: Path) -> None:
     """ECG strips around each missed high-priority event and each false high-priority alarm (first MAX_STRIPS)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fresh_folder(out_dir)
     high = [t for t, priority in SCORED_PRIORITY.items() if priority == "high"]
     made = 0
     for r in results:

@@ -17,13 +17,13 @@ L2 = 1e-2  # ridge penalty of the standardised weights
 D = TypeVar("D", bound=LogisticDetector)
 
 
-def fit_logistic(features: NDArray[np.float64], is_vf: NDArray[np.bool_]
+def fit_logistic(features: NDArray[np.float64], positive: NDArray[np.bool_]
                  ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float]:
     """Class-balanced, ridge-penalised logistic regression by Newton's method: mean, std, coef, intercept."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-9
     z = np.hstack([(features - mean) / std, np.ones((len(features), 1))])
-    y = is_vf.astype(np.float64)
-    weight = np.where(is_vf, 0.5 / max(y.mean(), 1e-9), 0.5 / max(1 - y.mean(), 1e-9))
+    y = positive.astype(np.float64)
+    weight = np.where(positive, 0.5 / max(y.mean(), 1e-9), 0.5 / max(1 - y.mean(), 1e-9))
     penalty = L2 * np.diag([1.0] * (z.shape[1] - 1) + [0.0])
     w = np.zeros(z.shape[1])
     for _ in range(50):
@@ -45,10 +45,10 @@ def fit_detector(kind: type[D], feature_names: tuple[str, ...], features: NDArra
                 cv_metrics=cv_metrics)
 
 
-def attach_detector(model_path: Path, out: Path, field: Literal["vf_detector", "af_detector"],
+def attach_detector(model_path: Path, out: Path, field: Literal["vf_detector", "af_detector", "quality_detector"],
                     detector: LogisticDetector) -> None:
     """Copy `model_path` to `out` with `detector` as its `field` (weights and other metadata untouched); the
-    version gains (or replaces) a suffix `.vf.<hash>` / `.af.<hash>` of the detector."""
+    version gains (or replaces) a suffix `.vf.<hash>` / `.af.<hash>` / `.quality.<hash>` of the detector."""
     if out != model_path:
         shutil.copy(model_path, out)
     info = read_metadata(out)

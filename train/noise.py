@@ -22,7 +22,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.config import ModelConfig
-from pipeline.alarms import SignalCheck
 from pipeline.config import AlarmConfig
 from pipeline.dsp import FilterSpec, Preprocessor
 from pipeline.model import BeatModel
@@ -97,21 +96,16 @@ def add_noise(record: EcgRecord, noise: NDArray[np.float64], noise_fs: float, sn
     return dataclasses.replace(record, signal_mv=record.signal_mv + gain * resampled)
 
 
-def unreadable_windows(record: EcgRecord, window_s: float, config: AlarmConfig) -> NDArray[np.bool_]:
-    """Per `window_s` window: would the daemon's signal check call it unreadable (flat, saturated or noisy)?"""
-    windows = [record.window(k, window_s) for k in range(int(len(record.signal_mv) / record.fs // window_s))]
-    return np.array([c.flat or c.saturated or c.noisy for c in SignalCheck.batch(windows, config)], dtype=bool)
-
-
 def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, noise_name: str,
                    snrs_db: list[float], out_dir: Path, window_s: float = 1.0) -> dict[str, Any]:
     """Score `model_path` on the records with evaluation noise added at each SNR; write noise.json to `out_dir`.
 
     Per SNR: EC57 gross statistics over everything, the share of windows the daemon's signal check
-    flags as unreadable, and the statistics over the readable windows only (beats and detections in
-    flagged windows left out), which is what reaches the beat-based alarms.
+    flags as unreadable (flat, saturated, or judged unreadable by the model's signal-quality detector
+    as of the window's end), and the statistics over the readable windows only (beats and detections
+    in flagged windows left out), which is what reaches the non-lethal beat-based alarms.
     """
-    from train.evaluate import stream_records  # the daemon's code path
+    from train.alarm_eval import analyse_records  # the daemon's code path
 
     records = [record for _, record in load_records(specs, physionet_dir, lead)]
     noise, noise_fs = load_noise(physionet_dir, noise_name, "eval")
@@ -120,13 +114,19 @@ def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead
     levels = []
     for snr in snrs_db:
         noisy = [add_noise(r, noise, noise_fs, snr, offset_s=60.0 * k) for k, r in enumerate(records)]
-        detections = stream_records(model, noisy, window_s)
+        found: list[list[tuple[float, str]]] = [[] for _ in noisy]
+        flags: list[list[bool]] = [[] for _ in noisy]
+        for w in analyse_records(model, noisy, config, window_s):
+            found[w.record] += w.beats
+            flags[w.record].append(w.check.flat or w.check.saturated or w.check.unreadable)
         everything, readable = empty_matrix(), empty_matrix()
         flagged_windows = total_windows = 0
-        for record, (det_samples, det_classes) in zip(noisy, detections, strict=True):
-            ref_s, det_s = record.beat_samples / record.fs, det_samples / record.fs
+        for record, beats, flagged_list in zip(noisy, found, flags, strict=True):
+            ref_s = record.beat_samples / record.fs
+            det_s = np.array([t for t, _ in beats])
+            det_classes = np.array([c for _, c in beats], dtype=np.str_)
             everything += confusion(ref_s, record.beat_classes, det_s, det_classes)
-            flagged = unreadable_windows(record, window_s, config)
+            flagged = np.array(flagged_list, dtype=bool)
             flagged_windows, total_windows = flagged_windows + int(flagged.sum()), total_windows + len(flagged)
             keep_ref = ~_in_flagged(ref_s, flagged, window_s)
             keep_det = ~_in_flagged(det_s, flagged, window_s)

@@ -2,7 +2,7 @@
 
 Data: the Creighton University Ventricular Tachyarrhythmia Database (cudb, VF marked by `[` `]`)
 and MIT-BIH DS1 (record 207's ventricular flutter, and hours of other rhythms). Every record is
-run through `pipeline.vf.VfDetector` exactly as the daemon feeds it (the model's DSP, 1 s
+run through `pipeline.recent.RecentSignal` exactly as the daemon feeds it (the model's DSP, 1 s
 windows); each window end gives one feature row. A row is VF when at least
 `VF_LABEL_S` of its 4 s lie in a VF episode, not VF when none does; rows that straddle an
 onset or offset, or lie in ventricular tachycardia (an alarm-worthy rhythm the VF alarm may
@@ -31,8 +31,9 @@ from numpy.typing import NDArray
 from pipeline.config import AlarmConfig
 from pipeline.dsp import Preprocessor
 from pipeline.model import BeatModel, ModelInfo
+from pipeline.recent import RECENT_S, RecentSignal
 from pipeline.tools.records import EcgRecord
-from pipeline.vf import VF_FEATURE_NAMES, VF_WINDOW_S, VfDetector, VfDetectorInfo
+from pipeline.vf import VF_FEATURE_NAMES, VfDetectorInfo, vf_features
 from train.alarm_eval import RecordAlarms, collect_records, load_alarm_records, score
 from train.alarm_score import Episode
 from train.export import read_metadata
@@ -57,24 +58,24 @@ class VfRows:
 
 
 def record_rows(name: str, record: EcgRecord, rhythm: list[Episode], info: ModelInfo) -> VfRows:
-    """Run one record through the model's DSP and a VfDetector in 1 s windows; label each window end."""
+    """Run one record through the model's DSP and a RecentSignal in 1 s windows; label each window end."""
     pre = Preprocessor(info.filter, record.fs, info.fs, info.frame_size)
-    detector = VfDetector(1, info.fs, None)
+    recent = RecentSignal(1, info.fs)
     slot = np.array([0])
     rows, ends = [], []
     for k in range(record.window_count(1.0)):
         window = record.window(k, 1.0)
         frames = pre(window.samples_mv)
         if len(frames):
-            detector.update(slot, frames[None])
-        if detector.samples_seen[0] >= detector.history.shape[1]:
-            rows.append(detector.features(slot)[0])
+            recent.update(slot, frames[None])
+        if recent.ready(slot)[0]:
+            rows.append(vf_features(recent.history[slot], recent.fs)[0])
             ends.append(window.t0 + window.duration_s)
     end = np.asarray(ends)
     vf_s = np.zeros(len(end))
     vt = np.zeros(len(end), dtype=bool)
     for e in rhythm:
-        inside = np.clip(np.minimum(end, e.end) - np.maximum(end - VF_WINDOW_S, e.start), 0.0, None)
+        inside = np.clip(np.minimum(end, e.end) - np.maximum(end - RECENT_S, e.start), 0.0, None)
         if e.label == "VF":
             vf_s += inside
         elif e.label == "VT":

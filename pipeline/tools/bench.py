@@ -33,9 +33,9 @@ from models import SHIPPED_MODEL
 from pipeline.beat_context import BeatContext
 from pipeline.model import BeatModel
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.recent import RecentSignal
 from pipeline.streams import BeatStreams
 from pipeline.tools.broker import LocalBroker, free_port
-from pipeline.vf import VfDetector
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,13 @@ def environment() -> dict[str, str]:
 
 def state_bytes_per_device(model_path: Path) -> int:
     """Bytes of numpy state the daemon keeps per device in its slot arrays (both stages' recurrent state, beat
-    picker, beat context, VF detector's signal history)."""
+    picker, beat context, the recent signal the VF and quality detectors judge)."""
     model = BeatModel(model_path)
     recurrent = sum(layers * hidden * 4 for layers, hidden in model.state_shapes)
     picker = 1 + 4 + 8 + 4 * (len(model.info.class_names) - 1) + 8
     total = recurrent + picker
-    if model.info.vf_detector is not None:
-        vf = VfDetector(1, model.info.fs, model.info.vf_detector)
-        total += sum(int(getattr(vf, name).nbytes) for name in VfDetector.FIELDS) + 1
+    recent = RecentSignal(1, model.info.fs)
+    total += sum(int(getattr(recent, name).nbytes) for name in RecentSignal.FIELDS) + 2  # + the two verdicts
     if model.beat_stage is not None:
         context = BeatContext(1, model.info.fs, model.info.frame_size)
         total += sum(int(getattr(context, name).nbytes) for name in BeatContext.FIELDS)

@@ -1,0 +1,57 @@
+"""The last seconds of each stream's band-passed signal, decimated: what the signal-level detectors judge.
+
+The VF detector (`pipeline.vf`) and the signal-quality detector (`pipeline.quality`) look at the same
+`RECENT_S` of the DSP output the beat model sees, decimated to 90 Hz (VF energy lies at 2-10 Hz, noise
+that hides QRS complexes below 40 Hz). State per stream: that signal and how much has been seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+RECENT_S = 4.0  # judged window (s)
+DECIMATION = 4  # model rate 360 Hz -> 90 Hz
+
+
+class RecentSignal:
+    """Per-slot signal history (arrays indexed by slot)."""
+
+    FIELDS = ("history", "samples_seen")
+
+    def __init__(self, n_slots: int, model_fs: float) -> None:
+        """`model_fs`: the rate of the frames fed in (Hz)."""
+        self.fs = model_fs / DECIMATION
+        self.history = np.zeros((n_slots, round(RECENT_S * self.fs)), dtype=np.float32)
+        self.samples_seen = np.zeros(n_slots, dtype=np.int64)
+
+    def reset(self, slots: NDArray[np.int64]) -> None:
+        self.history[slots] = 0.0
+        self.samples_seen[slots] = 0
+
+    def grow(self, n_slots: int) -> None:
+        extra = n_slots - len(self.samples_seen)
+        self.history = np.concatenate([self.history, np.zeros((extra, self.history.shape[1]), dtype=np.float32)])
+        self.samples_seen = np.concatenate([self.samples_seen, np.zeros(extra, dtype=np.int64)])
+
+    def save_slot(self, slot: int) -> dict[str, Any]:
+        return {"history": self.history[slot].tolist(), "samples_seen": int(self.samples_seen[slot])}
+
+    def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
+        self.history[slot] = doc["history"]
+        self.samples_seen[slot] = doc["samples_seen"]
+
+    def update(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> None:
+        """Take in frames (n, n_frames, frame_size) of each of `slots`: a whole number of model samples, a
+        multiple of DECIMATION when frame_size is."""
+        new = frames.reshape(len(slots), -1)[:, ::DECIMATION]
+        joined = np.concatenate([self.history[slots], new], axis=1)
+        self.history[slots] = joined[:, joined.shape[1] - self.history.shape[1]:]
+        self.samples_seen[slots] += new.shape[1]
+
+    def ready(self, slots: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Whether each slot has seen a whole RECENT_S."""
+        ready: NDArray[np.bool_] = self.samples_seen[slots] >= self.history.shape[1]
+        return ready
