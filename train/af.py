@@ -31,7 +31,7 @@ from pipeline.model import BeatModel
 from pipeline.tools.records import EcgRecord, challenge_labels, load_records
 from train.alarm_eval import analyse_records, load_alarm_records
 from train.alarm_score import Episode
-from train.logistic import attach_detector, fit_detector
+from train.logistic import attach_detector, fit_detector, without_detector
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ def train_af(model_path: Path, out: Path, report_dir: Path, physionet_dir: Path,
     names = sorted(labels)[:challenge_limit]
     challenge = load_records([f"{CHALLENGE}/{n}" for n in names], physionet_dir, lead)
     mitdb, rhythm_of = load_alarm_records(["mitdb/DS1"], physionet_dir, lead)
-    model = BeatModel(model_path)
     log.info("detecting beats in %d Challenge recordings and %d MIT-BIH records", len(challenge), len(mitdb))
-    beats = detect_beats(model, [r for _, r in challenge + mitdb], config)
+    with without_detector(model_path, "af_detector") as base:
+        beats = detect_beats(BeatModel(base), [r for _, r in challenge + mitdb], config)
     c_beats, m_beats = beats[:len(challenge)], beats[len(challenge):]
     truth = [labels[n] for n in names]
     c_rows = np.array([af_features(b.times_s, b.ectopic) if len(b.times_s) >= 4 else np.zeros(len(AF_FEATURE_NAMES))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -15,6 +18,7 @@ from train.export import read_metadata, versioned, write_metadata
 
 L2 = 1e-2  # ridge penalty of the standardised weights
 D = TypeVar("D", bound=LogisticDetector)
+DetectorField = Literal["vf_detector", "af_detector", "quality_detector"]
 
 
 def fit_logistic(features: NDArray[np.float64], positive: NDArray[np.bool_]
@@ -45,8 +49,18 @@ def fit_detector(kind: type[D], feature_names: tuple[str, ...], features: NDArra
                 cv_metrics=cv_metrics)
 
 
-def attach_detector(model_path: Path, out: Path, field: Literal["vf_detector", "af_detector", "quality_detector"],
-                    detector: LogisticDetector) -> None:
+@contextmanager
+def without_detector(model_path: Path, field: DetectorField) -> Iterator[Path]:
+    """A temporary copy of `model_path` without its `field` detector, for the command that retrains it: a detector
+    fitted to another feature set (an earlier ecgmon) stops the model from loading, not its retraining."""
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / model_path.name
+        shutil.copy(model_path, copy)
+        write_metadata(copy, read_metadata(copy).model_copy(update={field: None}))
+        yield copy
+
+
+def attach_detector(model_path: Path, out: Path, field: DetectorField, detector: LogisticDetector) -> None:
     """Copy `model_path` to `out` with `detector` as its `field` (weights and other metadata untouched); the
     version gains (or replaces) a suffix `.vf.<hash>` / `.af.<hash>` / `.quality.<hash>` of the detector."""
     if out != model_path:

@@ -39,7 +39,7 @@ from pipeline.recent import RECENT_S, RecentSignal
 from pipeline.tools.records import load_records
 from pipeline.vf import vf_features
 from train.alarm_eval import analyse_records
-from train.logistic import attach_detector, fit_detector
+from train.logistic import attach_detector, fit_detector, without_detector
 from train.noise import add_noise, load_noise
 from train.trainer import check_not_ds2
 
@@ -177,10 +177,11 @@ def train_quality(model_path: Path, out: Path, report_dir: Path, physionet_dir: 
     attach the detector to `out`."""
     check_not_ds2(list(specs), "signal-quality training")
     conditions: list[Condition] = [None, *((n, s) for n in NOISES for s in SNRS_DB)]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        n = len(conditions)
-        results = pool.map(run_condition, [model_path] * n, [specs] * n, [physionet_dir] * n, [lead] * n,
-                           [config] * n, conditions)
+    n = len(conditions)
+    with (without_detector(model_path, "quality_detector") as base,
+          ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool):
+        results = pool.map(run_condition, [base] * n, [specs] * n, [physionet_dir] * n, [lead] * n, [config] * n,
+                           conditions)
         runs = dict(zip(conditions, results, strict=True))
     rows = label_rows(runs)
     report = cross_validate_quality(rows, k)
