@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from pipeline.logistic import LogisticDetector
 
 AF_BEATS = 32  # RR intervals judged
+ENTROPY_EDGES = np.linspace(-0.5, 0.5, 9)
 AF_FEATURE_NAMES = ("rr_cv", "nrmssd", "median_drr", "turning_points", "entropy", "log_rr_s", "ectopic_share")
 
 
@@ -33,15 +34,33 @@ class AfDetectorInfo(LogisticDetector):
 
 
 def af_features(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """AF_FEATURE_NAMES of the beats at `times_s` (s, ascending, AF_BEATS + 1 of them or more: the last
-    AF_BEATS + 1 are used); `ectopic`: whether each beat was called S or V."""
-    times_s, ectopic = times_s[-(AF_BEATS + 1):], ectopic[-(AF_BEATS + 1):]
-    rr = np.diff(times_s)
-    mean, median = max(float(rr.mean()), 1e-3), max(float(np.median(rr)), 1e-3)
-    drr = np.diff(rr)
-    middle = rr[1:-1]
-    turning = ((middle > rr[:-2]) & (middle > rr[2:])) | ((middle < rr[:-2]) & (middle < rr[2:]))
-    counts, _ = np.histogram(np.clip(drr / median, -0.5, 0.5), bins=8, range=(-0.5, 0.5))
-    share = counts[counts > 0] / counts.sum()
-    return np.array([rr.std() / mean, np.sqrt(np.mean(drr**2)) / mean, np.median(np.abs(drr)) / median,
-                     turning.mean(), -(share * np.log2(share)).sum(), np.log(mean), ectopic[1:].mean()])
+    """AF_FEATURE_NAMES of the beats at `times_s` (s, ascending, 4 or more: the last AF_BEATS + 1 are used);
+    `ectopic`: whether each beat was called S or V."""
+    row: NDArray[np.float64] = af_feature_rows(times_s[None, -(AF_BEATS + 1):], ectopic[None, -(AF_BEATS + 1):])[0]
+    return row
+
+
+def af_feature_rows(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """AF_FEATURE_NAMES of each row of beats (n, m): times (s, ascending along a row, m ≥ 4) and whether each
+    beat was called S or V; all rows at once (the daemon judges every device of a batch together)."""
+    rr = np.diff(times_s, axis=1)
+    mean = np.maximum(rr.mean(axis=1), 1e-3)
+    median = np.maximum(np.median(rr, axis=1), 1e-3)
+    drr = np.diff(rr, axis=1)
+    middle, before, after = rr[:, 1:-1], rr[:, :-2], rr[:, 2:]
+    turning = ((middle > before) & (middle > after)) | ((middle < before) & (middle < after))
+    # Histogram of ΔRR / median RR over 8 bins of [-0.5, 0.5] (values beyond clipped into the end bins), a
+    # value on an edge in the bin above it, as numpy.histogram counts.
+    scaled = np.clip(drr / median[:, None], -0.5, 0.5)
+    bins = np.minimum(((scaled + 0.5) * 8).astype(np.int64), 7)
+    bins -= scaled < ENTROPY_EDGES[bins]
+    bins += (scaled >= ENTROPY_EDGES[bins + 1]) & (bins != 7)
+    counts = np.zeros((len(rr), 8))
+    np.add.at(counts, (np.repeat(np.arange(len(rr)), bins.shape[1]), bins.ravel()), 1.0)
+    share = counts / counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(share > 0, share * np.log2(share), 0.0).sum(axis=1)
+    features: NDArray[np.float64] = np.stack(
+        [rr.std(axis=1) / mean, np.sqrt(np.mean(drr**2, axis=1)) / mean, np.median(np.abs(drr), axis=1) / median,
+         turning.mean(axis=1), entropy, np.log(mean), ectopic[:, 1:].mean(axis=1)], axis=1)
+    return features

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.af import AF_BEATS, AfDetectorInfo, af_features
+from pipeline.af import AF_BEATS, AfDetectorInfo, af_feature_rows
 from pipeline.codec import Window
 from pipeline.config import AlarmConfig
 
@@ -194,15 +194,28 @@ class DeviceAlarms:
 
     # --- inputs -------------------------------------------------------------------------------
     def on_window(self, check: SignalCheck, beats: list[tuple[float, str]], now: float,
-                  analysed_until: float, vf_found: bool = False) -> list[AlarmEvent]:
+                  analysed_until: float, vf_found: bool = False, p_af: float | None = None) -> list[AlarmEvent]:
         """One analysed window ending at `now` (s, signal time): its technical check, the VF detector's verdict
-        on the signal up to `now`, then the beats it completed (R-peak time s, AAMI class), then asystole
-        judged on the beat time line up to `analysed_until` (s), the latest time for which every beat has
-        been emitted."""
+        on the signal up to `now`, then the beats it completed (R-peak time s, AAMI class) and the AF
+        detector's P(AF) of the last AF_BEATS RR intervals with them (`af_probabilities`; None: not judged),
+        then asystole judged on the beat time line up to `analysed_until` (s), the latest time for which every
+        beat has been emitted."""
         events = self._technical(check, now)
         events += self._fibrillation(vf_found, now)
         events += self._beats(beats, now)
+        if p_af is not None and len(self.times) > AF_BEATS and not self._held_back(lethal=False) \
+                and now - self.started >= self.config.warmup_s:
+            events += self._af_rule(now, p_af)
         return events + self._asystole(analysed_until)
+
+    def af_row(self, beats: list[tuple[float, str]]) -> tuple[list[float], list[bool]] | None:
+        """The last AF_BEATS + 1 beat times (s) and whether each is S or V, once `beats` are added; None when
+        `beats` is empty or there are fewer."""
+        if not beats or len(self.times) + len(beats) <= AF_BEATS:
+            return None
+        times = [*self.times, *(t for t, _ in beats)][-(AF_BEATS + 1):]
+        ectopic = [c in "SV" for c in [*self.classes, *(c for _, c in beats)][-(AF_BEATS + 1):]]
+        return times, ectopic
 
     def _fibrillation(self, vf_found: bool, now: float) -> list[AlarmEvent]:
         """VF raised once the detector has said VF for `vf_confirm_s`, cleared after `vf_clear_s` without it.
@@ -251,7 +264,7 @@ class DeviceAlarms:
             self.rate_from = now
         if self._held_back(lethal=False):
             return events
-        for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule, self._af_rule):
+        for rule in (self._rate_rules, self._run_rules, self._pattern_rules, self._burden_rule):
             events += rule(now, new_beat)
         return events
 
@@ -420,14 +433,12 @@ class DeviceAlarms:
         present = per_min > c.pvc_per_min or ("pvc_burden" in self.active and per_min > c.pvc_clear_per_min)
         return self._set("pvc_burden", present, now, {"v_beats_last_minute": per_min}, update=False)
 
-    def _af_rule(self, now: float, new_beats: bool) -> list[AlarmEvent]:
-        """AF raised once the detector has said AF at every beat for `af_confirm_s`, cleared after `af_clear_s`
-        without it; judged on the last AF_BEATS RR intervals."""
-        if self.af is None or not new_beats or len(self.times) < AF_BEATS + 1:
+    def _af_rule(self, now: float, p_af: float) -> list[AlarmEvent]:
+        """AF raised once the detector has said AF in every window with beats for `af_confirm_s`, cleared after
+        `af_clear_s` without it; `p_af`: its P(AF) of the last AF_BEATS RR intervals."""
+        if self.af is None:
             return []
         c = self.config
-        features = af_features(np.asarray(self.times), np.array([k in "SV" for k in self.classes]))
-        p_af = float(self.af.probability(features[None])[0])
         if p_af >= self.af.threshold:
             self.af_since = now if self.af_since is None else self.af_since
             self.af_last = now
@@ -478,3 +489,19 @@ class DeviceAlarms:
         priority = self.config.af_priority if alarm_type == "atrial_fibrillation" else ALARM_TYPES[alarm_type][1]
         return AlarmEvent(active.alarm_id, self.device, alarm_type, state, now,
                           {**evidence, "raised_at": active.raised, "model_version": self.model_version}, priority)
+
+
+def af_probabilities(detector: AfDetectorInfo | None, devices: list[DeviceAlarms],
+                     beats: list[list[tuple[float, str]]]) -> list[float | None]:
+    """P(AF) of each device's last AF_BEATS RR intervals with its window's `beats` added, all devices in one
+    computation (None where `DeviceAlarms.af_row` is None or there is no detector)."""
+    out: list[float | None] = [None] * len(devices)
+    if detector is None:
+        return out
+    rows = [(i, row) for i, (d, b) in enumerate(zip(devices, beats, strict=True)) if (row := d.af_row(b)) is not None]
+    if rows:
+        times = np.array([r[0] for _, r in rows])
+        ectopic = np.array([r[1] for _, r in rows])
+        for (i, _), p in zip(rows, detector.probability(af_feature_rows(times, ectopic)), strict=True):
+            out[i] = float(p)
+    return out

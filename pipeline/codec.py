@@ -118,7 +118,7 @@ def _decode_binary(payload: bytes, latest_t0: float) -> Window:
         lead = body[:lead_len].decode("ascii")
     except UnicodeDecodeError as err:
         raise DecodeError("bad_field", "lead is not ASCII") from err
-    samples = np.frombuffer(body[lead_len:], dtype="<i2").astype(np.float64)
+    samples = np.frombuffer(body[lead_len:], dtype="<i2")
     return _checked(seq, t0, fs, lead, samples, gain, baseline, latest_t0)
 
 
@@ -165,8 +165,9 @@ def _float(value: float, name: str) -> float:
         raise DecodeError("out_of_range", f"{name} is beyond any float") from err
 
 
-def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.float64], gain: float,
-             baseline: float, latest_t0: float) -> Window:
+def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.float64] | NDArray[np.int16],
+             gain: float, baseline: float, latest_t0: float) -> Window:
+    """The window, or DecodeError naming what is wrong; `samples` are ADC units, int16 (binary) or float (JSON)."""
     if not 0 <= seq < 2**32:
         raise DecodeError("bad_seq", f"seq {seq} outside 0 .. 2**32-1")
     if not (math.isfinite(t0) and MIN_T0 <= t0 <= latest_t0):
@@ -182,15 +183,15 @@ def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floa
         raise DecodeError("bad_field", "lead must be at most 32 printable characters")
     if samples.size == 0:
         raise DecodeError("empty", "no samples")
-    if not np.isfinite(samples).all():
+    if samples.dtype.kind == "f" and not np.isfinite(samples).all():
         raise DecodeError("non_finite", "samples contain NaN or Inf")
     duration = samples.size / fs
     one_sample = 1.0 / fs  # 0.25 s is not a whole number of samples at every rate (62.5 at 250 Hz)
     if not MIN_WINDOW_S - one_sample <= duration <= MAX_WINDOW_S + one_sample:
         raise DecodeError("bad_length", f"window of {duration:.3f} s outside {MIN_WINDOW_S}-{MAX_WINDOW_S} s")
     with np.errstate(over="ignore"):
-        samples_mv = (samples - baseline) / gain
-    largest = float(np.abs(samples_mv).max())
+        largest = max(abs(float(samples.min()) - baseline), abs(float(samples.max()) - baseline)) / gain
+        samples_mv = (samples.astype(np.float64) - baseline) / gain
     if not largest <= MAX_ABS_MV:  # also catches overflow to inf
         raise DecodeError("out_of_range", f"a sample of {largest:.3g} mV is beyond ±{MAX_ABS_MV:g} mV")
     return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=samples_mv, adc_gain=gain, adc_baseline=baseline)

@@ -17,9 +17,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline import messages
 from pipeline.admission import Admission, DeviceStream
-from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck
+from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
 from pipeline.codec import DecodeError, Window, decode_window
 from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import MqttSink, MqttSource, ResultSink, WindowSource
@@ -390,35 +392,44 @@ class Daemon:
             self._emit(self._alarms[device].on_gap(window.t0, {"reason": "internal error"}))
 
     def _analyse(self, group: list[Admitted]) -> None:
+        """One model run over `group` (each device once), then each window's report; the AF detector judges every
+        device with new beats in one computation, and the metrics are counted once per group."""
         assert self._streams is not None
-        self.metrics.batch_size.observe(len(group))
-        beats_of: defaultdict[str, list[Beat]] = defaultdict(list)
+        self.metrics.batch_size.observe_many(np.array([len(group)], dtype=np.float64))
+        found: defaultdict[str, list[Beat]] = defaultdict(list)
         for beat in self._streams.process([(a.device, a.window.samples_mv) for a in group]):
-            beats_of[beat.stream_id].append(beat)
+            found[beat.stream_id].append(beat)
+        beats = [[(a.stream.origin + b.time_s, b.class_name, b.confidence) for b in found[a.device]] for a in group]
         checks = SignalCheck.batch([a.window for a in group], [self._streams.unreadable(a.device) for a in group],
                                    self.config.alarms)
-        for a, check in zip(group, checks, strict=True):
+        p_af = af_probabilities(self.model.info.af_detector, [self._alarms[a.device] for a in group],
+                                [[(t, c) for t, c, _ in b] for b in beats])
+        analysed_until = self._streams.analysed_until_many([a.device for a in group])
+        reported: list[Admitted] = []
+        for a, check, window_beats, p, until in zip(group, checks, beats, p_af, analysed_until, strict=True):
             try:
-                self._report(a, check, beats_of[a.device])
+                self._report(a, check, window_beats, p, a.stream.origin + until)
             except Exception as err:  # any bug in the output stage: contained to this window
                 self._internal_error(a.device, err, a.window)
                 continue
-            self.metrics.latency.observe(time.monotonic() - a.received)
+            reported.append(a)
+        now_monotonic, now_unix = time.monotonic(), time.time()
+        self.metrics.latency.observe_many(np.array([now_monotonic - a.received for a in reported]))
+        self.metrics.result_delay.observe_many(np.maximum(
+            0.0, np.array([now_unix - a.window.t0 - a.window.duration_s for a in reported])))
+        for cls, n in Counter(c for b in beats for _, c, _ in b).items():
+            self.metrics.beats.labels(cls).inc(n)
         self.metrics.windows.inc(len(group))
         self._count("windows", len(group))
 
-    def _report(self, a: Admitted, check: SignalCheck, found: list[Beat]) -> None:
-        """Publish a window's beats, then run its device's alarm rules."""
+    def _report(self, a: Admitted, check: SignalCheck, beats: list[tuple[float, str, float]], p_af: float | None,
+                analysed_until: float) -> None:
+        """Publish a window's beats (R-peak time s, AAMI class, confidence), then run its device's alarm rules."""
         assert self._streams is not None and self._sink is not None
-        beats = [(a.stream.origin + b.time_s, b.class_name, b.confidence) for b in found]
         self._sink.beats(messages.beats(a.device, a.window.seq, a.window.t0, self.model_version, beats))
-        for _, cls, _ in beats:
-            self.metrics.beats.labels(cls).inc()
         end = a.window.t0 + a.window.duration_s
-        analysed_until = a.stream.origin + self._streams.analysed_until_s(a.device)
         self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
-                                                    self._streams.vf_found(a.device)))
-        self.metrics.result_delay.observe(max(0.0, time.time() - end))
+                                                    self._streams.vf_found(a.device), p_af))
 
     def _reject(self, device: str, reason: str, detail: str) -> None:
         """Count a rejection; log it at most every REJECT_INTERVAL_S, and publish it as often per device

@@ -117,10 +117,15 @@ class BeatStreams:
         The model outputs a beat `output_delay_frames` after its R peak, and the picker returns it when
         its run of beat frames ends; a run still open holds back a beat at or after its current peak.
         """
-        slot = self._slot_of[stream_id]
+        return self.analysed_until_many([stream_id])[0]
+
+    def analysed_until_many(self, stream_ids: list[str]) -> list[float]:
+        """`analysed_until_s` of each stream, computed together."""
+        slots = np.array([self._slot_of[i] for i in stream_ids], dtype=np.int64)
         p = self._picker
-        frame = p.peak_frame[slot] if p.in_run[slot] else p.frames_seen[slot]
-        return float(r_peak_time_s(np.array([frame]), self.info)[0])
+        frames = np.where(p.in_run[slots], p.peak_frame[slots], p.frames_seen[slots])
+        until: list[float] = r_peak_time_s(frames, self.info).tolist()
+        return until
 
     def vf_found(self, stream_id: str) -> bool:
         """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, look like

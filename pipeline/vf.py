@@ -58,8 +58,9 @@ def vf_features(x: NDArray[np.float32], fs: float) -> NDArray[np.float64]:
     near_peak = (np.abs(freq[None, :] - peak_hz[:, None]) <= 1.0) & in_range[None, :]
     concentration = (power * near_peak).sum(axis=1) / total
     centred = x - x.mean(axis=1, keepdims=True)
-    variance = np.maximum((centred**2).mean(axis=1), 1e-12)
-    kurtosis = (centred**4).mean(axis=1) / variance**2
+    squared = centred * centred
+    variance = np.maximum(squared.mean(axis=1), 1e-12)
+    kurtosis = (squared * squared).mean(axis=1) / variance**2  # not centred**4: pow is 30x slower
     log_kurtosis = np.log(np.maximum(kurtosis, 1e-6))
     log_amplitude = np.log(np.maximum(np.sqrt(variance), 1e-4))
     return np.stack([leakage, above_fifth, mean_abs, band / total, concentration, log_kurtosis, log_amplitude], axis=1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from models import SHIPPED_MODEL
-from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_features
-from pipeline.alarms import DeviceAlarms, SignalCheck
+from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_feature_rows, af_features
+from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
 from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
 from train.af import f1_scores, train_af
@@ -43,6 +43,20 @@ DETECTOR = AfDetectorInfo(feature_names=AF_FEATURE_NAMES, feature_mean=(0.0,) * 
                           intercept=0.0, threshold=0.5, training_data="test", cv_metrics={})
 
 
+def step(alarms: DeviceAlarms, t: float, cls: str = "N") -> list[AlarmEvent]:
+    """One window with one beat at `t` (s), judged by DETECTOR as the daemon does."""
+    p_af = af_probabilities(DETECTOR, [alarms], [[(t, cls)]])[0]
+    return alarms.on_window(CLEAN, [(t, cls)], t + 0.3, t, p_af=p_af)
+
+
+def test_features_of_many_rows_at_once_equal_those_of_each() -> None:
+    times = np.stack([beat_times(RNG.uniform(0.4, 1.2, AF_BEATS)) for _ in range(50)])
+    ectopic = RNG.random(times.shape) < 0.2
+    rows = af_feature_rows(times, ectopic)
+    for k in range(len(times)):
+        np.testing.assert_allclose(rows[k], af_features(times[k], ectopic[k]), rtol=1e-12)
+
+
 def test_alarm_raised_after_confirmation_with_configured_priority_and_cleared() -> None:
     config = AlarmConfig(af_priority="high")
     alarms = DeviceAlarms("dev", config, "test", 0.0, DETECTOR)
@@ -51,7 +65,7 @@ def test_alarm_raised_after_confirmation_with_configured_priority_and_cleared() 
     onset, offset = times[60], times[210]
     events = []
     for t in times[1:]:
-        events += alarms.on_window(CLEAN, [(float(t), "N")], float(t) + 0.3, float(t))
+        events += step(alarms, float(t))
     af = [e for e in events if e.type == "atrial_fibrillation" and e.state in ("raised", "cleared")]
     assert [e.state for e in af] == ["raised", "cleared"]
     assert af[0].priority == "high" and 0.0 < af[0].evidence["p_af"] <= 1.0
@@ -82,9 +96,9 @@ def test_atrial_fibrillation_supersedes_svt() -> None:
     t, events = 0.0, []
     for rr in RNG.uniform(0.4, 1.0, 150):
         t += float(rr)
-        events += alarms.on_window(CLEAN, [(t, "N")], t + 0.3, t)
+        events += step(alarms, t)
     assert "atrial_fibrillation" in {e.type for e in events if e.state == "raised"}
     for _ in range(8):  # a run of fast "S" beats inside the AF episode
         t += 0.4
-        events += alarms.on_window(CLEAN, [(t, "S")], t + 0.3, t)
+        events += step(alarms, t, "S")
     assert [e.state for e in events if e.type == "svt"] == []

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck
+from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
 from pipeline.codec import Window
 from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
@@ -100,8 +100,10 @@ def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, 
     alarms = [DeviceAlarms(r.name, config, model.info.version, 0.0, model.info.af_detector) for r in records]
     events: list[list[AlarmEvent]] = [[] for _ in records]
     for w in analyse_records(model, records, config, window_s):
-        events[w.record] += alarms[w.record].on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
-                                                       w.analysed_until_s, w.vf_found)
+        device = alarms[w.record]
+        p_af = af_probabilities(model.info.af_detector, [device], [w.beats])[0]
+        events[w.record] += device.on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
+                                             w.analysed_until_s, w.vf_found, p_af)
     return events
 
 
