@@ -387,7 +387,9 @@ class DeviceAlarms:
             if below and "ventricular_fibrillation" in self.active:
                 continue
             if hr is not None and self.times[-n] >= self.rate_from:
-                events += self._set(alarm_type, hr < bpm if below else hr > bpm, now, self._evidence(n, hr))
+                present = hr < bpm if below else hr > bpm
+                if present or alarm_type in self.active:  # else nothing to raise or clear
+                    events += self._set(alarm_type, present, now, self._evidence(n, hr))
         return events
 
     def _run_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:
@@ -395,12 +397,12 @@ class DeviceAlarms:
             return []
         c = self.config
         events: list[AlarmEvent] = []
+        classes = list(self.classes)
         for alarm_type, cls, n, bpm in (("ventricular_tachycardia", "V", c.vt_beats, c.vt_bpm),
                                         ("svt", "S", c.svt_beats, c.svt_bpm)):
             if alarm_type == "svt" and "atrial_fibrillation" in self.active:  # early beats in AF are not SVT runs
                 events += self._set("svt", False, now, {"superseded_by": "atrial_fibrillation"})
                 continue
-            classes = list(self.classes)
             hr = self._hr_bpm(n)
             run = len(classes) >= n and all(k == cls for k in classes[-n:]) and hr is not None and hr > bpm
             recent = classes[-c.clear_after_beats:]
@@ -412,14 +414,15 @@ class DeviceAlarms:
 
     def _pattern_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:
         c = self.config
-        classes = "".join(k if k in "NV" else "x" for k in self.classes)
+        tail = min(len(self.classes), max(3, 2 * c.bigeminy_cycles, 3 * c.trigeminy_cycles) + 1)
+        classes = "".join(k if k in "NV" else "x" for k in (self.classes[-i] for i in range(tail, 0, -1)))
         found = {"ventricular_couplet": new_beats and classes.endswith("VV") and not classes.endswith("VVV"),
                  "ventricular_bigeminy": new_beats and classes.endswith("NV" * c.bigeminy_cycles),
                  "ventricular_trigeminy": new_beats and classes.endswith("NNV" * c.trigeminy_cycles)}
         events: list[AlarmEvent] = []
         for alarm_type, seen in found.items():
             if seen:
-                events += self._set(alarm_type, True, now, self._evidence(min(len(classes), 6), self._hr_bpm(6)))
+                events += self._set(alarm_type, True, now, self._evidence(min(len(self.classes), 6), self._hr_bpm(6)))
             elif alarm_type in self.active and now - self.active[alarm_type].last_seen >= c.event_hold_s:
                 events += self._set(alarm_type, False, now, {})
         return events

@@ -80,6 +80,8 @@ class BatchingConfig(Strict):
 
 class OutputConfig(Strict):
     beats: bool = Field(True, description="publish per-beat results (QoS 0)")
+    beats_every_s: float = Field(0.0, ge=0, le=60, description="0: one beats message per window; more: a device's "
+                                 "beats gathered into one message per this much signal (s); alarms stay immediate")
     stats_interval_s: float = Field(10.0, gt=0)
 
 

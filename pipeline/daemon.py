@@ -47,6 +47,16 @@ class Pending:
     received: float  # monotonic (s)
 
 
+@dataclass
+class BeatBatch:
+    """A device's beats gathered for the `output.beats_every_s` cadence."""
+
+    t0: float  # start of the first window gathered (s, signal time)
+    t1: float
+    seq: int  # of the last window gathered
+    beats: list[tuple[float, str, float]]
+
+
 @dataclass(frozen=True)
 class Admitted:
     device: str
@@ -75,6 +85,7 @@ class Daemon:
         self._streams: BeatStreams | None = None
         self._admission = Admission(config.streams.max_gap_s)
         self._alarms: dict[str, DeviceAlarms] = {}
+        self._beat_batches: dict[str, BeatBatch] = {}  # with output.beats_every_s > 0
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=config.streams.queue_windows)
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
@@ -249,6 +260,7 @@ class Daemon:
         self._worker.join(max(0.0, deadline - time.monotonic()) + HOUSEKEEPING_S)
         self.watchdog.stop()
         self._worker = None
+        self._flush_beats()
         self._save_state()
 
     def _announce_online(self) -> None:
@@ -426,10 +438,32 @@ class Daemon:
                 analysed_until: float) -> None:
         """Publish a window's beats (R-peak time s, AAMI class, confidence), then run its device's alarm rules."""
         assert self._streams is not None and self._sink is not None
-        self._sink.beats(messages.beats(a.device, a.window.seq, a.window.t0, self.model_version, beats))
         end = a.window.t0 + a.window.duration_s
+        gathered = self._beat_batches.get(a.device)
+        if gathered is None:
+            gathered = BeatBatch(a.window.t0, end, a.window.seq, beats)
+        else:
+            gathered.t1, gathered.seq = end, a.window.seq
+            gathered.beats.extend(beats)
+        if end - gathered.t0 >= self.config.output.beats_every_s:
+            self._beat_batches.pop(a.device, None)
+            self._publish_beats(a.device, gathered)
+        else:
+            self._beat_batches[a.device] = gathered
         self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
                                                     self._streams.vf_found(a.device), p_af))
+
+    def _publish_beats(self, device: str, gathered: BeatBatch) -> None:
+        assert self._sink is not None
+        self._sink.beats(messages.beats(device, gathered.seq, gathered.t0, gathered.t1, self.model_version,
+                                        gathered.beats))
+
+    def _flush_beats(self, device: str | None = None) -> None:
+        """Publish the beats gathered so far for `device` (None: every device)."""
+        for d in [device] if device is not None else list(self._beat_batches):
+            gathered = self._beat_batches.pop(d, None)
+            if gathered is not None:
+                self._publish_beats(d, gathered)
 
     def _reject(self, device: str, reason: str, detail: str) -> None:
         """Count a rejection; log it at most every REJECT_INTERVAL_S, and publish it as often per device
@@ -456,7 +490,8 @@ class Daemon:
         return float(sum(len(a.active) for a in list(self._alarms.values())))
 
     def _forget(self, device: str) -> None:
-        """Drop everything the daemon holds of `device`."""
+        """Drop everything the daemon holds of `device` (its gathered beats published first)."""
+        self._flush_beats(device)
         if self._streams is not None and self._streams.is_open(device):
             self._streams.close(device)
         self._alarms.pop(device, None)

@@ -12,10 +12,11 @@ from typing import Any
 from pipeline.alarms import AlarmEvent
 
 
-def beats(device: str, seq: int, t0: float, model_version: str,
+def beats(device: str, seq: int, t0: float, t1: float, model_version: str,
           found: list[tuple[float, str, float]]) -> dict[str, Any]:
-    """Beats: the beats (R-peak time s, AAMI class, confidence 0-1) completed by window `seq` (t0 in s)."""
-    return {"device": device, "seq": seq, "t0": t0, "model_version": model_version,
+    """Beats: the beats (R-peak time s, AAMI class, confidence 0-1) completed by the windows from `t0` to `t1`
+    (s), the last of them window `seq`: one window, or several at the `output.beats_every_s` cadence."""
+    return {"device": device, "seq": seq, "t0": t0, "t1": t1, "model_version": model_version,
             "beats": [{"time": round(t, 4), "class": c, "confidence": round(p, 3)} for t, c, p in found]}
 
 

@@ -169,3 +169,28 @@ def test_variable_window_lengths_give_the_same_beats(physionet: Path, publisher:
     samples, classes = stream_records(daemon.model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]
     assert [c for _, c in online] == classes.tolist() and len(online) > 150
     np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)
+
+
+def test_beats_gathered_at_a_cadence_are_the_beats_of_every_window(physionet: Path, publisher: MqttClient,
+                                                                    start_daemon: Callable[..., Daemon],
+                                                                    collect: Callable[[str], Collector]) -> None:
+    """output.beats_every_s: 5: one message per 5 s of signal, the same beats as one message per window."""
+    x = load_record(physionet / "mitdb", "119").signal_mv[: 360 * 32]
+    beats = collect(TOPICS.beats())
+    per_window = start_daemon()
+    for k in range(32):
+        publisher.publish(TOPICS.ecg("each"), encode_json(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]), qos=1)
+    each = beats.wait_for(lambda d: len(d) == 32)
+    per_window.stop()
+    gathered = start_daemon(output={"beats_every_s": 5.0}, mqtt={"client_id": "gathering"})
+    for k in range(32):
+        publisher.publish(TOPICS.ecg("gathered"), encode_json(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]),
+                          qos=1)
+    docs = beats.wait_for(lambda d: sum(b["device"] == "gathered" for b in d) == 6)  # 6 x 5 s; 2 s still held
+    gathered.stop()  # ... and published at shutdown
+    docs = [d for d in beats.wait_for(lambda d: sum(b["device"] == "gathered" for b in d) == 7)
+            if d["device"] == "gathered"]
+    assert [(d["t0"] - T0, d["t1"] - T0, d["seq"]) for d in docs] == [
+        *((5.0 * i, 5.0 * i + 5, 5 * i + 4) for i in range(6)), (30.0, 32.0, 31)]
+    assert [b for d in docs for b in d["beats"]] == [b for d in sorted(each, key=lambda d: d["seq"])
+                                                    for b in d["beats"]]

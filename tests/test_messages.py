@@ -18,8 +18,8 @@ EVENT = AlarmEvent("bed/asystole/1767225604000", "bed", "asystole", "raised", T0
                    {"seconds_without_qrs": 4.2, "raised_at": T0 + 4, "model_version": "m"}, "high")
 
 EXAMPLES: list[tuple[str, dict[str, Any]]] = [
-    ("Beats", messages.beats("bed", 3, T0, "m", [(T0 + 0.31, "N", 0.98), (T0 + 0.9, "V", 0.7)])),
-    ("Beats", messages.beats("bed", 4, T0 + 1, "m", [])),
+    ("Beats", messages.beats("bed", 3, T0, T0 + 1, "m", [(T0 + 0.31, "N", 0.98), (T0 + 0.9, "V", 0.7)])),
+    ("Beats", messages.beats("bed", 4, T0 + 1, T0 + 6, "m", [])),
     ("Alarm", messages.alarm(EVENT)),
     ("Alarm", messages.alarm(AlarmEvent("bed/ventricular_fibrillation/1", "bed", "ventricular_fibrillation", "raised",
                                         T0 + 9, {"vf_since": T0 + 8, "raised_at": T0 + 9, "model_version": "m"},
@@ -42,7 +42,7 @@ def test_each_message_matches_its_schema(schema: str, doc: dict[str, Any]) -> No
 
 
 def test_a_message_that_breaks_its_schema_is_caught() -> None:
-    doc = messages.beats("bed", 3, T0, "m", [(T0, "X", 0.5)])  # no such AAMI class
+    doc = messages.beats("bed", 3, T0, T0 + 1, "m", [(T0, "X", 0.5)])  # no such AAMI class
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, SCHEMAS["Beats"])
     assert len(messages.rejection("x" * 300, "bad_device_id", "", T0)["device"]) == 100
