@@ -121,7 +121,7 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
                   "model": {"path": str(model)}, "metrics": {"port": metrics_port},
                   "streams": {"idle_evict_s": 3600, "queue_windows": max(20_000, 4 * devices)},
                   "batching": {"max_wait_ms": 20, "max_batch": 1024} if batched else {"max_wait_ms": 0, "max_batch": 1},
-                  "alarms": {"signal_loss_s": 3600}, "log_level": "WARNING"}
+                  "alarms": {"signal_loss_s": 3000}, "log_level": "WARNING"}
         (Path(tmp) / "daemon.yaml").write_text(yaml.safe_dump(config))
         daemon = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--config",
                                    str(Path(tmp) / "daemon.yaml")], stderr=subprocess.DEVNULL)
