@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -23,6 +24,7 @@ from pipeline.tools.broker import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PHYSIONET = Path(os.environ.get("ECGMON_PHYSIONET", REPO / DEFAULT_PHYSIONET_DIR)).resolve()
+MESSAGE_SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a plausible t0 (s, Unix time) for windows made up by tests
 
 
@@ -52,6 +54,11 @@ def tiny_cv(physionet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                  *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])
     assert code == 0
     return out
+
+
+def validate(doc: dict[str, Any], schema: str) -> None:
+    """Raise jsonschema.ValidationError unless `doc` is a valid `schema` message of docs/asyncapi.yaml."""
+    jsonschema.validate(doc, MESSAGE_SCHEMAS[schema])
 
 
 @pytest.fixture()

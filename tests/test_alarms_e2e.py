@@ -18,7 +18,7 @@ from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.records import EcgRecord, load_record
-from tests.conftest import T0, Collector
+from tests.conftest import T0, Collector, validate
 from tests.ecg_synth import FS, beat_templates, synthesize
 
 TOPICS = Topics("ecgmon")
@@ -142,6 +142,8 @@ def test_poor_signal_in_real_noise_replaces_the_false_alarms(
     assert docs[0]["evidence"]["physiological_alarms"] == "suspended except ventricular_fibrillation and asystole"
     assert 20 <= docs[0]["time"] - T0 <= 25
     assert all(a["kind"] == "technical" for a in docs), docs
+    for doc in docs:
+        validate(doc, "Alarm")
 
 
 def test_signal_loss(templates: dict[str, list[np.ndarray]], publisher: MqttClient,

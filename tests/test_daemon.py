@@ -6,12 +6,9 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import jsonschema
 import numpy as np
 import pytest
-import yaml
 
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
@@ -19,17 +16,11 @@ from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
-from tests.conftest import T0, Collector
+from tests.conftest import T0, Collector, validate
 from train.ec57 import Ec57Stats, confusion
 from train.evaluate import stream_records
 
-REPO = Path(__file__).resolve().parent.parent
-SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
 TOPICS = Topics("ecgmon")
-
-
-def validate(doc: dict[str, Any], schema: str) -> None:
-    jsonschema.validate(doc, SCHEMAS[schema])
 
 
 @pytest.mark.parametrize(("spec", "encoding"), [("mitdb/200", "binary"), ("svdb/800", "json")])

@@ -7,13 +7,11 @@ from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 
 from pipeline import messages
 from pipeline.alarms import AlarmEvent
-from tests.conftest import REPO, T0
+from tests.conftest import T0, validate
 
-SCHEMAS = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())["components"]["schemas"]
 EVENT = AlarmEvent("bed/asystole/1767225604000", "bed", "asystole", "raised", T0 + 4,
                    {"seconds_without_qrs": 4.2, "raised_at": T0 + 4, "model_version": "m"}, "high")
 
@@ -38,13 +36,13 @@ EXAMPLES: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("schema", "doc"), EXAMPLES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(EXAMPLES)])
 def test_each_message_matches_its_schema(schema: str, doc: dict[str, Any]) -> None:
-    jsonschema.validate(doc, SCHEMAS[schema])
+    validate(doc, schema)
 
 
 def test_a_message_that_breaks_its_schema_is_caught() -> None:
     doc = messages.beats("bed", 3, T0, T0 + 1, "m", [(T0, "X", 0.5)])  # no such AAMI class
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(doc, SCHEMAS["Beats"])
+        validate(doc, "Beats")
     assert len(messages.rejection("x" * 300, "bad_device_id", "", T0)["device"]) == 100
 
 
