@@ -126,17 +126,26 @@ class SignalCheck:
             x = np.stack([windows[i].samples_mv for i in rows])
             gain = np.array([windows[i].adc_gain for i in rows])[:, None]
             baseline = np.array([windows[i].adc_baseline for i in rows])[:, None]
-            ptp = np.ptp(x, axis=1)
+            high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+            ptp = high[:, 0] - low[:, 0]
             half_step = np.minimum(0.5 / gain, MAX_HALF_STEP_MV)
             need = max(2, int(np.ceil(config.saturation_run_s * fs)))
-            high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
-            at_high = (longest_run(x >= high - half_step) >= need) & (np.abs(high[:, 0]) >= config.saturation_min_mv)
-            at_low = (longest_run(x <= low + half_step) >= need) & (np.abs(low[:, 0]) >= config.saturation_min_mv)
-            adc = np.rint(x * gain + baseline)
-            at_limits = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
-            saturated = at_high | at_low | at_limits.any(axis=1)
-            on_rail = (((x >= high - half_step) & at_high[:, None]) | ((x <= low + half_step) & at_low[:, None])
-                       | at_limits)
+            near_high, near_low = x >= high - half_step, x <= low + half_step
+            at_high = np.abs(high[:, 0]) >= config.saturation_min_mv
+            at_low = np.abs(low[:, 0]) >= config.saturation_min_mv
+            at_high &= near_high.sum(axis=1) >= need  # too few samples near the maximum for a run: no rail
+            at_low &= near_low.sum(axis=1) >= need
+            at_high[at_high] = longest_run(near_high[at_high]) >= need
+            at_low[at_low] = longest_run(near_low[at_low]) >= need
+            # int16 limits: only a window whose extremes reach them needs the per-sample test
+            at_limits = np.zeros_like(x, dtype=bool)
+            reach = ((np.rint(low[:, 0] * gain[:, 0] + baseline[:, 0]) <= INT16_RAILS[0])
+                     | (np.rint(high[:, 0] * gain[:, 0] + baseline[:, 0]) >= INT16_RAILS[1]))
+            if reach.any():
+                adc = np.rint(x[reach] * gain[reach] + baseline[reach])
+                at_limits[reach] = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
+            saturated = at_high | at_low | reach
+            on_rail = (near_high & at_high[:, None]) | (near_low & at_low[:, None]) | at_limits
             rail_share = on_rail.mean(axis=1)
             for k, i in enumerate(rows):
                 out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(saturated[k]),

@@ -220,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.tools.bench import run_bench, write_report
 
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
-                        args.physionet_dir)
+                        args.physionet_dir, core_devices=args.core_devices)
     command = "ecgmon " + " ".join(sys.argv[1:])
     print(write_report(figures, args.out, command))
     return 0
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=60.0, help="sustained run per point (s)")
     p.add_argument("--records", nargs="+", default=["mitdb/DS1"])
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
+    p.add_argument("--core-devices", type=int, default=2000,
+                   help="devices of the in-process daemon-core run (CPU by stage, memory by module)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + replayed PhysioNet records (ventricular "

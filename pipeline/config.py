@@ -44,8 +44,13 @@ class MqttConfig(Strict):
     keepalive_s: int = Field(30, ge=5)
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to max")
     reconnect_max_s: float = Field(30.0, gt=0)
-    session_expiry_s: int = Field(3600, ge=0, description="persistent session kept this long by the broker")
+    session_expiry_s: int = Field(3600, ge=0, description="persistent session kept this long by the broker (MQTT 5; "
+                                  "with 3.1.1 any value > 0 asks for a persistent session the broker keeps by its "
+                                  "own rules)")
     qos_in: int = Field(1, ge=0, le=1, description="QoS of the ECG subscription")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT version; 3.1.1 costs paho less per message "
+                                            "(docs/benchmarks.md) but gives up the session expiry interval and the "
+                                            "broker's reason codes")
 
 
     def secret(self) -> str | None:
@@ -75,7 +80,8 @@ class StreamsConfig(Strict):
 
 class BatchingConfig(Strict):
     max_wait_ms: float = Field(20.0, ge=0, description="longest wait to fill a batch (ms)")
-    max_batch: int = Field(4096, ge=1, description="most windows in one model run")
+    max_batch: int = Field(256, ge=1, description="most windows in one model run: ONNX Runtime keeps ~100 KB per "
+                           "window of its largest batch, and is no faster above 256 (docs/benchmarks.md)")
 
 
 class OutputConfig(Strict):

@@ -216,7 +216,8 @@ class Daemon:
         self._mqtt = MqttClient(c.host, c.port, c.client_id, username=c.username, password=c.secret(),
                                 keepalive_s=c.keepalive_s, session_expiry_s=c.session_expiry_s,
                                 will=(self.topics.status, messages.last_will()), reconnect_min_s=c.reconnect_min_s,
-                                reconnect_max_s=c.reconnect_max_s, tls=tls, on_connected=self._on_connected)
+                                reconnect_max_s=c.reconnect_max_s, tls=tls, on_connected=self._on_connected,
+                                protocol=c.protocol)
         self._source = self._source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
 

@@ -1,4 +1,4 @@
-"""The one MQTT wrapper (paho-mqtt 2.x, MQTT v5): connect, reconnect with backoff, resubscribe.
+"""The one MQTT wrapper (paho-mqtt 2.x, MQTT 5 or 3.1.1): connect, reconnect with backoff, resubscribe.
 
 Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each payload):
 
@@ -87,7 +87,7 @@ MessageHandler = Callable[[str, bytes], bool | None]
 
 
 class MqttClient:
-    """A paho client with MQTT v5, persistent session, optional last will and automatic resubscription.
+    """A paho client (MQTT 5, or 3.1.1), persistent session, optional last will and automatic resubscription.
 
     `on_connected(reconnect)` runs on the network thread after every accepted connection, once the
     subscriptions have been sent again.
@@ -97,12 +97,17 @@ class MqttClient:
                  password: str | None = None, keepalive_s: int = 30, session_expiry_s: int = 0,
                  will: tuple[str, bytes] | None = None, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, tls: dict[str, Any] | None = None,
-                 on_connected: Callable[[bool], None] | None = None) -> None:
+                 on_connected: Callable[[bool], None] | None = None, protocol: str = "5") -> None:
         self.host, self.port, self.keepalive_s = host, port, keepalive_s
         self._session_expiry_s = session_expiry_s
         self._on_connected = on_connected
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                   manual_ack=True)
+        self._v5 = protocol == "5"
+        if self._v5:
+            self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                       manual_ack=True)
+        else:
+            self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                                       clean_session=session_expiry_s == 0, manual_ack=True)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls is not None:
@@ -132,11 +137,14 @@ class MqttClient:
         """Connect and start the network thread; raise ConnectError if no CONNACK within `timeout_s`.
 
         Subscriptions made before are sent on connect; returns once the broker has acknowledged them."""
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = self._session_expiry_s
         try:
-            self._client.connect(self.host, self.port, self.keepalive_s, clean_start=self._session_expiry_s == 0,
-                                 properties=properties)
+            if self._v5:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect(self.host, self.port, self.keepalive_s, clean_start=self._session_expiry_s == 0,
+                                     properties=properties)
+            else:
+                self._client.connect(self.host, self.port, self.keepalive_s)
         except OSError as err:
             raise ConnectError(f"cannot reach MQTT broker {self.host}:{self.port}: {err}") from err
         self._client.loop_start()

@@ -163,10 +163,10 @@ def serve_command(config: Path, *extra: str) -> list[str]:
 def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(**sections: object) -> subprocess.Popen[str]:
-        """`ecgmon serve` on the test broker; its log goes to serve-<n>.log in tmp_path."""
-        config = write_config(tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5},
-                              metrics={"port": free_port()}, **sections)
+    def start(**sections: dict[str, object]) -> subprocess.Popen[str]:
+        """`ecgmon serve` on the test broker (config sections merged in); its log goes to serve-<n>.log."""
+        mqtt = {"host": broker.host, "port": broker.port, "keepalive_s": 5, **sections.pop("mqtt", {})}
+        config = write_config(tmp_path, mqtt=mqtt, metrics={"port": free_port()}, **sections)
         with (tmp_path / f"serve-{len(procs)}.log").open("w") as log:
             procs.append(subprocess.Popen(serve_command(config), stdout=log, stderr=subprocess.STDOUT, text=True))
         return procs[-1]

@@ -1,12 +1,16 @@
-"""A small run of `ecgmon bench`: correctness only (every window answered, nothing dropped), never speed."""
+"""Small runs of `ecgmon bench`: correctness only (every window answered, nothing dropped), never speed."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from models import SHIPPED_MODEL
-from pipeline.tools.bench import run_point, write_report
+from pipeline.tools.bench import environment, mqtt_costs, run_point, write_report
+from pipeline.tools.bench_core import run_core
+from pipeline.tools.records import load_record
 
 
 def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -> None:
@@ -15,11 +19,17 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
     assert point.answered == point.sent
     assert point.dropped == 0
     assert point.daemon_cpu_s > 0 and point.rss_mb > 0 and point.batch_mean >= 1
-    figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
-               "analysis_ceiling_device_s_per_cpu_s": {"1": 1.0}, "state_bytes_per_device": 1,
-               "environment": {"cpus": "2", "processor": "x", "machine": "x", "python": "3", "onnxruntime": "1",
-                               "numpy": "2", "paho-mqtt": "2", "mosquitto": "mosquitto"}}
-    text = write_report(figures, tmp_path / "benchmarks.md", "ecgmon bench --devices 50")
-    assert "| batched | 50 | 1 | 500 | 500 |" in text
     assert point.generator_late_p99_ms >= 0
+    record = load_record(physionet / "mitdb", "101")
+    core = [run_core(30, record.signal_mv, record.fs, seconds=5, warmup_s=40, beats_every_s=every)
+            for every in (0.0, 5.0)]
+    for run in core:  # the stages add up to the whole, and every device holds state
+        assert sum(run.stages_us_per_device_s.values()) == pytest.approx(run.us_per_device_s, rel=0.02)
+        assert run.python_bytes_per_device > 0 and run.samples > 0
+    figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
+               "core": [asdict(run) for run in core], "mqtt_us": mqtt_costs(rate=500, seconds=2),
+               "batch_memory_mb": {"256": 1.0, "4096": 2.0}, "analysis_ceiling_device_s_per_cpu_s": {"1": 1.0},
+               "state_bytes_per_device": 1, "environment": environment()}
+    text = write_report(figures, tmp_path / "benchmarks.md", "ecgmon bench --devices 50")
+    assert "| batched | 50 | 1 | 500 | 500 |" in text and "| **daemon core** |" in text
     assert (tmp_path / "benchmarks.json").exists()

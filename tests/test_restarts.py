@@ -129,14 +129,17 @@ def test_a_graceful_restart_continues_its_open_alarms(tmp_path: Path,
     assert "reason" not in alarms[1]["evidence"]  # cleared by the signal, not by the restart
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_restart_loses_no_window_and_resets_no_device(physionet: Path, tmp_path: Path,
                                                        serve_process: Callable[..., subprocess.Popen[str]],
                                                        publisher: MqttClient,
-                                                       collect: Callable[[str], Collector]) -> None:
-    """SIGTERM, 5 s down, start again: the broker kept the windows of the persistent session meanwhile."""
+                                                       collect: Callable[[str], Collector], protocol: str) -> None:
+    """SIGTERM, 5 s down, start again: the broker kept the windows of the persistent session meanwhile, under
+    either MQTT version."""
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
     x = load_record(physionet / "mitdb", "100").signal_mv
-    n_windows, state = 120, {"state": {"path": str(tmp_path / "state.json.gz")}}
+    n_windows = 120
+    state = {"state": {"path": str(tmp_path / "state.json.gz")}, "mqtt": {"protocol": protocol}}
     proc = serve_process(**state)
     wait_online(status)
     def send() -> None:  # 10 windows a second, throughout

@@ -1,0 +1,248 @@
+"""The daemon's own CPU per device-second, by stage, and its memory per device: no network, no broker.
+
+The daemon runs in this process as `ecgmon serve` runs it (its worker thread, queue and batching),
+with a source that hands it binary windows of real MIT-BIH records (one per device per second,
+devices offset by 37 s of signal) and a sink that builds and JSON-encodes every message as the MQTT
+sink does but sends nothing. What paho-mqtt itself costs per message is measured apart
+(`pipeline.tools.bench.mqtt_client_cost`).
+
+Devices first run `warmup_s` of signal, so that every rule (the AF detector needs 33 beats) is
+live; then `seconds` more are handed over at once and the process CPU time until the last is
+analysed, per device-second, is the figure. Meanwhile a sampler thread looks at the worker
+thread's stack every millisecond and charges each sample to the innermost stage function on it
+(a sampling profile: numpy and ONNX Runtime are not slowed down as under a tracing profiler);
+each stage's share of the samples times the worker's CPU time is its cost.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import SHIPPED_MODEL
+from pipeline.codec import encode_binary
+from pipeline.config import DaemonConfig
+from pipeline.daemon import Daemon
+from pipeline.io import Deliver
+from pipeline.mqtt import DEVICE_ID
+
+# Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
+STAGES = {
+    "decode_window": "decode (binary payload -> window)",
+    "Admission.admit": "admission (sequence, gaps)",
+    "PreprocessorBank.__call__": "DSP (filter, resample, frames)",
+    "BeatModel.run": "frame stage (ONNX Runtime)",
+    "pick_beats": "beat picking",
+    "BeatStreams._beat_stage": "beat stage (context features, ONNX Runtime)",
+    "BeatStreams._judge_signal": "VF and signal-quality detectors",
+    "SignalCheck.batch": "signal check (flat, saturation)",
+    "af_probabilities": "AF detector",
+    "DeviceAlarms.on_window": "alarm rules",
+    "Daemon._publish_beats": "beats messages (build, JSON)",
+    "Daemon._emit": "alarm messages (build, JSON)",
+    "Daemon._gather": "waiting for windows",
+}
+IDLE = STAGES["Daemon._gather"]
+SAMPLE_S = 0.001
+WINDOW_BYTES = 32 + 4 + 2 * 360  # a binary 1 s window of lead "MLII" at 360 Hz
+
+
+class _Source:
+    """Hands the daemon payloads on demand (what paho's network thread does)."""
+
+    def __init__(self) -> None:
+        self.deliver: Deliver | None = None
+
+    def start(self, deliver: Deliver) -> None:
+        self.deliver = deliver
+
+    def stop(self) -> None:
+        self.deliver = None
+
+
+class _EncodingSink:
+    """Builds the bytes the MQTT sink would publish and drops them."""
+
+    def __init__(self) -> None:
+        self.published = 0
+
+    def _send(self, doc: dict[str, Any]) -> None:
+        from json import dumps
+
+        dumps(doc, separators=(",", ":")).encode()
+        self.published += 1
+
+    beats = alarm = rejected = stats = status = _send
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        return []
+
+
+@dataclass(frozen=True)
+class CoreFigures:
+    """One run of the daemon core."""
+
+    devices: int
+    beats_every_s: float
+    seconds: float
+    us_per_device_s: float  # process CPU (worker, hand-off, sampler excluded) per device-second
+    stages_us_per_device_s: dict[str, float]
+    python_bytes_per_device: float  # Python and numpy allocations (tracemalloc) per device, steady state
+    python_bytes_by_module: dict[str, float]  # ... by the module that allocated them
+    samples: int
+
+
+def _stage_of(frame: Any) -> str:
+    while frame is not None:
+        stage = STAGES.get(frame.f_code.co_qualname)
+        if stage is not None:
+            return stage
+        frame = frame.f_back
+    return "other (batching, state gather/scatter, metrics, Python glue)"
+
+
+def _sample(worker: threading.Thread, stop: threading.Event, counts: Counter[str]) -> None:
+    while not stop.wait(SAMPLE_S):
+        frame = sys._current_frames().get(worker.ident or -1)
+        if frame is not None:
+            counts[_stage_of(frame)] += 1
+
+
+def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
+             beats_every_s: float = 0.0, model: Path = SHIPPED_MODEL) -> CoreFigures:
+    """`devices` devices through the daemon core: `warmup_s` of signal, then `seconds` measured."""
+    config = DaemonConfig.model_validate({
+        "model": {"path": str(model)}, "metrics": {"port": None},
+        "streams": {"queue_windows": devices * max(seconds, warmup_s) + 1, "idle_evict_s": 3600},
+        "alarms": {"signal_loss_s": 3000}, "output": {"beats_every_s": beats_every_s}, "log_level": "WARNING"})
+    adc = np.round(signal_mv * 200).astype(np.int16)
+    window = round(fs)
+    names = [f"bench-{i}" for i in range(devices)]
+    assert all(DEVICE_ID.match(n) for n in names)
+
+    def second(k: int) -> list[bytes]:
+        starts = [(37 * i + k) * window % (len(adc) - window) for i in range(devices)]
+        return [encode_binary(k, 1_700_000_000.0 + k, fs, "MLII", adc[a:a + window], 200.0) for a in starts]
+
+    source, sink = _Source(), _EncodingSink()
+    daemon = Daemon(config, source=source, sink=sink)
+    logging.getLogger("pipeline").setLevel(logging.ERROR)  # not a log line per alarm of a thousand devices
+    tracemalloc.start()
+    if not daemon.start():
+        raise RuntimeError("the daemon core did not start")
+    try:
+        before = tracemalloc.take_snapshot()
+        _hand_over(daemon, source, names, [second(k) for k in range(warmup_s)])
+        time.sleep(0.3)  # the worker lets go of its last batch once it finds the queue empty
+        gc.collect()
+        grown = tracemalloc.take_snapshot().compare_to(before, "filename")
+        tracemalloc.stop()
+        by_module: dict[str, float] = {}
+        for stat in grown:
+            module = _module_of(stat.traceback[0].filename)
+            by_module[module] = by_module.get(module, 0.0) + stat.size_diff / devices
+        payloads = [second(k) for k in range(warmup_s, warmup_s + seconds)]
+        worker = next(t for t in threading.enumerate() if t.name == "ecgmon-worker")
+        counts: Counter[str] = Counter()
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample, args=(worker, stop, counts), name="bench-sampler")
+        cpu = time.process_time()
+        sampler.start()
+        hand_over_cpu = _hand_over(daemon, source, names, payloads)
+        stop.set()
+        sampler.join()
+        total = time.process_time() - cpu
+    finally:
+        daemon.stop()
+        logging.getLogger("pipeline").setLevel(logging.NOTSET)
+    busy = {stage: n for stage, n in counts.items() if stage != IDLE}
+    worker_s = max(total - hand_over_cpu, 0.0)
+    per = 1e6 / (devices * seconds)
+    stages = {stage: worker_s * n / max(sum(busy.values()), 1) * per for stage, n in busy.items()}
+    stages["hand-off (source thread: queue)"] = hand_over_cpu * per
+    return CoreFigures(devices, beats_every_s, seconds, total * per, dict(sorted(stages.items())),
+                       sum(by_module.values()), dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
+                       sum(counts.values()))
+
+
+def _module_of(filename: str) -> str:
+    """`pipeline/alarms.py` for the daemon's files, else the package (numpy, onnxruntime, ...) or "other"."""
+    parts = Path(filename).parts
+    if "pipeline" in parts:
+        return "/".join(parts[parts.index("pipeline"):])
+    if "site-packages" in parts and parts.index("site-packages") + 1 < len(parts):
+        return parts[parts.index("site-packages") + 1]
+    return "other"
+
+
+def _hand_over(daemon: Daemon, source: _Source, names: list[str], payloads: list[list[bytes]]) -> float:
+    """Deliver every payload (second by second, device by device) and wait until all are analysed; returns
+    the CPU time of this thread spent delivering (s)."""
+    assert source.deliver is not None
+    done = daemon.stats().get("windows", 0) + sum(len(p) for p in payloads)
+    cpu = time.thread_time()
+    for windows in payloads:
+        for name, payload in zip(names, windows, strict=True):
+            source.deliver(name, payload, time.monotonic())
+    spent = time.thread_time() - cpu
+    while daemon.stats().get("windows", 0) < done:
+        time.sleep(0.01)
+    return spent
+
+
+def stage_table(core: list[dict[str, Any]], mqtt_us: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The stage table (markdown) of core runs at several beats cadences, paho's costs added per MQTT version;
+    and the totals: daemon CPU µs per device-second by configuration."""
+    stages = sorted({s for run in core for s in run["stages_us_per_device_s"]},
+                    key=lambda s: -core[0]["stages_us_per_device_s"].get(s, 0.0))
+    head = " | ".join("beats every window" if r["beats_every_s"] == 0 else f"beats every {r['beats_every_s']:g} s"
+                      for r in core)
+    lines = [f"| stage (µs of daemon CPU per device-second) | {head} |", "|---|" + "---|" * len(core)]
+    for stage in stages:
+        lines.append(f"| {stage} | " + " | ".join(f"{r['stages_us_per_device_s'].get(stage, 0.0):.1f}" for r in core)
+                     + " |")
+    lines.append("| **daemon core** | " + " | ".join(f"**{r['us_per_device_s']:.0f}**" for r in core) + " |")
+    totals: dict[str, float] = {}
+    for protocol, cost in mqtt_us.items():
+        cells = []
+        for r in core:
+            published = 1.0 if r["beats_every_s"] == 0 else 1.0 / r["beats_every_s"]
+            paho = cost["receive_us"] + published * cost["publish_us"]
+            totals[_total_key(protocol, r["beats_every_s"])] = r["us_per_device_s"] + paho
+            cells.append(f"{paho:.0f}")
+        lines.append(f"| paho-mqtt, MQTT {protocol}: receive a window ({cost['receive_us']:.0f} µs), publish the "
+                     f"beats ({cost['publish_us']:.0f} µs per message) | " + " | ".join(cells) + " |")
+    for protocol in mqtt_us:
+        lines.append(f"| **total, MQTT {protocol}** | " + " | ".join(
+            f"**{totals[_total_key(protocol, r['beats_every_s'])]:.0f}**" for r in core) + " |")
+    return "\n".join(lines), totals
+
+
+def _total_key(protocol: str, beats_every_s: float) -> str:
+    """"5/0": MQTT 5, beats every window; "3.1.1/5": MQTT 3.1.1, beats every 5 s."""
+    return f"{protocol}/{beats_every_s:g}"
+
+
+def memory_table(run: dict[str, Any], batch_memory_mb: dict[str, float], state_bytes: int) -> str:
+    """Memory per device (steady state) by module, and the batch-dependent part."""
+    lines = ["| allocated by | bytes per device |", "|---|---|"]
+    for module, size in run["python_bytes_by_module"].items():
+        if abs(size) >= 20:
+            lines.append(f"| {module} | {size:.0f} |")
+    lines.append(f"| **all (tracemalloc: Python objects and numpy arrays)** | "
+                 f"**{run['python_bytes_per_device']:.0f}** |")
+    lines.append(f"| of which the numpy slot arrays (recurrent states, picker, beat context, recent signal) | "
+                 f"{state_bytes} |")
+    batch = "; ".join(f"{mb:.0f} MB after batches of {b}" for b, mb in batch_memory_mb.items())
+    return "\n".join(lines) + (f"\n\nNot per device but per batch: ONNX Runtime keeps buffers for the largest batch "
+                               f"it has run ({batch}); `batching.max_batch` (256 by default) bounds it.")
