@@ -283,10 +283,13 @@ class DeviceAlarms:
         if check.unreadable and not check.flat:
             self.unreadable_last = now
         noisy = self.unreadable_last is not None and now - self.unreadable_last < self.config.poor_signal_clear_s
-        for alarm_type, present, detail in (
-                ("leads_off", check.flat, {"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)}),
-                ("saturation", check.saturated, {"rail_share": round(check.rail_share, 2)}),
-                ("poor_signal", noisy, {"unreadable_now": check.unreadable})):
+        for alarm_type, present in (("leads_off", check.flat), ("saturation", check.saturated),
+                                     ("poor_signal", noisy)):
+            if not present and alarm_type not in self.active:
+                continue  # nothing to raise or clear
+            detail = ({"peak_to_peak_mv": round(check.peak_to_peak_mv, 4)} if alarm_type == "leads_off" else
+                      {"rail_share": round(check.rail_share, 2)} if alarm_type == "saturation" else
+                      {"unreadable_now": check.unreadable})
             held = ("suspended except " + " and ".join(LETHAL) if alarm_type in KEEPS_LETHAL
                     else "suspended" if alarm_type not in KEEPS_PHYSIOLOGICAL or self.pinned else "active")
             events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": held},
@@ -460,6 +463,8 @@ class DeviceAlarms:
             present = self.af_last is not None and now - self.af_last < c.af_clear_s
         else:
             present = self.af_since is not None and now - self.af_since >= c.af_confirm_s
+        if not present and "atrial_fibrillation" not in self.active:
+            return []  # nothing to raise or clear
         evidence = {"p_af": round(p_af, 2), **self._evidence(AF_BEATS + 1, self._hr_bpm(AF_BEATS + 1))}
         return self._set("atrial_fibrillation", present, now, evidence)
 

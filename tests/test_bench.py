@@ -25,7 +25,7 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
             for every in (0.0, 5.0)]
     for run in core:  # the stages add up to the whole, and every device holds state
         assert sum(run.stages_us_per_device_s.values()) == pytest.approx(run.us_per_device_s, rel=0.02)
-        assert run.python_bytes_per_device > 0 and run.samples > 0
+        assert run.python_bytes_per_device > 0 and run.sampled_s > 0
     figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
                "core": [asdict(run) for run in core], "mqtt_us": mqtt_costs(rate=500, seconds=2),
                "batch_memory_mb": {"256": 1.0, "4096": 2.0}, "analysis_ceiling_device_s_per_cpu_s": {"1": 1.0},

@@ -11,7 +11,7 @@ live; then `seconds` more are handed over at once and the process CPU time until
 analysed, per device-second, is the figure. Meanwhile a sampler thread looks at the worker
 thread's stack every millisecond and charges each sample to the innermost stage function on it
 (a sampling profile: numpy and ONNX Runtime are not slowed down as under a tracing profiler);
-each stage's share of the samples times the worker's CPU time is its cost.
+each stage's share of the sampled time times the worker's CPU time is its cost.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,29 @@ STAGES = {
     "Daemon._gather": "waiting for windows",
 }
 IDLE = STAGES["Daemon._gather"]
+OTHER = "other (batching, state gather/scatter, metrics, Python glue)"
+# What would take each stage's time away (not measured: the next levers).
+LEVERS = {
+    "frame stage (ONNX Runtime)": "the network's own arithmetic: a smaller frame stage or int8 weights, chosen by "
+                                  "cross-validated accuracy",
+    "decode (binary payload -> window)": "decode a batch of payloads in one numpy call, on the source thread (the "
+                                         "second core)",
+    "VF and signal-quality detectors": "one spectrum for both detectors; judge every 2 s instead of every window",
+    "beat stage (context features, ONNX Runtime)": "one ONNX Runtime call per batch for all beats of a window (a "
+                                                   "sequence input) instead of one per beat rank",
+    "alarm rules": "per-device alarm state in slot arrays and the rules vectorised over the batch",
+    OTHER: "fewer Python objects per window (window, admission and beat records as arrays of the batch)",
+    "AF detector": "beat times in per-slot ring arrays instead of lists built per window",
+    "DSP (filter, resample, frames)": "one filter call for the whole batch at 360 Hz (no per-device resampler)",
+    "signal check (flat, saturation)": "computed from the int16 payload, before conversion to mV",
+    "beats messages (build, JSON)": "`output.beats_every_s` (the second column)",
+    "beat picking": "-",
+    "hand-off (source thread: queue)": "-",
+    "admission (sequence, gaps)": "-",
+    "alarm messages (build, JSON)": "-",
+}
+PAHO_LEVER = ("MQTT 3.1.1 (`mqtt.protocol`); beyond it paho's pure-Python packet handling: several devices' windows "
+              "per message from a gateway, or a client in C")
 SAMPLE_S = 0.001
 WINDOW_BYTES = 32 + 4 + 2 * 360  # a binary 1 s window of lead "MLII" at 360 Hz
 
@@ -99,7 +121,7 @@ class CoreFigures:
     stages_us_per_device_s: dict[str, float]
     python_bytes_per_device: float  # Python and numpy allocations (tracemalloc) per device, steady state
     python_bytes_by_module: dict[str, float]  # ... by the module that allocated them
-    samples: int
+    sampled_s: float  # time the sampler charged to stages (s)
 
 
 def _stage_of(frame: Any) -> str:
@@ -108,14 +130,21 @@ def _stage_of(frame: Any) -> str:
         if stage is not None:
             return stage
         frame = frame.f_back
-    return "other (batching, state gather/scatter, metrics, Python glue)"
+    return OTHER
 
 
-def _sample(worker: threading.Thread, stop: threading.Event, counts: Counter[str]) -> None:
+def _sample(worker: threading.Thread, stop: threading.Event, counts: dict[str, float]) -> None:
+    """Charge the time since the last sample to the stage the worker is in now. Time, not a count: while the
+    worker holds the GIL (Python code) the sampler waits for it, and a count would favour the stages that
+    let it go (numpy, ONNX Runtime); the stage found on waking is the one that held it."""
+    last = time.perf_counter()
     while not stop.wait(SAMPLE_S):
         frame = sys._current_frames().get(worker.ident or -1)
+        now = time.perf_counter()
         if frame is not None:
-            counts[_stage_of(frame)] += 1
+            stage = _stage_of(frame)
+            counts[stage] = counts.get(stage, 0.0) + now - last
+        last = now
 
 
 def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
@@ -153,7 +182,7 @@ def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, 
             by_module[module] = by_module.get(module, 0.0) + stat.size_diff / devices
         payloads = [second(k) for k in range(warmup_s, warmup_s + seconds)]
         worker = next(t for t in threading.enumerate() if t.name == "ecgmon-worker")
-        counts: Counter[str] = Counter()
+        counts: dict[str, float] = {}  # stage -> seconds
         stop = threading.Event()
         sampler = threading.Thread(target=_sample, args=(worker, stop, counts), name="bench-sampler")
         cpu = time.process_time()
@@ -168,7 +197,8 @@ def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, 
     busy = {stage: n for stage, n in counts.items() if stage != IDLE}
     worker_s = max(total - hand_over_cpu, 0.0)
     per = 1e6 / (devices * seconds)
-    stages = {stage: worker_s * n / max(sum(busy.values()), 1) * per for stage, n in busy.items()}
+    busy_s = sum(busy.values()) or 1.0
+    stages = {stage: worker_s * seconds_in / busy_s * per for stage, seconds_in in busy.items()}
     stages["hand-off (source thread: queue)"] = hand_over_cpu * per
     return CoreFigures(devices, beats_every_s, seconds, total * per, dict(sorted(stages.items())),
                        sum(by_module.values()), dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
@@ -207,11 +237,12 @@ def stage_table(core: list[dict[str, Any]], mqtt_us: dict[str, dict[str, float]]
                     key=lambda s: -core[0]["stages_us_per_device_s"].get(s, 0.0))
     head = " | ".join("beats every window" if r["beats_every_s"] == 0 else f"beats every {r['beats_every_s']:g} s"
                       for r in core)
-    lines = [f"| stage (µs of daemon CPU per device-second) | {head} |", "|---|" + "---|" * len(core)]
+    lines = [f"| stage (µs of daemon CPU per device-second) | {head} | what would remove it |",
+             "|---|" + "---|" * (len(core) + 1)]
     for stage in stages:
         lines.append(f"| {stage} | " + " | ".join(f"{r['stages_us_per_device_s'].get(stage, 0.0):.1f}" for r in core)
-                     + " |")
-    lines.append("| **daemon core** | " + " | ".join(f"**{r['us_per_device_s']:.0f}**" for r in core) + " |")
+                     + f" | {LEVERS.get(stage, '-')} |")
+    lines.append("| **daemon core** | " + " | ".join(f"**{r['us_per_device_s']:.0f}**" for r in core) + " | |")
     totals: dict[str, float] = {}
     for protocol, cost in mqtt_us.items():
         cells = []
@@ -221,10 +252,10 @@ def stage_table(core: list[dict[str, Any]], mqtt_us: dict[str, dict[str, float]]
             totals[_total_key(protocol, r["beats_every_s"])] = r["us_per_device_s"] + paho
             cells.append(f"{paho:.0f}")
         lines.append(f"| paho-mqtt, MQTT {protocol}: receive a window ({cost['receive_us']:.0f} µs), publish the "
-                     f"beats ({cost['publish_us']:.0f} µs per message) | " + " | ".join(cells) + " |")
+                     f"beats ({cost['publish_us']:.0f} µs per message) | " + " | ".join(cells) + f" | {PAHO_LEVER} |")
     for protocol in mqtt_us:
         lines.append(f"| **total, MQTT {protocol}** | " + " | ".join(
-            f"**{totals[_total_key(protocol, r['beats_every_s'])]:.0f}**" for r in core) + " |")
+            f"**{totals[_total_key(protocol, r['beats_every_s'])]:.0f}**" for r in core) + " | |")
     return "\n".join(lines), totals
 
 
@@ -244,5 +275,10 @@ def memory_table(run: dict[str, Any], batch_memory_mb: dict[str, float], state_b
     lines.append(f"| of which the numpy slot arrays (recurrent states, picker, beat context, recent signal) | "
                  f"{state_bytes} |")
     batch = "; ".join(f"{mb:.0f} MB after batches of {b}" for b, mb in batch_memory_mb.items())
-    return "\n".join(lines) + (f"\n\nNot per device but per batch: ONNX Runtime keeps buffers for the largest batch "
-                               f"it has run ({batch}); `batching.max_batch` (256 by default) bounds it.")
+    return "\n".join(lines) + (
+        f"\n\nNot per device but per batch: ONNX Runtime keeps buffers for the largest batch it has run ({batch}); "
+        "`batching.max_batch` (256 by default) bounds it.\n\nWhat would reduce the per-device part: the alarm "
+        "state's beat history as Python floats and strings in deques (pipeline/alarms.py) in per-slot arrays "
+        "(33 float64 + 33 bytes); the beat context's 1.5 s look-back of float32 signal at 360 Hz "
+        "(pipeline/beat_context.py) and the detectors' 4 s at 90 Hz (pipeline/recent.py) as float16; the per-device "
+        "Python objects (pipeline/daemon.py, \"other\": dataclass instances) as slot arrays.")
