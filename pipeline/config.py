@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from models import SHIPPED_MODEL
 
@@ -148,7 +148,35 @@ class MetricsConfig(Strict):
     host: str = "127.0.0.1"
 
 
+class RabbitConfig(Strict):
+    """The partitioned source on a RabbitMQ cluster (`source: rabbitmq`; pipeline/rabbit.py)."""
+
+    nodes: list[str] = Field(["127.0.0.1:5672"], min_length=1, description="the cluster's nodes, host:port (AMQP); "
+                             "the daemon uses the first that answers and moves on when it goes")
+    username: str = "guest"
+    password: SecretStr = Field(SecretStr("guest"), description="from ECGMON_RABBITMQ__PASSWORD, never the file")
+    partitions: int = Field(32, ge=1, le=1024, description="partition queues the devices are spread over: the same "
+                            "for every daemon, and fixed once the queues exist")
+    prefetch: int = Field(1000, ge=1, description="windows a daemon may hold unacknowledged")
+
+    @field_validator("nodes")
+    @classmethod
+    def _host_port(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{node!r} is not host:port")
+        return nodes
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(node.rpartition(":")[0], int(node.rpartition(":")[2])) for node in self.nodes]
+
+
 class DaemonConfig(Strict):
+    source: Literal["mqtt", "rabbitmq"] = Field("mqtt", description="where ECG windows come from: MQTT "
+                                                "subscription, or the partition queues of a RabbitMQ cluster (results "
+                                                "always go out over MQTT)")
+    rabbitmq: RabbitConfig = RabbitConfig()
     mqtt: MqttConfig = MqttConfig()
     model: ModelSection = ModelSection()
     streams: StreamsConfig = StreamsConfig()

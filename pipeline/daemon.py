@@ -218,6 +218,12 @@ class Daemon:
                                 will=(self.topics.status, messages.last_will()), reconnect_min_s=c.reconnect_min_s,
                                 reconnect_max_s=c.reconnect_max_s, tls=tls, on_connected=self._on_connected,
                                 protocol=c.protocol)
+        if self._source is None and self.config.source == "rabbitmq":
+            from pipeline.rabbit import PartitionedSource, Partitions  # pika only where used
+
+            r = self.config.rabbitmq
+            self._source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), r.username,
+                                             r.password.get_secret_value(), r.prefetch)
         self._source = self._source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
 

@@ -1,7 +1,7 @@
 """Where windows come from (sources) and where results go (sinks), behind small interfaces.
 
-MQTT is the one implementation of each today; a partitioned queue on a broker cluster
-(per-device affinity) can join as a second source without touching the daemon.
+Sources: MQTT (here), and the partition queues of a RabbitMQ cluster (pipeline/rabbit.py: each
+device on exactly one daemon). Sink: MQTT.
 """
 
 from __future__ import annotations

@@ -70,10 +70,10 @@ def broker() -> Iterator[LocalBroker]:
 class Collector:
     """Subscribes to a topic filter and keeps every message (topic, payload)."""
 
-    def __init__(self, broker: LocalBroker, topic: str) -> None:
+    def __init__(self, host: str, port: int, topic: str, protocol: str = "5") -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
-        self.client = MqttClient(broker.host, broker.port, f"collector-{id(self)}")
+        self.client = MqttClient(host, port, f"collector-{id(self)}", protocol=protocol)
         self.client.connect()
         self.client.subscribe(topic, self._on, qos=1)  # returns once the broker has acknowledged it
 
@@ -109,7 +109,7 @@ def collect(broker: LocalBroker) -> Iterator[Callable[[str], Collector]]:
     made: list[Collector] = []
 
     def make(topic: str = "ecgmon/#") -> Collector:
-        made.append(Collector(broker, topic))
+        made.append(Collector(broker.host, broker.port, topic))
         return made[-1]
 
     yield make
