@@ -64,12 +64,30 @@ def send(client: MqttClient, topics: Topics, x: np.ndarray, devices: int, seqs: 
                            qos=1)
 
 
-def test_each_window_is_analysed_once_by_one_daemon_as_a_single_daemon_would(
-        physionet: Path, cluster: RabbitCluster, daemons: list[Daemon]) -> None:
+@dataclasses.dataclass
+class Ward:
+    """Devices publishing to one node, a subscriber to the beats on another."""
+
+    topics: Topics
+    x: np.ndarray  # the signal every device sends a part of (mV, rounded to the ADC step)
+    beats: Collector
+    publisher: MqttClient
+
+
+@pytest.fixture()
+def ward(physionet: Path, cluster: RabbitCluster, daemons: list[Daemon]) -> Iterator[Ward]:
     topics = daemons[0].topics
     x = np.round(load_record(physionet / "mitdb", "100").signal_mv * 200) / 200
-    beats = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.beats(), protocol="3.1.1")
-    publisher = mqtt(cluster.nodes[2], f"{topics.prefix}-devices")
+    w = Ward(topics, x, Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.beats(), protocol="3.1.1"),
+             mqtt(cluster.nodes[2], f"{topics.prefix}-devices"))
+    yield w
+    w.publisher.disconnect()
+    w.beats.close()
+
+
+def test_each_window_is_analysed_once_by_one_daemon_as_a_single_daemon_would(
+        physionet: Path, ward: Ward, daemons: list[Daemon]) -> None:
+    topics, x, beats, publisher = ward.topics, ward.x, ward.beats, ward.publisher
     devices, windows = 6, 20
     send(publisher, topics, x, devices, range(windows))
     docs = beats.wait_for(lambda d: len(d) >= devices * windows, timeout=60)
@@ -85,16 +103,11 @@ def test_each_window_is_analysed_once_by_one_daemon_as_a_single_daemon_would(
                   for b in doc["beats"]]
         assert [b["class"] for b in online] == classes.tolist()
         np.testing.assert_allclose([b["time"] - T0 for b in online], samples / 360.0, atol=1.5 / 360)
-    publisher.disconnect()
-    beats.close()
 
 
-def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(
-        physionet: Path, cluster: RabbitCluster, daemons: list[Daemon]) -> None:
-    topics = daemons[0].topics
-    x = np.round(load_record(physionet / "mitdb", "100").signal_mv * 200) / 200
-    beats = Collector(cluster.host, cluster.nodes[0].mqtt_port, topics.beats(), protocol="3.1.1")
-    publisher = mqtt(cluster.nodes[1], f"{topics.prefix}-devices")
+def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(ward: Ward,
+                                                                            daemons: list[Daemon]) -> None:
+    topics, x, beats, publisher = ward.topics, ward.x, ward.beats, ward.publisher
     devices = 4
     send(publisher, topics, x, devices, range(10))
     beats.wait_for(lambda d: len(d) == devices * 10, timeout=60)
@@ -107,5 +120,3 @@ def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(
         (f"bed-{d}", s) for d in range(devices) for s in range(20))
     rest = [daemon for daemon in daemons if daemon not in busy]
     wait_until(lambda: sum(daemon.stats()["active_streams"] for daemon in rest) == devices)
-    publisher.disconnect()
-    beats.close()
