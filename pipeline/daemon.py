@@ -79,7 +79,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self.watchdog = Watchdog(config.watchdog_s, lambda alive: self._publish_status("online"))
         self.failed = self.watchdog.failed
-        self._source, self._sink = source, sink
+        self.source, self._sink = source, sink  # where windows come from (made at start when not given)
         self._mqtt: MqttClient | None = None
         self._model: BeatModel | None = None
         self._streams: BeatStreams | None = None
@@ -127,8 +127,8 @@ class Daemon:
     def stop(self) -> None:
         """Undo start(): take no more windows, drain those taken (up to drain_timeout_s, less after
         `hurry()`), stop the worker and save the state, announce offline, disconnect, close the metrics."""
-        if self._source is not None:
-            self._source.stop()
+        if self.source is not None:
+            self.source.stop()
         self._stop_worker_thread()
         self._announce_offline()
         if self._mqtt is not None:
@@ -207,7 +207,7 @@ class Daemon:
 
     def _make_io(self) -> None:
         """The MQTT client, source and sink, unless both were given; not connected yet."""
-        if self._source is not None and self._sink is not None:
+        if self.source is not None and self._sink is not None:
             return
         c = self.config.mqtt
         tls = None if c.tls is None else {"ca_certs": str(c.tls.ca_file),
@@ -218,18 +218,18 @@ class Daemon:
                                 will=(self.topics.status, messages.last_will()), reconnect_min_s=c.reconnect_min_s,
                                 reconnect_max_s=c.reconnect_max_s, tls=tls, on_connected=self._on_connected,
                                 protocol=c.protocol)
-        if self._source is None and self.config.source == "rabbitmq":
+        if self.source is None and self.config.source == "rabbitmq":
             from pipeline.rabbit import PartitionedSource, Partitions  # pika only where used
 
             r = self.config.rabbitmq
-            self._source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), r.username,
-                                             r.password.get_secret_value(), r.prefetch)
-        self._source = self._source or MqttSource(self._mqtt, self.topics, c.qos_in)
+            self.source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), c.client_id,
+                                             r.username, r.password.get_secret_value(), r.prefetch)
+        self.source = self.source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
 
     def _start_source(self) -> None:
-        assert self._source is not None
-        self._source.start(self._deliver)
+        assert self.source is not None
+        self.source.start(self._deliver)
 
     def _connect(self) -> None:
         if self._mqtt is not None:

@@ -3,9 +3,17 @@
 Devices keep publishing MQTT (`<prefix>/ecg/<device>`) to any node; RabbitMQ's MQTT plugin puts each
 message on `amq.topic` with routing key `<prefix>.ecg.<device>`. A consistent-hash exchange bound to
 that key spreads the devices over `partitions` quorum queues (replicated over the cluster), so a
-device always lands in the same partition, in order. Every daemon consumes every partition with
-single active consumer: the broker gives each partition to one daemon at a time and, when that
-daemon's connection dies, to another, so each device is analysed by exactly one daemon.
+device always lands in the same partition, in order. The partition queues have single active
+consumer: the broker lets one daemon at a time consume a partition, so each device is analysed
+by exactly one daemon.
+
+The daemons spread the partitions among themselves: each publishes a heartbeat every
+`HEARTBEAT_S` (routing key `<prefix>.daemons.<id>` on `amq.topic`), counts as members the daemons
+heard within `MEMBER_TIMEOUT_S`, and consumes the partitions rendezvous hashing with bounded load
+gives it among them (`owners`). Every daemon that sees the same members computes the same owners; when one
+joins or leaves only its share moves, and a daemon that stops hearing another takes its
+partitions over. While members disagree (a few seconds), single active consumer still keeps a
+partition with one daemon.
 
 The topology is declared idempotently by every daemon at start. Windows are acknowledged once the
 daemon has queued them, as the MQTT source does at QoS 1; unacknowledged ones are redelivered to
@@ -14,9 +22,11 @@ the partition's next consumer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pika
@@ -28,6 +38,24 @@ from pipeline.io import Deliver
 from pipeline.mqtt import ConnectError
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+MEMBER_TIMEOUT_S = 3.0
+
+
+def owners(partitions: int, members: list[str]) -> list[str]:
+    """The member that consumes each partition: rendezvous hashing with bounded load. Each partition goes to
+    the member with the highest hash of (partition, member) that holds fewer than ceil(partitions / members),
+    so none holds more than that, and a member joining or leaving moves little more than its share."""
+    cap = -(-partitions // len(members))
+    held = dict.fromkeys(members, 0)
+    out = []
+    for p in range(partitions):
+        ranked = sorted(members, key=lambda m: hashlib.sha256(f"{p}/{m}".encode()).digest(), reverse=True)
+        owner = next(m for m in ranked if held[m] < cap)
+        held[owner] += 1
+        out.append(owner)
+    return out
 
 
 @dataclass(frozen=True)
@@ -61,13 +89,19 @@ class PartitionedSource:
     its connection is lost, to the next, with backoff.
     """
 
-    def __init__(self, nodes: list[tuple[str, int]], partitions: Partitions, username: str = "guest",
+    def __init__(self, nodes: list[tuple[str, int]], partitions: Partitions, member_id: str, username: str = "guest",
                  password: str = "guest", prefetch: int = 1000, reconnect_max_s: float = 10.0) -> None:
         credentials = pika.PlainCredentials(username, password)
         self._params = [pika.ConnectionParameters(host, port, credentials=credentials, heartbeat=10,
                                                   blocked_connection_timeout=30, connection_attempts=1)
                         for host, port in nodes]
         self.partitions = partitions
+        self.member_id = member_id
+        self._heard: dict[str, float] = {}  # daemon id -> monotonic time of its last heartbeat
+        self._consuming: dict[int, str] = {}  # partition -> consumer tag
+        self._channel: BlockingChannel | None = None
+        self._on_message: Callable[[BlockingChannel, Basic.Deliver, BasicProperties, bytes], None] | None = None
+        self._next_heartbeat = 0.0
         self._prefetch = prefetch
         self._reconnect_max_s = reconnect_max_s
         self._deliver: Deliver | None = None
@@ -101,9 +135,41 @@ class PartitionedSource:
             deliver(method.routing_key[prefix_len:], body, time.monotonic())
             ch.basic_ack(method.delivery_tag)
 
-        for k in range(self.partitions.count):
-            channel.basic_consume(self.partitions.queue(k), on_message)
-        log.info("consuming %d partitions from RabbitMQ (active where no other daemon is)", self.partitions.count)
+        heartbeats = f"{self.partitions.prefix}.daemons."
+
+        def on_heartbeat(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+            self._heard[method.routing_key[len(heartbeats):]] = time.monotonic()
+
+        members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
+        channel.basic_consume(members, on_heartbeat, auto_ack=True)
+        self._channel, self._on_message = channel, on_message
+        self._consuming = {}
+        self._next_heartbeat = 0.0
+        self._rebalance()
+
+    @property
+    def assigned(self) -> list[int]:
+        """The partitions this daemon consumes now (it is their active consumer once the previous one lets go)."""
+        return sorted(self._consuming)
+
+    def members(self) -> list[str]:
+        """The daemons heard within MEMBER_TIMEOUT_S, this one included."""
+        now = time.monotonic()
+        return sorted({self.member_id, *(m for m, t in self._heard.items() if now - t < MEMBER_TIMEOUT_S)})
+
+    def _rebalance(self) -> None:
+        """Heartbeat when due; consume the partitions this daemon owns among the members now, and only those."""
+        assert self._channel is not None and self._on_message is not None
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_S
+            self._channel.basic_publish("amq.topic", f"{self.partitions.prefix}.daemons.{self.member_id}", b"")
+        owned = {p for p, owner in enumerate(owners(self.partitions.count, self.members())) if owner == self.member_id}
+        for p in sorted(owned - set(self._consuming)):
+            self._consuming[p] = self._channel.basic_consume(self.partitions.queue(p), self._on_message)
+        for p in sorted(set(self._consuming) - owned):  # unacknowledged deliveries go back to the partition
+            self._channel.basic_cancel(self._consuming.pop(p))
 
     def _run(self) -> None:
         delay = 0.5
@@ -114,6 +180,7 @@ class PartitionedSource:
                     delay = 0.5
                 assert self._connection is not None
                 self._connection.process_data_events(time_limit=0.1)
+                self._rebalance()
             except (pika.exceptions.AMQPError, ConnectError) as err:
                 self.reconnects += 1
                 log.warning("RabbitMQ connection lost or refused (%s); reconnecting in %.1f s", err, delay)

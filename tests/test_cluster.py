@@ -5,22 +5,37 @@ cluster's MQTT plugin."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.rabbit import PartitionedSource, owners
 from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record
-from tests.conftest import T0, Collector, wait_until
+from tests.conftest import T0, Collector, serve_command, wait_until
 from train.evaluate import stream_records
 
-PARTITIONS = 8
+PARTITIONS = 12
+
+
+def assigned(daemon: Daemon) -> list[int]:
+    assert isinstance(daemon.source, PartitionedSource)
+    return daemon.source.assigned
+
+
+def spread(live: list[Daemon]) -> bool:
+    """Every partition consumed by exactly one of `live`, and every one of them consuming some."""
+    parts = [assigned(d) for d in live]
+    return sorted(p for ps in parts for p in ps) == list(range(PARTITIONS)) and all(parts)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +58,7 @@ def daemons(cluster: RabbitCluster, request: pytest.FixtureRequest) -> Iterator[
         daemon = Daemon(config)
         assert daemon.start()
         started.append(daemon)
+    wait_until(lambda: spread(started), timeout=20)  # the daemons have shared the partitions out
     yield started
     for daemon in started:
         daemon.stop()
@@ -93,8 +109,9 @@ def test_each_window_is_analysed_once_by_one_daemon_as_a_single_daemon_would(
     docs = beats.wait_for(lambda d: len(d) >= devices * windows, timeout=60)
     assert sorted((d["device"], d["seq"]) for d in docs) == sorted(
         (f"bed-{d}", s) for d in range(devices) for s in range(windows))  # every window once
-    assert sum(daemon.stats().get("windows", 0) for daemon in daemons) == devices * windows
-    assert sum(daemon.stats()["active_streams"] for daemon in daemons) == devices  # each device on one daemon
+    # each window counted by one daemon (counted just after its beats go out), each device on one daemon
+    wait_until(lambda: sum(daemon.stats().get("windows", 0) for daemon in daemons) == devices * windows)
+    assert sum(daemon.stats()["active_streams"] for daemon in daemons) == devices
     record = load_record(physionet / "mitdb", "100")
     for d in range(devices):  # the beats a single daemon finds in the same signal
         part = dataclasses.replace(record, signal_mv=x[3 * d * 360:(3 * d + windows) * 360])
@@ -120,3 +137,51 @@ def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(war
         (f"bed-{d}", s) for d in range(devices) for s in range(20))
     rest = [daemon for daemon in daemons if daemon not in busy]
     wait_until(lambda: sum(daemon.stats()["active_streams"] for daemon in rest) == devices)
+
+
+def test_partitions_spread_over_the_daemons_and_move_when_one_goes_or_comes(cluster: RabbitCluster,
+                                                                            daemons: list[Daemon]) -> None:
+    assert all(assigned(d) for d in daemons)  # every daemon has some (the fixture waited for a partition each)
+    gone = daemons[0]
+    gone.stop()
+    wait_until(lambda: spread(daemons[1:]), timeout=20)  # its partitions go to the others
+    config = gone.config.model_copy(update={"mqtt": gone.config.mqtt.model_copy(update={"client_id": "newcomer"})})
+    newcomer = Daemon(config)
+    assert newcomer.start()
+    try:
+        wait_until(lambda: spread([*daemons[1:], newcomer]), timeout=20)  # a daemon added: a share moves to it
+    finally:
+        newcomer.stop()
+
+
+def test_owners_are_balanced_and_a_newcomer_moves_little_more_than_its_share() -> None:
+    three = owners(64, ["a", "b", "c"])
+    four = owners(64, ["a", "b", "c", "d"])
+    assert max(three.count(m) for m in "abc") == 22 and min(three.count(m) for m in "abc") >= 20
+    assert sorted(four.count(m) for m in "abcd") == [16, 16, 16, 16]
+    moved = sum(old != new for old, new in zip(three, four, strict=True))
+    assert 16 <= moved <= 24  # d's 16, and a few to even the others out
+    assert owners(64, ["c", "a", "b"]) == three  # the order members are heard in does not matter
+
+
+def test_a_killed_daemons_partitions_move_to_the_others_within_seconds(
+        cluster: RabbitCluster, daemons: list[Daemon], ward: Ward, tmp_path: Path) -> None:
+    """`ecgmon serve` joins as a fourth daemon, takes a share, and is killed (SIGKILL): the others take its
+    partitions over within a few seconds, and the windows sent from then on are all analysed."""
+    config = daemons[0].config.model_dump(mode="json")
+    config["mqtt"]["client_id"] = "victim"
+    config["rabbitmq"]["password"] = "guest"
+    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(config))
+    victim = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=30)  # it holds a share
+    finally:
+        victim.kill()
+        victim.wait()
+    killed = time.monotonic()
+    wait_until(lambda: spread(daemons), timeout=20)
+    assert time.monotonic() - killed < 10
+    send(ward.publisher, ward.topics, ward.x, 8, range(5))
+    docs = ward.beats.wait_for(lambda d: len(d) >= 8 * 5, timeout=60)
+    assert sorted((d["device"], d["seq"]) for d in docs) == sorted((f"bed-{d}", s) for d in range(8) for s in range(5))
