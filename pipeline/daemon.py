@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class Pending:
     device: str
     payload: bytes
     received: float  # monotonic (s)
+    done: Callable[[], None] | None  # the source's acknowledgement, once the window is finished with
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Daemon:
         if self.source is not None:
             self.source.stop()
         self._stop_worker_thread()
+        if self.source is not None:
+            self.source.close()
         self._announce_offline()
         if self._mqtt is not None:
             self._mqtt.disconnect()
@@ -289,12 +293,14 @@ class Daemon:
             self._sink.status(doc)
 
     # --- intake (source thread) -----------------------------------------------------------------
-    def _deliver(self, device: str, payload: bytes, received: float) -> None:
+    def _deliver(self, device: str, payload: bytes, received: float, done: Callable[[], None] | None = None) -> None:
         """Queue a window, or drop it for overload and count it."""
         self.metrics.messages_in.inc()
         try:
-            self._queue.put_nowait(Pending(device, payload, received))
+            self._queue.put_nowait(Pending(device, payload, received, done))
         except queue.Full:
+            if done is not None:
+                done()
             self._count_drop("overload")
             with self._dropped_lock:
                 self._dropped_of[device] += 1
@@ -372,6 +378,9 @@ class Daemon:
             except Exception as err:  # any bug in the model stage: contained to this group's windows
                 for a in group:
                     self._internal_error(a.device, err, a.window)
+        for item in batch:  # every window of the batch is finished with: analysed, rejected or dropped
+            if item.done is not None:
+                item.done()
 
     def _admit(self, item: Pending) -> Admitted | None:
         """Decode a payload and admit it to its device's stream; None when it is rejected or dropped."""

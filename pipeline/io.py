@@ -16,8 +16,13 @@ from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 log = logging.getLogger(__name__)
 
-# deliver(device_id, payload, received_monotonic_s)
-Deliver = Callable[[str, bytes, float], None]
+class Deliver(Protocol):
+    """Hands the daemon one window: device id, payload, arrival time (s, monotonic), and `done`, which the daemon
+    calls once it has finished with the window (analysed, rejected or dropped), for a source that acknowledges
+    then (None: the source has acknowledged it already)."""
+
+    def __call__(self, device: str, payload: bytes, received: float, done: Callable[[], None] | None = None
+                 ) -> None: ...
 
 
 class WindowSource(Protocol):
@@ -27,6 +32,9 @@ class WindowSource(Protocol):
 
     def stop(self) -> None:
         """Deliver no more; windows that arrive from now on stay with the source for the next run if it can."""
+
+    def close(self) -> None:
+        """Let go of the connection, once the daemon has finished with every window delivered."""
 
 
 class ResultSink(Protocol):
@@ -67,6 +75,9 @@ class MqttSource:
         """Take no more windows, but keep the subscription: with a persistent session the broker keeps
         every window from now on, unacknowledged ones included, for the daemon's next run (QoS 1)."""
         self._taking = False
+
+    def close(self) -> None:
+        """Nothing to do: the daemon's MQTT client is disconnected with its sink."""
 
 
 class MqttSink:

@@ -15,9 +15,9 @@ joins or leaves only its share moves, and a daemon that stops hearing another ta
 partitions over. While members disagree (a few seconds), single active consumer still keeps a
 partition with one daemon.
 
-The topology is declared idempotently by every daemon at start. Windows are acknowledged once the
-daemon has queued them, as the MQTT source does at QoS 1; unacknowledged ones are redelivered to
-the partition's next consumer.
+The topology is declared idempotently by every daemon at start. A window is acknowledged once the
+daemon has finished with it (analysed, rejected or dropped), so the windows a daemon had taken
+when it died go back to their partition for the daemon that takes it over.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pipeline.mqtt import ConnectError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
-MEMBER_TIMEOUT_S = 3.0
+MEMBER_TIMEOUT_S = 5.0
 
 
 def owners(partitions: int, members: list[str]) -> list[str]:
@@ -108,11 +108,13 @@ class PartitionedSource:
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stopping = threading.Event()  # deliver no more (the connection stays for the last acks)
         self.reconnects = 0
 
     def start(self, deliver: Deliver) -> None:
         """Connect, declare the topology and consume every partition (raise ConnectError if no node answers)."""
         self._deliver = deliver
+        self._stopping.clear()
         self._connect()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="ecgmon-rabbit", daemon=True)
@@ -131,9 +133,21 @@ class PartitionedSource:
         deliver = self._deliver
         assert deliver is not None
 
+        connection = self._connection
+
         def on_message(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-            deliver(method.routing_key[prefix_len:], body, time.monotonic())
-            ch.basic_ack(method.delivery_tag)
+            if self._stopping.is_set():  # back to the partition, for the daemon that takes it next
+                ch.basic_nack(method.delivery_tag, requeue=True)
+                return
+            tag = method.delivery_tag
+
+            def ack() -> None:  # on the worker thread, once the window is analysed (or rejected, or dropped)
+                try:
+                    connection.add_callback_threadsafe(lambda: ch.basic_ack(tag) if ch.is_open else None)
+                except pika.exceptions.AMQPError:  # that connection is gone: the broker has requeued the window
+                    log.debug("window not acknowledged: its connection is gone")
+
+            deliver(method.routing_key[prefix_len:], body, time.monotonic(), ack)
 
         heartbeats = f"{self.partitions.prefix}.daemons."
 
@@ -187,16 +201,22 @@ class PartitionedSource:
                 self._connection = None
                 self._stop.wait(delay)
                 delay = min(2 * delay, self._reconnect_max_s)
-
-    def stop(self) -> None:
-        """Consume no more; unacknowledged windows go back to their partitions for the next consumer."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         if self._connection is not None and self._connection.is_open:
             try:
+                self._connection.process_data_events(time_limit=0)  # the acknowledgements still queued
                 self._connection.close()
             except pika.exceptions.AMQPError as err:
                 log.warning("closing the RabbitMQ connection: %s", err)
         self._connection = None
+
+    def stop(self) -> None:
+        """Deliver no more windows; the connection stays to acknowledge those delivered, until `close`."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Acknowledge what the daemon has finished with and close the connection: windows delivered but not
+        finished with go back to their partitions."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None

@@ -24,6 +24,9 @@ class MemorySource:
     def stop(self) -> None:
         self._deliver = None
 
+    def close(self) -> None:
+        """Nothing to let go of."""
+
     def send(self, device: str, payload: bytes) -> None:
         if self._deliver is not None:
             self._deliver(device, payload, time.monotonic())

@@ -91,6 +91,9 @@ class _Source:
     def stop(self) -> None:
         self.deliver = None
 
+    def close(self) -> None:
+        """Nothing to let go of."""
+
 
 class _EncodingSink:
     """Builds the bytes the MQTT sink would publish and drops them."""
