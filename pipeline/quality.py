@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.logistic import LogisticDetector
+from pipeline.recent import Spectrum, spectrum
 from pipeline.vf import VF_FEATURE_NAMES
 
 QUALITY_EXTRA_NAMES = ("qrs_band", "low_band", "high_band")
@@ -33,12 +34,11 @@ class QualityDetectorInfo(LogisticDetector):
     """The signal-quality detector (P(unreadable) of QUALITY_FEATURE_NAMES), trained by `ecgmon train-quality`."""
 
 
-def quality_extra_features(x: NDArray[np.float32], fs: float) -> NDArray[np.float64]:
-    """QUALITY_EXTRA_NAMES of each row of `x` (n, samples): band-passed signal in mV at `fs` (Hz)."""
-    x = x.astype(np.float64)
-    n = x.shape[1]
-    power = np.abs(np.fft.rfft(x * np.hanning(n), axis=1)) ** 2
-    freq = np.fft.rfftfreq(n, 1.0 / fs)
+def quality_extra_features(x: NDArray[np.float32], fs: float, spec: Spectrum | None = None) -> NDArray[np.float64]:
+    """QUALITY_EXTRA_NAMES of each row of `x` (n, samples): band-passed signal in mV at `fs` (Hz); `spec`: its
+    spectrum, when the VF detector has it already."""
+    spec = spec if spec is not None else spectrum(x, fs)
+    power, freq = spec.power, spec.freq
 
     def share(low_hz: float, high_hz: float) -> NDArray[np.float64]:
         band: NDArray[np.float64] = power[:, (freq >= low_hz) & (freq <= high_hz)].sum(axis=1)

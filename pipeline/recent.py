@@ -7,6 +7,7 @@ that hides QRS complexes below 40 Hz). State per stream: that signal and how muc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,3 +56,20 @@ class RecentSignal:
         """Whether each slot has seen a whole RECENT_S."""
         ready: NDArray[np.bool_] = self.samples_seen[slots] >= self.history.shape[1]
         return ready
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Hann-windowed power spectrum of each row of a recent signal: freq (Hz), power (n, len(freq)) (mV²)."""
+
+    freq: NDArray[np.float64]
+    power: NDArray[np.float64]
+
+
+def spectrum(x: NDArray[np.floating[Any]], fs: float) -> Spectrum:
+    """The spectrum of each row of `x` (n, samples) in mV at `fs` (Hz): computed once, read by both detectors."""
+    n = x.shape[1]
+    transform = np.fft.rfft(x.astype(np.float64) * np.hanning(n), axis=1)
+    freq = np.fft.rfftfreq(n, 1.0 / fs).astype(np.float64)
+    power: NDArray[np.float64] = np.abs(transform) ** 2
+    return Spectrum(freq, power)

@@ -24,7 +24,7 @@ from pipeline.beats import BeatPickerState, PickedBeats, pick_beats, r_peak_time
 from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
 from pipeline.quality import quality_extra_features
-from pipeline.recent import RecentSignal
+from pipeline.recent import RecentSignal, spectrum
 from pipeline.vf import vf_features
 
 
@@ -201,11 +201,12 @@ class BeatStreams:
         if (vf is None and quality is None) or not len(ready):
             return
         x = self._recent.history[ready]
-        features = vf_features(x, self._recent.fs)
+        spec = spectrum(x, self._recent.fs)
+        features = vf_features(x, self._recent.fs, spec)
         if vf is not None:
             self._vf_found[ready] = vf.probability(features) >= vf.threshold
         if quality is not None:
-            features = np.hstack([features, quality_extra_features(x, self._recent.fs)])
+            features = np.hstack([features, quality_extra_features(x, self._recent.fs, spec)])
             self._unreadable[ready] = quality.probability(features) >= quality.threshold
 
     def _beat_stage(self, beat_slots: NDArray[np.int64], row: NDArray[np.int64], time_s: NDArray[np.float64],

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.logistic import LogisticDetector
+from pipeline.recent import Spectrum, spectrum
 
 VF_FEATURE_NAMES = ("leakage", "above_fifth", "mean_abs", "vf_band", "peak_concentration", "log_kurtosis",
                     "log_amplitude_mv")
@@ -33,8 +34,9 @@ class VfDetectorInfo(LogisticDetector):
     """The VF detector (P(VF) of VF_FEATURE_NAMES), trained by `ecgmon train-vf`."""
 
 
-def vf_features(x: NDArray[np.float32], fs: float) -> NDArray[np.float64]:
-    """VF_FEATURE_NAMES of each row of `x` (n, samples): band-passed signal in mV at `fs` (Hz)."""
+def vf_features(x: NDArray[np.float32], fs: float, spec: Spectrum | None = None) -> NDArray[np.float64]:
+    """VF_FEATURE_NAMES of each row of `x` (n, samples): band-passed signal in mV at `fs` (Hz); `spec`: its
+    spectrum (`pipeline.recent.spectrum`), when computed already."""
     x = x.astype(np.float64)
     n = x.shape[1]
     abs_x = np.abs(x)
@@ -49,8 +51,8 @@ def vf_features(x: NDArray[np.float32], fs: float) -> NDArray[np.float64]:
                                                                        1e-9)
     above_fifth = (abs_x > 0.2 * peak[:, None]).mean(axis=1)
     mean_abs = abs_x.mean(axis=1) / peak
-    power = np.abs(np.fft.rfft(x * np.hanning(n), axis=1)) ** 2
-    freq = np.fft.rfftfreq(n, 1.0 / fs)
+    spec = spec if spec is not None else spectrum(x, fs)
+    power, freq = spec.power, spec.freq
     band = power[:, (freq >= 2.0) & (freq <= 7.0)].sum(axis=1)
     total = np.maximum(power[:, (freq >= 0.5) & (freq <= 30.0)].sum(axis=1), 1e-12)
     in_range = (freq >= 0.5) & (freq <= 30.0)

@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from pipeline.config import AlarmConfig
 from pipeline.model import BeatModel
 from pipeline.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo, quality_extra_features
-from pipeline.recent import RECENT_S, RecentSignal
+from pipeline.recent import RECENT_S, RecentSignal, spectrum
 from pipeline.tools.records import load_records
 from pipeline.vf import vf_features
 from train.alarm_eval import analyse_records
@@ -85,11 +85,12 @@ def run_condition(model_path: Path, specs: tuple[str, ...], physionet_dir: Path,
     if condition is not None:
         noise, noise_fs = load_noise(physionet_dir, condition[0], "train")
         records = [add_noise(r, noise, noise_fs, condition[1], offset_s=60.0 * k) for k, r in enumerate(records)]
-    fs = RecentSignal(1, BeatModel(model_path).info.fs).fs
+    model = BeatModel(model_path)
+    fs = RecentSignal(1, model.info.fs).fs
     recent: list[list[NDArray[np.float32]]] = [[] for _ in records]
     ends: list[list[float]] = [[] for _ in records]
     found: list[list[float]] = [[] for _ in records]
-    for w in analyse_records(BeatModel(model_path), records, config, 1.0):
+    for w in analyse_records(model, records, config, 1.0):
         found[w.record] += [t for t, _ in w.beats]
         if w.recent_mv is not None:
             recent[w.record].append(w.recent_mv)
@@ -97,7 +98,8 @@ def run_condition(model_path: Path, specs: tuple[str, ...], physionet_dir: Path,
     out = []
     for (name, record), x, end, beats in zip(named, recent, ends, found, strict=True):
         history = np.stack(x)
-        features = np.hstack([vf_features(history, fs), quality_extra_features(history, fs)])
+        spec = spectrum(history, fs)
+        features = np.hstack([vf_features(history, fs, spec), quality_extra_features(history, fs, spec)])
         errors = error_times(record.beat_samples / record.fs, np.asarray(beats, dtype=np.float64))
         end_s = np.asarray(end)
         counts = np.searchsorted(errors, end_s) - np.searchsorted(errors, end_s - RECENT_S)
