@@ -99,6 +99,8 @@ class PartitionedSource:
         self.member_id = member_id
         self._heard: dict[str, float] = {}  # daemon id -> monotonic time of its last heartbeat
         self._consuming: dict[int, str] = {}  # partition -> consumer tag
+        self._members: list[str] = []  # as last seen, and the partitions they give this daemon
+        self._owned: set[int] = set()
         self._channel: BlockingChannel | None = None
         self._on_message: Callable[[BlockingChannel, Basic.Deliver, BasicProperties, bytes], None] | None = None
         self._next_heartbeat = 0.0
@@ -179,7 +181,12 @@ class PartitionedSource:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
             self._channel.basic_publish("amq.topic", f"{self.partitions.prefix}.daemons.{self.member_id}", b"")
-        owned = {p for p, owner in enumerate(owners(self.partitions.count, self.members())) if owner == self.member_id}
+        members = self.members()
+        if members != self._members:  # the owners change only with the members
+            self._members = members
+            self._owned = {p for p, owner in enumerate(owners(self.partitions.count, members))
+                           if owner == self.member_id}
+        owned = self._owned
         for p in sorted(owned - set(self._consuming)):
             self._consuming[p] = self._channel.basic_consume(self.partitions.queue(p), self._on_message)
         for p in sorted(set(self._consuming) - owned):  # unacknowledged deliveries go back to the partition

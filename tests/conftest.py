@@ -163,7 +163,7 @@ def serve_command(config: Path, *extra: str) -> list[str]:
 def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(**sections: dict[str, object]) -> subprocess.Popen[str]:
+    def start(**sections: Any) -> subprocess.Popen[str]:
         """`ecgmon serve` on the test broker (config sections merged in); its log goes to serve-<n>.log."""
         mqtt = {"host": broker.host, "port": broker.port, "keepalive_s": 5, **sections.pop("mqtt", {})}
         config = write_config(tmp_path, mqtt=mqtt, metrics={"port": free_port()}, **sections)

@@ -17,6 +17,7 @@ each stage's share of the sampled time times the worker's CPU time is its cost.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sys
 import threading
@@ -102,9 +103,7 @@ class _EncodingSink:
         self.published = 0
 
     def _send(self, doc: dict[str, Any]) -> None:
-        from json import dumps
-
-        dumps(doc, separators=(",", ":")).encode()
+        json.dumps(doc, separators=(",", ":")).encode()
         self.published += 1
 
     beats = alarm = rejected = stats = status = _send
