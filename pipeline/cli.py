@@ -163,6 +163,17 @@ def cmd_train_beat_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beat_stage_trials(args: argparse.Namespace) -> int:
+    from pipeline.config import validate_config
+    from train.beat_trials import format_trials, run_trials
+    from train.config import BeatStageTrainConfig, apply_overrides
+
+    config = validate_config(BeatStageTrainConfig, apply_overrides({}, _overrides(args.set)), "--set")
+    print(format_trials(run_trials(args.cv_dir, args.physionet_dir, args.lead, config, args.out, args.jobs)))
+    print(f"report in {args.out}")
+    return 0
+
+
 def cmd_compare_cells(args: argparse.Namespace) -> int:
     from train.compare_cells import compare_cells
 
@@ -187,7 +198,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
     signals = load_signals(args.records, args.physionet_dir, args.lead)
-    client = _connect(args.broker, "ecgmon-replay")
+    client = _connect(args.broker, "ecgmon-replay", args.mqtt_protocol)
     plan = ReplayPlan(devices=args.devices or len(signals), window_s=args.window_s, speed=args.speed,
                       duration_s=args.duration_s, encoding=args.encoding, offset_step_s=args.offset_step_s,
                       qos=args.qos)
@@ -204,7 +215,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
     from pipeline.tools.alerts import AlarmPrinter
 
-    client = _connect(args.broker, "ecgmon-alerts")
+    client = _connect(args.broker, "ecgmon-alerts", args.mqtt_protocol)
     with (open(args.json_out, "a") if args.json_out else nullcontext()) as json_out:
         AlarmPrinter(sys.stdout, json_out).attach(client, Topics(args.topic_prefix))
         try:
@@ -219,10 +230,37 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.tools.bench import run_bench, write_report
 
+    if args.cluster:
+        from pipeline.tools.bench_cluster import run_cluster_bench, write_cluster_report
+
+        points = run_cluster_bench(args.devices, args.duration_s, args.records, args.physionet_dir)
+        print(write_cluster_report(points, args.out, "ecgmon " + " ".join(sys.argv[1:])))
+        return 0
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
                         args.physionet_dir, core_devices=args.core_devices)
     command = "ecgmon " + " ".join(sys.argv[1:])
     print(write_report(figures, args.out, command))
+    return 0
+
+
+def cmd_rabbit_cluster(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pipeline.tools.rabbit_cluster import RabbitCluster
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with RabbitCluster(args.nodes) as cluster:
+        nodes = [f"{cluster.host}:{n.amqp_port}" for n in cluster.nodes]
+        print(f"RabbitMQ cluster of {len(nodes)} on loopback (guest/guest); Ctrl-C stops it and removes its data")
+        for n in cluster.nodes:
+            print(f"  {n.name}: AMQP {cluster.host}:{n.amqp_port}, MQTT {cluster.host}:{n.mqtt_port}")
+        print("daemon config: " + json.dumps({"source": "rabbitmq", "rabbitmq": {"nodes": nodes},
+                                              "mqtt": {"host": cluster.host, "port": cluster.nodes[0].mqtt_port,
+                                                       "protocol": "3.1.1"}}), flush=True)
+        stop.wait()
     return 0
 
 
@@ -234,9 +272,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(broker: str, client_id: str) -> MqttClient:
+def _connect(broker: str, client_id: str, protocol: str) -> MqttClient:
     host, _, port = broker.rpartition(":")
-    client = MqttClient(host or "127.0.0.1", int(port), f"{client_id}-{os.getpid()}")
+    client = MqttClient(host or "127.0.0.1", int(port), f"{client_id}-{os.getpid()}", protocol=protocol)
     try:
         client.connect()
     except ConnectError as err:
@@ -368,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting, e.g. --set epochs=10 or model.hidden_size=16")
 
+    p = add("beat-stage-trials", cmd_beat_stage_trials, "Cross-validate the beat stage with trial features added "
+            "(train/beat_trials.py) on the out-of-fold beats of a cross-validation run; nothing is shipped.")
+    p.add_argument("--cv-dir", type=Path, default=Path("runs/cv"), help="--out of `ecgmon cross-validate`")
+    p.add_argument("--out", type=Path, default=Path("docs/model/beat-stage/feature-trials.json"))
+    p.add_argument("--jobs", type=int, default=2, help="trials run at once, each in a process of its own")
+    p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
+    p.add_argument("--lead", default="MLII")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
+
     p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm for the same epochs; compare DS2 scores and "
                            "gradients over BPTT depth.")
     p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))
@@ -381,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add_broker(p: argparse.ArgumentParser) -> None:
         p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker host:port")
         p.add_argument("--topic-prefix", default="ecgmon")
+        p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5",
+                       help="3.1.1 for a RabbitMQ cluster's MQTT plugin")
 
     def add_records(p: argparse.ArgumentParser, default: list[str]) -> None:
         p.add_argument("--records", nargs="+", default=default, help="db/record, mitdb/DS2, ...")
@@ -413,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core-devices", type=int, default=2000,
                    help="devices of the in-process daemon-core run (CPU by stage, memory by module)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--cluster", action="store_true", help="instead: --devices over 1, 2 and 3 daemons on a local "
+                   "3-node RabbitMQ cluster, and one daemon killed (its section of --out only)")
+
+    p = add("rabbit-cluster", cmd_rabbit_cluster, "Start a local RabbitMQ cluster on loopback ports (Debian's "
+            "rabbitmq-server, MQTT and consistent-hash plugins) for trying daemons on it; runs until Ctrl-C.")
+    p.add_argument("--nodes", type=int, default=3)
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + replayed PhysioNet records (ventricular "
             "ectopy, ventricular fibrillation, atrial fibrillation), one device each; prints alarms.")

@@ -157,7 +157,12 @@ class RabbitConfig(Strict):
     password: SecretStr = Field(SecretStr("guest"), description="from ECGMON_RABBITMQ__PASSWORD, never the file")
     partitions: int = Field(32, ge=1, le=1024, description="partition queues the devices are spread over: the same "
                             "for every daemon, and fixed once the queues exist")
-    prefetch: int = Field(1000, ge=1, description="windows a daemon may hold unacknowledged")
+    prefetch: int = Field(1000, ge=1, description="windows a daemon may hold unacknowledged per partition; a "
+                          "window is acknowledged once a checkpoint holds its effect, so this must cover a "
+                          "partition's windows of `checkpoint_s`")
+    checkpoint_s: float = Field(2.0, gt=0, description="how often each partition's device state is checkpointed to "
+                                "the cluster for the daemon that takes it over (s); it also takes one on hand-off")
+    tls: TlsConfig | None = Field(None, description="TLS to the nodes' AMQP listeners (deploy/rabbitmq/)")
 
     @field_validator("nodes")
     @classmethod
@@ -195,6 +200,13 @@ class DaemonConfig(Strict):
         if self.alarms.signal_loss_s >= self.streams.idle_evict_s:
             raise ValueError("alarms.signal_loss_s must be shorter than streams.idle_evict_s: a silent device's "
                              "signal loss is raised before its state is forgotten")
+        return self
+
+    @model_validator(mode="after")
+    def _one_state_store(self) -> DaemonConfig:
+        if self.source == "rabbitmq" and self.state.path is not None:
+            raise ValueError("state.path must be null with source: rabbitmq: there the device state moves between "
+                             "daemons through the cluster's checkpoints (rabbitmq.checkpoint_s)")
         return self
 
 

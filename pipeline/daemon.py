@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections import Counter, defaultdict
@@ -30,7 +31,7 @@ from pipeline.metrics import DaemonMetrics
 from pipeline.model import BeatModel, ModelError
 from pipeline.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
 from pipeline.reconcile import reconcile
-from pipeline.state import load_state, save_state
+from pipeline.state import decode_state, encode_state, load_state, save_state
 from pipeline.streams import Beat, BeatStreams
 from pipeline.watchdog import Watchdog
 
@@ -47,6 +48,7 @@ class Pending:
     payload: bytes
     received: float  # monotonic (s)
     done: Callable[[], None] | None  # the source's acknowledgement, once the window is finished with
+    task: Callable[[], None] | None = None  # instead of a window: run this on the worker (`call_soon`)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, source: WindowSource | None = None,
                  sink: ResultSink | None = None) -> None:
         self.config = config
-        self.topics = Topics(config.mqtt.topic_prefix)
+        self.topics = Topics(config.mqtt.topic_prefix, config.mqtt.client_id if config.source == "rabbitmq" else None)
         self.metrics = DaemonMetrics()
         self.metrics_port: int | None = None
         self.watchdog = Watchdog(config.watchdog_s, lambda alive: self._publish_status("online"))
@@ -102,6 +104,7 @@ class Daemon:
         self._dropped_of: Counter[str] = Counter()  # windows dropped per device since the last housekeeping
         self._dropped_lock = threading.Lock()
         self._next_stats = 0.0
+        self._last_taken = 0.0  # arrival time (s, monotonic) of the last window the worker took from the queue
         self._next_save = time.monotonic() + config.state.save_interval_s
         self.metrics.active_alarms.set_function(self._count_active_alarms)
         self.metrics.analysis_alive.set_function(lambda: float(self.watchdog.alive))
@@ -177,33 +180,66 @@ class Daemon:
     def _restore_state(self) -> None:
         """Devices saved by the previous run resume where they were; a bad or old file is reported and ignored."""
         path = self.config.state.path
-        if path is None or self._streams is None:
+        if path is None:
             return
+        n = self._restore_devices(load_state(path, self.model_version, self.config.state.max_age_s))
+        log.info("restored %d devices from %s", n, path)
+
+    def _save_state(self) -> None:
+        path = self.config.state.path
+        if path is None:
+            return
+        try:
+            save_state(path, self.model_version, self._device_states(list(self._admission.streams)))
+        except OSError as err:
+            log.error("cannot save the state to %s: %s", path, err)
+
+    def _device_states(self, devices: list[str]) -> dict[str, dict[str, Any]]:
+        """Everything the daemon holds of each of `devices` it holds, as JSON-able values."""
+        assert self._streams is not None
         unix_minus_monotonic = time.time() - time.monotonic()
-        for device, doc in load_state(path, self.model_version, self.config.state.max_age_s).items():
+        return {d: {"stream": self._admission.save(d, unix_minus_monotonic), "streams": self._streams.save(d),
+                    "alarms": self._alarms[d].to_dict()}
+                for d in devices if d in self._admission.streams}
+
+    def _restore_devices(self, docs: dict[str, dict[str, Any]]) -> int:
+        """Continue each device from its saved state (a malformed one starts cold); returns how many resumed."""
+        assert self._streams is not None
+        unix_minus_monotonic = time.time() - time.monotonic()
+        restored = 0
+        for device, doc in docs.items():
+            self._forget(device)
             try:
                 self._streams.restore(device, doc["streams"])
                 self._alarms[device] = DeviceAlarms.from_dict(device, self.config.alarms, self.model_version,
                                                               self.model.info.af_detector, doc["alarms"])
                 self._admission.restore(device, doc["stream"], unix_minus_monotonic)
+                restored += 1
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("saved state of device %r is malformed (%s): it starts cold", device, err)
                 self._forget(device)
-        log.info("restored %d devices from %s", len(self._admission.streams), path)
         self.metrics.active_streams.set(len(self._admission.streams))
+        return restored
 
-    def _save_state(self) -> None:
-        path = self.config.state.path
-        if path is None or self._streams is None:
-            return
-        unix_minus_monotonic = time.time() - time.monotonic()
-        devices = {d: {"stream": self._admission.save(d, unix_minus_monotonic), "streams": self._streams.save(d),
-                       "alarms": self._alarms[d].to_dict()}
-                   for d in self._admission.streams}
-        try:
-            save_state(path, self.model_version, devices)
-        except OSError as err:
-            log.error("cannot save the state to %s: %s", path, err)
+    # --- hand-off between daemons (pipeline/io.py DeviceStates, for a partitioned source) ------------
+    def call_soon(self, task: Callable[[], None]) -> None:
+        """Run `task` on the worker once the windows delivered before it are finished with (never dropped: waits
+        for room in the queue)."""
+        self._queue.put(Pending("", b"", time.monotonic(), None, task))
+
+    def save_devices(self, devices: list[str], forget: bool) -> bytes:
+        """The state of those of `devices` this daemon holds, as one document; with `forget`, they then leave it
+        (their gathered beats published first). On the worker (`call_soon`), or after it stopped."""
+        blob = encode_state(self.model_version, self._device_states(devices))
+        if forget:
+            for device in devices:
+                self._forget(device)
+        return blob
+
+    def restore_devices(self, blob: bytes, source: str) -> int:
+        """Continue the devices of a `save_devices` document from `source` (a bad or foreign one is reported and
+        ignored); returns how many resumed. On the worker (`call_soon`)."""
+        return self._restore_devices(decode_state(blob, self.model_version, self.config.state.max_age_s, source))
 
     def _start_metrics(self) -> None:
         if self.config.metrics.port is not None:
@@ -226,8 +262,14 @@ class Daemon:
             from pipeline.rabbit import PartitionedSource, Partitions  # pika only where used
 
             r = self.config.rabbitmq
-            self.source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), c.client_id,
-                                             r.username, r.password.get_secret_value(), r.prefetch)
+            context = None
+            if r.tls is not None:
+                context = ssl.create_default_context(cafile=r.tls.ca_file)
+                if r.tls.cert_file is not None:
+                    context.load_cert_chain(r.tls.cert_file, r.tls.key_file)
+            self.source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), c.client_id, self,
+                                             r.username, r.password.get_secret_value(), r.prefetch, r.checkpoint_s,
+                                             tls=context)
         self.source = self.source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
 
@@ -245,8 +287,11 @@ class Daemon:
             self._publish_status("online")
 
     def _reconcile_alarms(self) -> None:
-        """Clear the open alarms this daemon holds no state for (pipeline/reconcile.py)."""
+        """Clear the open alarms this daemon holds no state for (pipeline/reconcile.py). Not on a partitioned
+        source: there the other daemons hold the other devices' alarms, and alarms move with their devices."""
         assert self._sink is not None
+        if self.config.source == "rabbitmq":
+            return
         docs = self._sink.open_alarms()
         if docs is not None:
             streams = self._admission.streams
@@ -350,6 +395,7 @@ class Daemon:
             except queue.Empty:
                 break
         self.metrics.queue_depth.set(self._queue.qsize())
+        self._last_taken = batch[-1].received
         return batch
 
     def _process(self, batch: list[Pending]) -> None:
@@ -358,6 +404,20 @@ class Daemon:
         An unexpected error is contained: logged, counted, the windows concerned rejected with the
         reason `internal_error` and their devices' analysis restarted; every other window goes on.
         """
+        tasks = [i for i, item in enumerate(batch) if item.task is not None]
+        if tasks:  # the windows before each task, then the task
+            start = 0
+            for i in tasks:
+                self._process(batch[start:i])
+                task = batch[i].task
+                assert task is not None
+                try:
+                    task()
+                except Exception:  # a bug in a hand-off task: logged; the windows go on
+                    log.exception("a task from the source failed")
+                start = i + 1
+            self._process(batch[start:])
+            return
         rounds: list[list[Admitted]] = []
         seen: defaultdict[str, int] = defaultdict(int)
         for item in batch:
@@ -520,10 +580,13 @@ class Daemon:
         with self._dropped_lock:
             dropped, self._dropped_of = self._dropped_of, Counter()
             last_drop = self._last_drop
-        evict = set(self._admission.silent(now, self.config.streams.idle_evict_s))
+        # Every window that arrived up to `known` has been admitted: a device is silent from its last admitted
+        # window to then, not to now while older windows still wait in the queue (a backlog is not signal loss).
+        known = now if self._queue.empty() else self._last_taken
+        evict = set(self._admission.silent(known, self.config.streams.idle_evict_s))
         for device, stream in list(self._admission.streams.items()):
             alarms = self._alarms[device]
-            silent = now - stream.last_arrival
+            silent = max(0.0, known - stream.last_arrival)
             signal_now = stream.next_t0 + silent
             if dropped[device] or "windows_dropped" in alarms.active:
                 self._emit(alarms.on_overload(signal_now, dropped[device]))

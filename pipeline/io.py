@@ -16,6 +16,7 @@ from pipeline.mqtt import ConnectError, MqttClient, Topics
 
 log = logging.getLogger(__name__)
 
+
 class Deliver(Protocol):
     """Hands the daemon one window: device id, payload, arrival time (s, monotonic), and `done`, which the daemon
     calls once it has finished with the window (analysed, rejected or dropped), for a source that acknowledges
@@ -23,6 +24,18 @@ class Deliver(Protocol):
 
     def __call__(self, device: str, payload: bytes, received: float, done: Callable[[], None] | None = None
                  ) -> None: ...
+
+
+class DeviceStates(Protocol):
+    """The daemon's side of handing devices from one daemon to another, for a source that moves them
+    (pipeline/rabbit.py). `save_devices` and `restore_devices` touch the analysis state: call them through
+    `call_soon`, which runs them on the daemon's worker between windows."""
+
+    def call_soon(self, task: Callable[[], None]) -> None: ...
+
+    def save_devices(self, devices: list[str], forget: bool) -> bytes: ...
+
+    def restore_devices(self, blob: bytes, source: str) -> int: ...
 
 
 class WindowSource(Protocol):

@@ -8,8 +8,9 @@ Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each p
 - ``<prefix>/errors/<device>``: rejected messages and the reason (QoS 0, rate-limited per device);
   ``<prefix>/errors`` for messages whose device id is invalid.
 - ``<prefix>/active/<device>/<type>``: the open alarms, retained (emptied when cleared).
-- ``<prefix>/status``: daemon availability, retained, with a last will (``offline``).
-- ``<prefix>/stats``: periodic daemon statistics (QoS 0).
+- ``<prefix>/status``: daemon availability, retained, with a last will (``offline``); with many daemons on
+  one broker (``source: rabbitmq``) each has its own, ``<prefix>/status/<daemon>``.
+- ``<prefix>/stats``: periodic daemon statistics (QoS 0); ``<prefix>/stats/<daemon>`` likewise.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 @dataclass(frozen=True)
 class Topics:
-    """Topic names under one prefix."""
+    """Topic names under one prefix; `daemon`: the daemon's id where many share the broker (its status and stats
+    topics are its own)."""
 
     prefix: str
+    daemon: str | None = None
 
     def ecg(self, device: str = "+") -> str:
         return f"{self.prefix}/ecg/{device}"
@@ -66,11 +69,16 @@ class Topics:
 
     @property
     def status(self) -> str:
-        return f"{self.prefix}/status"
+        return f"{self.prefix}/status" + (f"/{self.daemon}" if self.daemon else "")
+
+    @property
+    def every_status(self) -> str:
+        """The filter for every daemon's status (`<prefix>/status/#` matches `<prefix>/status` too)."""
+        return f"{self.prefix}/status/#"
 
     @property
     def stats(self) -> str:
-        return f"{self.prefix}/stats"
+        return f"{self.prefix}/stats" + (f"/{self.daemon}" if self.daemon else "")
 
     def device_of(self, topic: str) -> str:
         """The device segment of a per-device topic."""

@@ -15,26 +15,34 @@ joins or leaves only its share moves, and a daemon that stops hearing another ta
 partitions over. While members disagree (a few seconds), single active consumer still keeps a
 partition with one daemon.
 
-The topology is declared idempotently by every daemon at start. A window is acknowledged once the
-daemon has finished with it (analysed, rejected or dropped), so the windows a daemon had taken
-when it died go back to their partition for the daemon that takes it over.
+The devices' state goes with their partition. Every `checkpoint_s` the daemon checkpoints the state of each
+partition's devices (filters, recurrent and beat-stage state, beat picking, alarms, last seq: the daemon's
+`save_devices`) to the partition's state queue, a quorum queue that keeps only its newest message, and only
+then acknowledges the windows that checkpoint covers. A daemon that lets a partition go checkpoints it one
+last time before it closes the partition's channel; a daemon that becomes a partition's active consumer
+restores its checkpoint before its first window. So whoever takes a partition over, after a hand-off or a
+kill -9, continues its devices from the checkpoint with the windows since still in the queue: no warm-up, no
+window lost, open alarms carried on (windows analysed after the last checkpoint of a daemon that died are
+analysed again, and give the same beats and the same alarm ids).
+
+The topology is declared idempotently by every daemon at start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from pipeline.io import Deliver
+from pipeline.io import Deliver, DeviceStates
 from pipeline.mqtt import ConnectError
 
 log = logging.getLogger(__name__)
@@ -72,49 +80,76 @@ class Partitions:
     def queue(self, k: int) -> str:
         return f"{self.prefix}.ecg.p{k:02d}"
 
+    def state_queue(self, k: int) -> str:
+        """Where partition k's checkpoint is kept: its newest message only."""
+        return f"{self.prefix}.ecg.state.p{k:02d}"
+
     def declare(self, channel: BlockingChannel) -> None:
-        """Exchange, quorum queues with single active consumer, and the bindings (idempotent)."""
+        """Exchange, quorum queues with single active consumer, their state queues, and the bindings (idempotent)."""
         channel.exchange_declare(self.exchange, exchange_type="x-consistent-hash", durable=True)
         channel.exchange_bind(destination=self.exchange, source="amq.topic", routing_key=f"{self.prefix}.ecg.*")
         for k in range(self.count):
             channel.queue_declare(self.queue(k), durable=True,
                                   arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
             channel.queue_bind(self.queue(k), self.exchange, routing_key="1")  # equal weights
+            channel.queue_declare(self.state_queue(k), durable=True,
+                                  arguments={"x-queue-type": "quorum", "x-max-length": 1})  # drops the older
+
+
+@dataclass
+class _Consumer:
+    """This daemon's consumer of one partition, on a channel of its own (closing it hands back what is not
+    acknowledged)."""
+
+    channel: BlockingChannel
+    fresh: bool = True  # no window yet: its checkpoint is restored before the first (a standby never gets one)
+    releasing: bool = False  # being handed over: windows are left for the next owner
+    checkpointing: bool = False  # a checkpoint is on its way
+    finished: list[int] = field(default_factory=list)  # delivery tags the daemon has finished with, not acked
+    devices: set[str] = field(default_factory=set)
 
 
 class PartitionedSource:
     """ECG windows from the partition queues this daemon is the active consumer of (a WindowSource).
 
     `nodes`: the cluster's nodes as (host, AMQP port); the source connects to the first that answers and, when
-    its connection is lost, to the next, with backoff.
+    its connection is lost, to the next, with backoff; `tls`: for TLS listeners. `states`: the daemon, whose
+    devices' state the source checkpoints and restores. `close` is called once the daemon's worker has stopped.
     """
 
-    def __init__(self, nodes: list[tuple[str, int]], partitions: Partitions, member_id: str, username: str = "guest",
-                 password: str = "guest", prefetch: int = 1000, reconnect_max_s: float = 10.0) -> None:
+    def __init__(self, nodes: list[tuple[str, int]], partitions: Partitions, member_id: str, states: DeviceStates,
+                 username: str = "guest", password: str = "guest", prefetch: int = 1000, checkpoint_s: float = 2.0,
+                 reconnect_max_s: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
         credentials = pika.PlainCredentials(username, password)
         self._params = [pika.ConnectionParameters(host, port, credentials=credentials, heartbeat=10,
-                                                  blocked_connection_timeout=30, connection_attempts=1)
+                                                  blocked_connection_timeout=30, connection_attempts=1,
+                                                  ssl_options=None if tls is None else pika.SSLOptions(tls, host))
                         for host, port in nodes]
         self.partitions = partitions
         self.member_id = member_id
+        self._states = states
         self._heard: dict[str, float] = {}  # daemon id -> monotonic time of its last heartbeat
-        self._consuming: dict[int, str] = {}  # partition -> consumer tag
+        self._consumers: dict[int, _Consumer] = {}
+        self._lock = threading.Lock()  # _Consumer.finished and .devices are written by the worker too
         self._members: list[str] = []  # as last seen, and the partitions they give this daemon
         self._owned: set[int] = set()
-        self._channel: BlockingChannel | None = None
-        self._on_message: Callable[[BlockingChannel, Basic.Deliver, BasicProperties, bytes], None] | None = None
-        self._next_heartbeat = 0.0
-        self._prefetch = prefetch
+        self._channel: BlockingChannel | None = None  # heartbeats and members
+        self._store: BlockingChannel | None = None  # checkpoints, with publisher confirms
+        self._next_heartbeat = self._next_checkpoint = 0.0
+        self._prefetch, self._checkpoint_s = prefetch, checkpoint_s
         self._reconnect_max_s = reconnect_max_s
         self._deliver: Deliver | None = None
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._stopping = threading.Event()  # deliver no more (the connection stays for the last acks)
+        self._stopping = threading.Event()  # deliver no more (the connection stays for the last checkpoints)
         self.reconnects = 0
+        self.checkpoints = 0  # written
+        self.restored = 0  # devices continued from a checkpoint
 
     def start(self, deliver: Deliver) -> None:
-        """Connect, declare the topology and consume every partition (raise ConnectError if no node answers)."""
+        """Connect, declare the topology and consume this daemon's partitions (raise ConnectError if no node
+        answers)."""
         self._deliver = deliver
         self._stopping.clear()
         self._connect()
@@ -129,28 +164,9 @@ class PartitionedSource:
             nodes = ", ".join(f"{p.host}:{p.port}" for p in self._params)
             raise ConnectError(f"cannot reach a RabbitMQ node ({nodes}): {err!r}") from err
         channel = self._connection.channel()
-        channel.basic_qos(prefetch_count=self._prefetch)
         self.partitions.declare(channel)
-        prefix_len = len(self.partitions.prefix) + len(".ecg.")
-        deliver = self._deliver
-        assert deliver is not None
-
-        connection = self._connection
-
-        def on_message(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-            if self._stopping.is_set():  # back to the partition, for the daemon that takes it next
-                ch.basic_nack(method.delivery_tag, requeue=True)
-                return
-            tag = method.delivery_tag
-
-            def ack() -> None:  # on the worker thread, once the window is analysed (or rejected, or dropped)
-                try:
-                    connection.add_callback_threadsafe(lambda: ch.basic_ack(tag) if ch.is_open else None)
-                except pika.exceptions.AMQPError:  # that connection is gone: the broker has requeued the window
-                    log.debug("window not acknowledged: its connection is gone")
-
-            deliver(method.routing_key[prefix_len:], body, time.monotonic(), ack)
-
+        self._store = self._connection.channel()
+        self._store.confirm_delivery()
         heartbeats = f"{self.partitions.prefix}.daemons."
 
         def on_heartbeat(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
@@ -159,15 +175,96 @@ class PartitionedSource:
         members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
         channel.basic_consume(members, on_heartbeat, auto_ack=True)
-        self._channel, self._on_message = channel, on_message
-        self._consuming = {}
+        self._channel = channel
+        self._consumers = {}
+        self._members = []
         self._next_heartbeat = 0.0
+        self._next_checkpoint = time.monotonic() + self._checkpoint_s
         self._rebalance()
+
+    def _consume(self, p: int) -> None:
+        """Become a consumer of partition p: its active consumer once no other daemon is."""
+        assert self._connection is not None and self._deliver is not None
+        channel = self._connection.channel()
+        channel.basic_qos(prefetch_count=self._prefetch)
+        consumer = _Consumer(channel)
+        prefix_len = len(self.partitions.prefix) + len(".ecg.")
+        deliver = self._deliver
+
+        def on_message(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+            if consumer.releasing or self._stopping.is_set():
+                return  # left unacknowledged: back to the partition when its channel closes
+            if consumer.fresh:  # this daemon has just become the partition's active consumer
+                consumer.fresh = False
+                self._restore(p)
+            # The MQTT plugin swaps "/" and "." between topics and routing keys: device "a.b" arrives as "a/b".
+            device, tag = method.routing_key[prefix_len:].replace("/", "."), method.delivery_tag
+            with self._lock:
+                consumer.devices.add(device)
+
+            def done() -> None:  # on the worker: acknowledged with the next checkpoint
+                with self._lock:
+                    consumer.finished.append(tag)
+
+            deliver(device, body, time.monotonic(), done)
+
+        channel.basic_consume(self.partitions.queue(p), on_message)
+        self._consumers[p] = consumer
+
+    def _restore(self, p: int) -> None:
+        """Have the daemon continue partition p's devices from its checkpoint, before any of its windows."""
+        assert self._store is not None
+        method, _, blob = self._store.basic_get(self.partitions.state_queue(p), auto_ack=False)
+        if method is None:
+            log.info("partition %d: no checkpoint, its devices start cold", p)
+            return
+        self._store.basic_nack(method.delivery_tag, requeue=True)  # it stays the partition's checkpoint
+
+        def restore() -> None:
+            n = self._states.restore_devices(blob, f"checkpoint of partition {p}")
+            self.restored += n
+            log.info("partition %d: %d devices continue from its checkpoint", p, n)
+
+        self._states.call_soon(restore)
+
+    def _checkpoint(self, p: int, consumer: _Consumer, release: bool) -> None:
+        """Checkpoint partition p on the worker (after the windows delivered so far), then acknowledge the windows
+        it covers; with `release`, the daemon forgets p's devices and p's channel closes."""
+        connection = self._connection
+        assert connection is not None
+        consumer.checkpointing = True
+
+        def save() -> None:  # on the worker
+            with self._lock:
+                devices, tags = sorted(consumer.devices), consumer.finished
+                consumer.finished = []
+            blob = self._states.save_devices(devices, forget=release)
+            try:
+                connection.add_callback_threadsafe(lambda: self._stored(p, consumer, blob, tags, release))
+            except pika.exceptions.AMQPError:  # the connection is gone: its windows went back to the partition
+                log.warning("partition %d: checkpoint not written, the connection is gone", p)
+
+        self._states.call_soon(save)
+
+    def _stored(self, p: int, consumer: _Consumer, blob: bytes, tags: list[int], release: bool) -> None:
+        """Write partition p's checkpoint (confirmed by the cluster), then acknowledge what it covers."""
+        assert self._store is not None
+        self._store.basic_publish("", self.partitions.state_queue(p), blob,
+                                  BasicProperties(delivery_mode=pika.DeliveryMode.Persistent), mandatory=True)
+        self.checkpoints += 1
+        consumer.checkpointing = False
+        if consumer.channel.is_open:
+            if tags:
+                consumer.channel.basic_ack(max(tags), multiple=True)
+            if release:
+                consumer.channel.close()  # what is not acknowledged goes back to the partition, for its next owner
+        if release and self._consumers.get(p) is consumer:
+            del self._consumers[p]
 
     @property
     def assigned(self) -> list[int]:
         """The partitions this daemon consumes now (it is their active consumer once the previous one lets go)."""
-        return sorted(self._consuming)
+        return sorted(p for p, c in self._consumers.items() if not c.releasing)
 
     def members(self) -> list[str]:
         """The daemons heard within MEMBER_TIMEOUT_S, this one included."""
@@ -175,8 +272,9 @@ class PartitionedSource:
         return sorted({self.member_id, *(m for m, t in self._heard.items() if now - t < MEMBER_TIMEOUT_S)})
 
     def _rebalance(self) -> None:
-        """Heartbeat when due; consume the partitions this daemon owns among the members now, and only those."""
-        assert self._channel is not None and self._on_message is not None
+        """Heartbeat when due; consume the partitions this daemon owns among the members now, and only those;
+        checkpoint the partitions it is the active consumer of when due."""
+        assert self._channel is not None
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
@@ -186,11 +284,35 @@ class PartitionedSource:
             self._members = members
             self._owned = {p for p, owner in enumerate(owners(self.partitions.count, members))
                            if owner == self.member_id}
-        owned = self._owned
-        for p in sorted(owned - set(self._consuming)):
-            self._consuming[p] = self._channel.basic_consume(self.partitions.queue(p), self._on_message)
-        for p in sorted(set(self._consuming) - owned):  # unacknowledged deliveries go back to the partition
-            self._channel.basic_cancel(self._consuming.pop(p))
+        for p in sorted(self._owned - set(self._consumers)):
+            self._consume(p)
+        for p in sorted(set(self._consumers) - self._owned):
+            consumer = self._consumers[p]
+            if consumer.releasing or consumer.checkpointing:
+                continue
+            consumer.releasing = True
+            if consumer.fresh:  # a standby holds nothing of p, and must not overwrite its checkpoint
+                consumer.channel.close()
+                del self._consumers[p]
+            else:
+                self._checkpoint(p, consumer, release=True)
+        if now >= self._next_checkpoint:
+            self._next_checkpoint = now + self._checkpoint_s
+            for p, consumer in list(self._consumers.items()):
+                if not (consumer.fresh or consumer.releasing or consumer.checkpointing) and consumer.finished:
+                    self._checkpoint(p, consumer, release=False)
+
+    def _let_go(self) -> None:
+        """After the connection is lost: the broker has put every window not acknowledged back in its partition,
+        for whoever consumes it next (this daemon again, from the checkpoint): forget the devices."""
+        devices = sorted({d for c in self._consumers.values() for d in c.devices})
+        self._consumers = {}
+
+        def forget() -> None:
+            self._states.save_devices(devices, forget=True)
+
+        if devices:
+            self._states.call_soon(forget)
 
     def _run(self) -> None:
         delay = 0.5
@@ -206,23 +328,30 @@ class PartitionedSource:
                 self.reconnects += 1
                 log.warning("RabbitMQ connection lost or refused (%s); reconnecting in %.1f s", err, delay)
                 self._connection = None
+                self._let_go()
                 self._stop.wait(delay)
                 delay = min(2 * delay, self._reconnect_max_s)
         if self._connection is not None and self._connection.is_open:
             try:
-                self._connection.process_data_events(time_limit=0)  # the acknowledgements still queued
+                self._connection.process_data_events(time_limit=0)  # checkpoints already on their way
+                for p, consumer in list(self._consumers.items()):  # the worker has stopped: save here
+                    if not consumer.fresh:
+                        with self._lock:
+                            devices, tags = sorted(consumer.devices), consumer.finished
+                        self._stored(p, consumer, self._states.save_devices(devices, forget=True), tags, True)
                 self._connection.close()
             except pika.exceptions.AMQPError as err:
                 log.warning("closing the RabbitMQ connection: %s", err)
         self._connection = None
 
     def stop(self) -> None:
-        """Deliver no more windows; the connection stays to acknowledge those delivered, until `close`."""
+        """Deliver no more windows; the connection stays for the daemon to finish those delivered, until `close`."""
         self._stopping.set()
 
     def close(self) -> None:
-        """Acknowledge what the daemon has finished with and close the connection: windows delivered but not
-        finished with go back to their partitions."""
+        """Once the daemon's worker has stopped: checkpoint every partition this daemon is the active consumer of,
+        acknowledge the windows the checkpoints cover and close the connection (windows not finished with go back
+        to their partitions)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)

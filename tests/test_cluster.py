@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,14 +23,19 @@ from pipeline.rabbit import PartitionedSource, owners
 from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, serve_command, wait_until
+from tests.ecg_synth import beat_templates, synthesize
 from train.evaluate import stream_records
 
 PARTITIONS = 12
 
 
-def assigned(daemon: Daemon) -> list[int]:
+def partitioned(daemon: Daemon) -> PartitionedSource:
     assert isinstance(daemon.source, PartitionedSource)
-    return daemon.source.assigned
+    return daemon.source
+
+
+def assigned(daemon: Daemon) -> list[int]:
+    return partitioned(daemon).assigned
 
 
 def spread(live: list[Daemon]) -> bool:
@@ -46,15 +52,18 @@ def cluster() -> Iterator[RabbitCluster]:
 
 @pytest.fixture()
 def daemons(cluster: RabbitCluster, request: pytest.FixtureRequest) -> Iterator[list[Daemon]]:
-    """Three daemons, each connected to its own node; the topic prefix is the test's own."""
+    """Three daemons, each reading from its own node first (the others to fail over to) and publishing its results
+    through node 2's MQTT plugin; the topic prefix is the test's own."""
     prefix = request.node.name.replace("_", "")[-20:]
     started = []
     for k, node in enumerate(cluster.nodes):
+        nodes = [node, *(other for other in cluster.nodes if other is not node)]
         config = DaemonConfig.model_validate({
-            "source": "rabbitmq", "rabbitmq": {"nodes": [f"{cluster.host}:{node.amqp_port}"], "partitions": PARTITIONS},
-            "mqtt": {"host": cluster.host, "port": node.mqtt_port, "client_id": f"{prefix}-daemon-{k}",
+            "source": "rabbitmq", "rabbitmq": {"nodes": [f"{cluster.host}:{n.amqp_port}" for n in nodes],
+                                               "partitions": PARTITIONS},
+            "mqtt": {"host": cluster.host, "port": cluster.nodes[1].mqtt_port, "client_id": f"{prefix}-daemon-{k}",
                      "topic_prefix": prefix, "protocol": "3.1.1"},
-            "metrics": {"port": None}})
+            "metrics": {"port": None}, "alarms": {"signal_loss_s": 60}})  # the tests pause the devices at times
         daemon = Daemon(config)
         assert daemon.start()
         started.append(daemon)
@@ -70,14 +79,30 @@ def mqtt(node: RabbitNode, name: str) -> MqttClient:
     return client
 
 
-def send(client: MqttClient, topics: Topics, x: np.ndarray, devices: int, seqs: range) -> None:
-    """Window `seq` of device d is x's second 3 d + seq (binary, QoS 1)."""
+def send(client: MqttClient, topics: Topics, x: np.ndarray, devices: int, seqs: range, stagger_s: int = 3) -> None:
+    """Window `seq` of device d is x's second stagger_s d + seq (binary, QoS 1)."""
     for seq in seqs:
         for d in range(devices):
-            a = (3 * d + seq) * 360
+            a = (stagger_s * d + seq) * 360
             client.publish(topics.ecg(f"bed-{d}"), encode_binary(seq, T0 + seq, 360.0, "MLII",
                                                                  np.round(x[a:a + 360] * 200).astype(np.int16), 200.0),
                            qos=1)
+
+
+def queued(cluster: RabbitCluster, node: RabbitNode, prefix: str) -> int:
+    """Windows in the partition queues, ready or delivered and not yet acknowledged (rabbitmqctl)."""
+    out = cluster.ctl(node, "list_queues", "name", "messages", "--no-table-headers", "--silent").stdout
+    return sum(int(n) for name, n in (line.split() for line in out.splitlines() if line.strip())
+               if name.startswith(f"{prefix}.ecg.p"))
+
+
+def by_seq(docs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """A device's beats messages in seq order, each once: one analysed twice (after a kill -9) must be the same."""
+    once: dict[int, dict[str, Any]] = {}
+    for doc in docs:
+        if doc["device"] == device:
+            assert once.setdefault(doc["seq"], doc)["beats"] == doc["beats"]
+    return [once[seq] for seq in sorted(once)]
 
 
 @dataclasses.dataclass
@@ -177,7 +202,7 @@ def test_a_killed_daemons_partitions_and_windows_move_to_the_others(
     victim = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=30)  # it holds a share
+        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=60)  # it holds a share
         send(ward.publisher, ward.topics, ward.x, 8, range(5))
     finally:
         victim.kill()
@@ -188,3 +213,78 @@ def test_a_killed_daemons_partitions_and_windows_move_to_the_others(
     send(ward.publisher, ward.topics, ward.x, 8, range(5, 10))
     expected = {(f"bed-{d}", s) for d in range(8) for s in range(10)}
     ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=60)
+
+
+def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_and_keep_their_alarms(
+        physionet: Path, cluster: RabbitCluster, daemons: list[Daemon], ward: Ward, tmp_path: Path) -> None:
+    """A fourth daemon (`ecgmon serve`) analyses 40 devices' first 26 s, raising an asystole alarm on each, and is
+    killed (SIGKILL) while more windows arrive. Whoever takes its partitions continues from its checkpoint: every
+    device's beats are those of one uninterrupted pass (a cold start would differ for the 10 s warm-up), and each
+    asystole alarm is cleared under the id it was raised with, none left open (a raise is repeated, identical, only
+    where the victim raised it after its last checkpoint and its successor analysed those windows again)."""
+    config = daemons[0].config.model_dump(mode="json")
+    config["mqtt"]["client_id"] = "victim"
+    config["rabbitmq"]["password"] = "guest"
+    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(config))
+    topics, devices = ward.topics, 40
+    alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
+    beat = beat_templates(physionet)["N"][0]
+    x = synthesize({"N": [beat]}, [("N", 0.8)] * 25 + [("N", 7.0)] + [("N", 0.8)] * 25)  # 7 s without a QRS from 20 s
+    x = np.round(x * 200) / 200  # as the devices send it
+    windows = int(len(x) / 360)
+    victim = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=60)  # it holds a share
+        send(ward.publisher, topics, x, devices, range(26), stagger_s=0)
+        ward.beats.wait_for(lambda docs: len({(d["device"], d["seq"]) for d in docs}) == devices * 26, timeout=60)
+        wait_until(lambda: queued(cluster, cluster.nodes[0], topics.prefix) == 0, timeout=30)  # all checkpointed
+        send(ward.publisher, topics, x, devices, range(26, 29), stagger_s=0)  # in flight at the kill
+    finally:
+        victim.kill()
+        victim.wait()
+    killed = time.monotonic()
+    wait_until(lambda: spread(daemons), timeout=20)
+    assert time.monotonic() - killed < 10
+    send(ward.publisher, topics, x, devices, range(29, windows), stagger_s=0)
+    expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
+    docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
+    assert sum(partitioned(d).restored for d in daemons) > 0  # some devices were the victim's
+    record = load_record(physionet / "mitdb", "100")
+    samples, classes = stream_records(daemons[0].model, [dataclasses.replace(record, signal_mv=x[:windows * 360])],
+                                      1.0)[0]
+    for d in range(devices):
+        online = [b for doc in by_seq(docs, f"bed-{d}") for b in doc["beats"]]
+        assert [b["class"] for b in online] == classes.tolist()
+        np.testing.assert_allclose([b["time"] - T0 for b in online], samples / 360.0, atol=1.5 / 360)
+    raised = alarms.wait_for(lambda a: sum(doc["state"] == "cleared" for doc in a) >= devices, timeout=30)
+    for d in range(devices):
+        mine = [a for a in raised if a["device"] == f"bed-{d}"]
+        assert [(a["type"], a["state"]) for a in (mine[0], mine[-1])] == [("asystole", "raised"),
+                                                                        ("asystole", "cleared")], mine
+        assert {a["alarm_id"] for a in mine} == {mine[0]["alarm_id"]}, mine  # one alarm, cleared
+        # raised again only by the re-analysis of windows after the victim's last checkpoint: the same event
+        assert all(a == mine[0] for a in mine if a["state"] == "raised"), mine
+    alarms.close()
+
+
+def test_a_killed_broker_node_loses_no_window(cluster: RabbitCluster, daemons: list[Daemon], ward: Ward) -> None:
+    """kill -9 of the node the first daemon reads from (it holds some of the partition queues' leaders) while
+    devices publish to another at QoS 1: the daemon fails over to another node, the queues to their replicas,
+    and every window is analysed (some twice, with the same beats)."""
+    topics, devices = ward.topics, 8
+    send(ward.publisher, topics, ward.x, devices, range(10))
+    ward.beats.wait_for(lambda docs: len({(d["device"], d["seq"]) for d in docs}) == devices * 10, timeout=60)
+    gone = cluster.nodes[0]
+    try:
+        send(ward.publisher, topics, ward.x, devices, range(10, 13))
+        cluster.kill_node(gone)
+        send(ward.publisher, topics, ward.x, devices, range(13, 30))
+        expected = {(f"bed-{d}", s) for d in range(devices) for s in range(30)}
+        docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
+        for d in range(devices):
+            assert [doc["seq"] for doc in by_seq(docs, f"bed-{d}")] == list(range(30))
+        assert partitioned(daemons[0]).reconnects >= 1
+    finally:
+        cluster.start_node(gone)  # back for the tests after this one
+        cluster.await_node(gone)

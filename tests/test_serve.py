@@ -41,6 +41,23 @@ def test_signal_loss_must_come_before_eviction(tmp_path: Path) -> None:
         load_config(write_config(tmp_path, streams={"idle_evict_s": 60}, alarms={"signal_loss_s": 60}))
 
 
+def test_the_shipped_daemon_configs_validate() -> None:
+    from pipeline.config import load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    assert load_config(configs / "daemon.yaml", env={}).source == "mqtt"
+    cluster = load_config(configs / "daemon-cluster.yaml", env={"ECGMON_MQTT__CLIENT_ID": "ecgmon-2"})
+    assert cluster.source == "rabbitmq" and cluster.state.path is None and cluster.mqtt.client_id == "ecgmon-2"
+
+
+def test_a_cluster_daemon_keeps_no_state_file(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"state\.path must be null with source: rabbitmq"):
+        load_config(write_config(tmp_path, source="rabbitmq", state={"path": str(tmp_path / "state.json.gz")}),
+                    env={})
+
+
 def test_secrets_come_from_the_environment(tmp_path: Path) -> None:
     from pipeline.config import load_config
 

@@ -37,7 +37,7 @@ class AlarmPrinter:
 
     def attach(self, client: MqttClient, topics: Topics) -> None:
         client.subscribe(topics.alarms(), self._alarm, qos=1)
-        client.subscribe(topics.status, self._status, qos=1)
+        client.subscribe(topics.every_status, self._status, qos=1)
 
     def _alarm(self, topic: str, payload: bytes) -> None:
         doc = json.loads(payload)
@@ -50,10 +50,12 @@ class AlarmPrinter:
             self._on_alarm(doc)
 
     def _status(self, topic: str, payload: bytes) -> None:
-        doc = json.loads(payload)
+        doc = json.loads(payload) if payload else {}  # an emptied retained status: a daemon removed for good
+        daemon = topic.split("/status", 1)[1].lstrip("/")
         with self._lock:
-            self._write(self._out, f"daemon {doc.get('state')} (model {doc.get('model_version', '?')}"
-                                   f"{', DEGRADED' if doc.get('degraded') else ''})")
+            degraded = ", DEGRADED" if doc.get("degraded") else ""
+            self._write(self._out, f"daemon{' ' + daemon if daemon else ''} {doc.get('state')} "
+                                   f"(model {doc.get('model_version', '?')}{degraded})")
 
     @staticmethod
     def _write(stream: TextIO, line: str) -> None:

@@ -41,6 +41,7 @@ from pipeline.tools.broker import LocalBroker, free_port
 log = logging.getLogger(__name__)
 
 P99_LIMIT_S = 0.250
+CLUSTER_HEADING = "## Many daemons on a RabbitMQ cluster"  # the last section, written by `ecgmon bench --cluster`
 TOPICS = Topics("ecgmon")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -96,7 +97,8 @@ class LatencyProbe:
         self.client.disconnect()
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> float:
+    """CPU time (s, user + system) of a live process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
@@ -129,7 +131,7 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
         probe = LatencyProbe(broker, window_s)
         try:
             _wait_for_metrics(metrics_port, daemon)
-            cpu_before = _proc_cpu_s(daemon.pid)
+            cpu_before = proc_cpu_s(daemon.pid)
             generator = subprocess.run(
                 [sys.executable, "-m", "pipeline.cli", "--log-level", "INFO", "replay", "--broker",
                  f"{broker.host}:{broker.port}", "--records", *records, "--physionet-dir", str(physionet_dir),
@@ -144,7 +146,7 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
             deadline = time.monotonic() + 10
             while len(probe.latency) < sent and time.monotonic() < deadline:
                 time.sleep(0.1)
-            cpu = _proc_cpu_s(daemon.pid) - cpu_before
+            cpu = proc_cpu_s(daemon.pid) - cpu_before
             rss = _proc_rss_mb(daemon.pid)
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
                 metrics = response.read().decode()
@@ -378,7 +380,8 @@ has its 33 beats, so its CPU per device-second reads lower than the steady state
 {points_table(points)}
 """
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    kept = out.read_text().partition(CLUSTER_HEADING)[2] if out.exists() else ""  # `ecgmon bench --cluster`'s
+    out.write_text(text + (f"\n{CLUSTER_HEADING}{kept}" if kept else ""))
     (out.with_suffix(".json")).write_text(json.dumps(figures, indent=2))
     return text
 

@@ -45,13 +45,16 @@ class RabbitCluster:
         self._dir = Path(tempfile.mkdtemp(prefix="ecgmon-rabbit-"))
         self.host = "127.0.0.1"
         self.epmd_port = free_port()
-        self.nodes = [RabbitNode(f"rabbit{k}@localhost", free_port(), free_port(), free_port(), self._dir / f"n{k}")
-                      for k in range(1, nodes + 1)]
+        self.nodes = self._new_nodes(nodes)
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         (self._dir / "home").mkdir()
         cookie = self._dir / "home" / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16))
         cookie.chmod(0o400)
+
+    def _new_nodes(self, n: int) -> list[RabbitNode]:
+        return [RabbitNode(f"rabbit{k}@localhost", free_port(), free_port(), free_port(), self._dir / f"n{k}")
+                for k in range(1, n + 1)]
 
     def _env(self, node: RabbitNode | None = None) -> dict[str, str]:
         env = {**os.environ, "HOME": str(self._dir / "home"), "ERL_EPMD_PORT": str(self.epmd_port),
@@ -74,7 +77,26 @@ class RabbitCluster:
         return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", node.name, *args], env=self._env(),
                               capture_output=True, text=True, timeout=timeout_s)
 
-    def start(self, timeout_s: float = 120.0) -> RabbitCluster:
+    def start(self, timeout_s: float = 120.0, attempts: int = 2) -> RabbitCluster:
+        """Start and join the nodes. A port picked free can be taken by another process before its node opens it:
+        then the cluster is started again on fresh ports, up to `attempts` times."""
+        for _ in range(attempts - 1):
+            try:
+                return self._start(timeout_s)
+            except BrokerError as err:
+                log.warning("RabbitMQ cluster start failed (%s); again on fresh ports", str(err)[-200:])
+                self._stop_nodes()
+                for node in self.nodes:
+                    shutil.rmtree(node.folder, ignore_errors=True)
+                self.epmd_port = free_port()
+                self.nodes = self._new_nodes(len(self.nodes))
+        try:
+            return self._start(timeout_s)
+        except BrokerError:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> RabbitCluster:
         if not (RABBIT_BIN / "rabbitmq-server").exists():
             raise BrokerError("rabbitmq-server not found: install it (Debian: apt-get install rabbitmq-server)")
         epmd = next(Path("/usr/lib/erlang").glob("erts-*/bin/epmd"), None)
@@ -90,7 +112,6 @@ class RabbitCluster:
             for step in (("stop_app",), ("join_cluster", self.nodes[0].name), ("start_app",)):
                 result = self.ctl(node, *step)
                 if result.returncode:
-                    self.stop()
                     raise BrokerError(f"{node.name} {step[0]}: {result.stderr[-500:]}")
         log.info("RabbitMQ cluster of %d up: AMQP %s, MQTT %s", len(self.nodes),
                  [n.amqp_port for n in self.nodes], [n.mqtt_port for n in self.nodes])
@@ -118,6 +139,21 @@ class RabbitCluster:
             time.sleep(0.5)
         raise BrokerError(f"{node.name} not up within {timeout_s:g} s")
 
+    def cpu_s(self, node: RabbitNode) -> float:
+        """CPU time (s, user + system) of the node's live processes (its session: the Erlang VM and helpers)."""
+        process = self._processes.get(node.name)
+        if process is None:
+            return 0.0
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[3]) == process.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def kill_node(self, node: RabbitNode) -> None:
         """kill -9 the node's whole process group (the Erlang VM and its helpers)."""
         process = self._processes.pop(node.name, None)
@@ -127,12 +163,15 @@ class RabbitCluster:
 
     def stop(self) -> None:
         """Stop every node and the epmd, remove the folder."""
+        self._stop_nodes()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _stop_nodes(self) -> None:
         for node in self.nodes:
             if node.name in self._processes:
                 self.ctl(node, "stop", timeout_s=60)
                 self.kill_node(node)
         subprocess.run(["pkill", "-f", f"epmd -port {self.epmd_port}"], check=False)
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RabbitCluster:
         return self.start()
