@@ -231,10 +231,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.tools.bench import run_bench, write_report
 
     if args.cluster:
-        from pipeline.tools.bench_cluster import run_cluster_bench, write_cluster_report
+        from pipeline.tools.bench_cluster import checkpoint_cost, run_cluster_bench, write_cluster_report
 
         points = run_cluster_bench(args.devices, args.duration_s, args.records, args.physionet_dir)
-        print(write_cluster_report(points, args.out, "ecgmon " + " ".join(sys.argv[1:])))
+        checkpoint = checkpoint_cost(args.records, args.physionet_dir)
+        print(write_cluster_report(points, checkpoint, args.out, "ecgmon " + " ".join(sys.argv[1:])))
         return 0
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
                         args.physionet_dir, core_devices=args.core_devices)

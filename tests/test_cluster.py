@@ -20,6 +20,7 @@ from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.rabbit import PartitionedSource, owners
+from pipeline.tools.bench_cluster import run_cluster_point
 from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, serve_command, wait_until
@@ -288,3 +289,10 @@ def test_a_killed_broker_node_loses_no_window(cluster: RabbitCluster, daemons: l
     finally:
         cluster.start_node(gone)  # back for the tests after this one
         cluster.await_node(gone)
+
+
+def test_the_cluster_bench_measures_a_point(physionet: Path, cluster: RabbitCluster) -> None:
+    """`ecgmon bench --cluster`'s measurement on the test cluster: one daemon, a few devices, every window answered."""
+    point = run_cluster_point(cluster, 1, 10, 5.0, ["mitdb/100"], physionet)
+    assert point.sent == 50 and point.lost == 0 and point.twice == 0
+    assert point.daemons_cpu_s > 0 and point.brokers_cpu_s > 0 and point.latency_p99_ms < 5000

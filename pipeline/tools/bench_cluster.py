@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pika
 import yaml
 
+from pipeline.codec import encode_binary
+from pipeline.config import DaemonConfig
+from pipeline.daemon import Daemon
+from pipeline.io import Deliver
 from pipeline.mqtt import MqttClient, Topics
+from pipeline.rabbit import Partitions
 from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s
 from pipeline.tools.rabbit_cluster import RabbitCluster
 
@@ -121,6 +127,17 @@ def _await_partitions(cluster: RabbitCluster, daemons: int, timeout_s: float = 6
     raise RuntimeError(f"the partitions were not shared out among {daemons} daemons within {timeout_s:g} s")
 
 
+def _purge(cluster: RabbitCluster) -> None:
+    """Empty the partitions and their checkpoints, so that the next point starts afresh."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters(cluster.host, cluster.nodes[0].amqp_port))
+    channel = connection.channel()
+    partitions = Partitions(TOPICS.prefix, PARTITIONS)
+    for k in range(PARTITIONS):
+        channel.queue_purge(partitions.queue(k))
+        channel.queue_purge(partitions.state_queue(k))
+    connection.close()
+
+
 def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, duration_s: float, records: list[str],
                       physionet_dir: Path, kill: bool = False) -> ClusterPoint:
     """One sustained run; the topology (and what is left in the queues) is removed after it."""
@@ -159,9 +176,7 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                     p.send_signal(signal.SIGTERM)
             for p in processes:
                 p.wait(timeout=60)
-            for k in range(PARTITIONS):  # the next point starts from empty queues and no checkpoints
-                for queue in (f"{TOPICS.prefix}.ecg.p{k:02d}", f"{TOPICS.prefix}.ecg.state.p{k:02d}"):
-                    cluster.ctl(cluster.nodes[0], "purge_queue", queue)
+            _purge(cluster)
     latency = np.array(list(probe.latency.values()))
     handoff = 0.0
     if killed_at is not None:
@@ -178,6 +193,74 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                         float(np.percentile(latency, 50) * 1000) if len(latency) else float("nan"),
                         float(np.percentile(latency, 99) * 1000) if len(latency) else float("nan"),
                         handoff, daemons_cpu, brokers_cpu, generator_cpu)
+
+
+class _NullSink:
+    """Takes the results and sends nothing."""
+
+    def beats(self, doc: dict[str, Any]) -> None: ...
+
+    def alarm(self, doc: dict[str, Any]) -> None: ...
+
+    def rejected(self, doc: dict[str, Any]) -> None: ...
+
+    def stats(self, doc: dict[str, Any]) -> None: ...
+
+    def status(self, doc: dict[str, Any]) -> None: ...
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        return []
+
+
+class _HandSource:
+    """Windows handed in by the caller."""
+
+    deliver: Deliver
+
+    def start(self, deliver: Deliver) -> None:
+        self.deliver = deliver
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250, seconds: int = 15
+                    ) -> dict[str, float]:
+    """CPU (ms) and size (bytes, gzip JSON) of one device's state in a checkpoint, measured on a daemon that has
+    analysed `seconds` of real ECG of `devices` devices (the cost a partitioned source adds per checkpoint)."""
+    from pipeline.tools.records import load_records  # wfdb, only for real ECG
+
+    x = load_records(records[:1], physionet_dir, "MLII")[0][1].signal_mv
+    source = _HandSource()
+    daemon = Daemon(DaemonConfig.model_validate({"metrics": {"port": None}, "log_level": "WARNING"}), source,
+                    _NullSink())
+    if not daemon.start():
+        raise RuntimeError("the daemon did not start")
+    finished = threading.Semaphore(0)
+    t0 = time.time()
+    offsets = [(37 * i) % (len(x) // 360 - seconds) for i in range(devices)]  # s into the record
+    for seq in range(seconds):
+        for i in range(devices):
+            a = (offsets[i] + seq) * 360
+            source.deliver(f"d{i}", encode_binary(seq, t0 + seq, 360.0, "MLII",
+                                                  np.round(x[a:a + 360] * 200).astype(np.int16), 200.0),
+                           time.monotonic(), finished.release)
+    for _ in range(seconds * devices):
+        finished.acquire(timeout=120)
+    measured: dict[str, float] = {}
+
+    def save() -> None:
+        start = time.process_time()
+        blob = daemon.save_devices([f"d{i}" for i in range(devices)], forget=False)
+        measured.update(ms_per_device=1000 * (time.process_time() - start) / devices,
+                        bytes_per_device=len(blob) / devices)
+        finished.release()
+
+    daemon.call_soon(save)
+    finished.acquire(timeout=60)
+    daemon.stop()
+    return measured
 
 
 def run_cluster_bench(devices: list[int], duration_s: float, records: list[str], physionet_dir: Path
@@ -212,18 +295,26 @@ def cluster_table(points: list[ClusterPoint]) -> str:
 
 
 def projection(points: list[ClusterPoint]) -> dict[str, Any]:
-    """Devices one core per RabbitMQ node and one per daemon would carry, from the CPU measured per device-second
-    (the median over the points that kept up): a projection, not a measurement."""
-    kept = [p for p in points if p.ok and not p.killed] or [p for p in points if not p.killed]
-    broker_us = float(np.median([1e6 * p.brokers_cpu_s / (p.devices * p.duration_s) for p in kept]))
-    daemon_us = float(np.median([1e6 * p.daemons_cpu_s / (p.devices * p.duration_s) for p in kept]))
+    """The marginal CPU per device-second (between the fewest and the most devices run with the same number of
+    daemons, the median over those numbers: what one more device costs, without the processes' idle cost), and
+    the devices one core per RabbitMQ node and one per daemon would carry at that cost: a projection, not a
+    measurement."""
+    broker, daemon = [], []
+    for n in sorted({p.daemons for p in points}):
+        runs = sorted((p for p in points if p.daemons == n and not p.killed), key=lambda p: p.devices)
+        if len(runs) >= 2 and runs[-1].devices > runs[0].devices:
+            device_s = (runs[-1].devices - runs[0].devices) * runs[0].duration_s
+            broker.append(1e6 * (runs[-1].brokers_cpu_s - runs[0].brokers_cpu_s) / device_s)
+            daemon.append(1e6 * (runs[-1].daemons_cpu_s - runs[0].daemons_cpu_s) / device_s)
+    broker_us, daemon_us = float(np.median(broker)), float(np.median(daemon))
     return {"rabbitmq_us_per_device_s": broker_us, "daemon_us_per_device_s": daemon_us,
             "devices_3_nodes_1_core_each": int(3 * 1e6 / broker_us), "devices_per_daemon_core": int(1e6 / daemon_us)}
 
 
-def write_cluster_report(points: list[ClusterPoint], out: Path, command: str) -> str:
+def write_cluster_report(points: list[ClusterPoint], checkpoint: dict[str, float], out: Path, command: str) -> str:
     """Replace the cluster section of docs/benchmarks.md (its last) with these points; returns the section."""
     p = projection(points)
+    checkpoint_us = 1000 * checkpoint["ms_per_device"] / 2.0  # per device-second at the default checkpoint_s, 2 s
     killed = next((q for q in points if q.killed), None)
     kill_line = "" if killed is None else (f"Across the kill: {killed.lost} windows lost of {killed.sent}, "
                                            f"{killed.twice} analysed twice, hand-off {killed.handoff_s:.1f} s.")
@@ -244,11 +335,19 @@ after the kill (the membership timeout, 5 s, plus the takeover).
 
 {cluster_table(points)}
 
-What limits throughput here: the RabbitMQ nodes. Per device-second they spend
-{p['rabbitmq_us_per_device_s']:.0f} µs of CPU (MQTT in, the consistent-hash routing, the quorum queues'
-replication to three nodes, the checkpoints, MQTT out), the daemons {p['daemon_us_per_device_s']:.0f} µs:
-on two cores shared by three nodes, the daemons, the generator and the probe, adding daemons adds
-no capacity, because the cores are already full. Projected from these measured costs (not
+What limits throughput here: the two cores, shared by three RabbitMQ nodes, the daemons, the
+generator and the probe, so adding daemons adds no capacity. One more device costs the RabbitMQ
+nodes {p['rabbitmq_us_per_device_s']:.0f} µs of CPU per second of its ECG (MQTT in, the consistent-hash routing,
+the quorum queues' replication to three nodes, the checkpoints, MQTT out) and the daemons
+{p['daemon_us_per_device_s']:.0f} µs (the CPU between the fewest and the most devices run with the same number of
+daemons, median over 1, 2 and 3 daemons; the per device-second column above also carries every
+process's idle cost), against the daemon core's cost on mosquitto (the stage table above). The
+checkpoints weigh most: one device's state costs {checkpoint['ms_per_device']:.1f} ms of CPU to encode and
+{checkpoint['bytes_per_device'] / 1024:.1f} KB (gzip JSON) per checkpoint (measured apart on a daemon holding 250
+devices), up to {checkpoint_us:.0f} µs per device-second at `checkpoint_s: 2` (fewer when a daemon falls behind:
+a partition's next checkpoint waits for its last), and those bytes are replicated to three nodes.
+The levers: a longer `checkpoint_s` (fewer checkpoints, more windows analysed twice after a
+kill) and a binary state encoding. Projected from these measured costs (not
 measured): with one core per RabbitMQ node the cluster would carry about
 {p['devices_3_nodes_1_core_each']:,} devices, and each daemon core about {p['devices_per_daemon_core']:,}.
 {kill_line}
@@ -256,5 +355,6 @@ measured): with one core per RabbitMQ node the cluster would carry about
     text = out.read_text() if out.exists() else "# Benchmarks\n"
     out.write_text(text.partition(CLUSTER_HEADING)[0].rstrip() + "\n\n" + section)
     out.with_name("benchmarks-cluster.json").write_text(json.dumps(
-        {"points": [asdict(q) | {"lost": q.lost, "ok": q.ok} for q in points], "projection": p}, indent=2))
+        {"points": [asdict(q) | {"lost": q.lost, "ok": q.ok} for q in points], "projection": p,
+         "checkpoint": checkpoint}, indent=2))
     return section

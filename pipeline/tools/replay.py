@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as paho
 from numpy.typing import NDArray
 
 from pipeline.codec import encode_binary, encode_json
@@ -82,6 +84,7 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     n_windows = int((plan.duration_s or longest) / plan.window_s)
     sent = 0
     lags: list[float] = []  # how late each window went out (s); the load generator's own delay
+    unacknowledged: deque[paho.MQTTMessageInfo] = deque(maxlen=10_000)  # the last windows sent
     for k in range(n_windows):
         if stop is not None and stop.is_set():
             break
@@ -101,8 +104,14 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
             else:
                 payload = encode_json(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
                                       signal.baseline)
-            client.publish(topics.ecg(device), payload, qos=plan.qos)
+            unacknowledged.append(client.publish(topics.ecg(device), payload, qos=plan.qos))
             sent += 1
+    if plan.qos:  # the broker has the windows (QoS 1) before the generator says it is done
+        for info in unacknowledged:
+            try:
+                info.wait_for_publish(timeout=30)
+            except (RuntimeError, ValueError) as err:  # sent while disconnected: paho resends it on reconnect
+                log.warning("window %d not yet acknowledged: %s", info.mid, err)
     if lags:
         late = np.maximum(np.array(lags), 0.0)
         log.info("replay done: %d windows from %d devices; sent late by p50 %.0f ms, p99 %.0f ms, max %.0f ms",
