@@ -45,7 +45,7 @@ def test_idle_eviction_keeps_memory_flat_under_churn(publisher: MqttClient, star
     capacities = []
     for round_ in range(3):  # 2,000 devices appear once and vanish, three times over
         for device in range(2000):
-            publisher.publish(TOPICS.ecg(f"r{round_}-{device}"), window, qos=0)
+            publisher.publish(TOPICS.ecg(f"r{round_}-{device}"), window, qos=1)  # none lost on the way
         expected = 2000 * (round_ + 1)
         beats.wait_for(lambda d: len(d) >= expected, timeout=60)  # noqa: B023 - used at once
         wait_until(lambda: daemon.stats()["active_streams"] == 0)  # evicted after 1 s of silence
