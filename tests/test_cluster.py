@@ -4,6 +4,7 @@ cluster's MQTT plugin."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import subprocess
@@ -113,6 +114,27 @@ def by_seq(docs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     return [once[seq] for seq in sorted(once)]
 
 
+@contextlib.contextmanager
+def victim(daemons: list[Daemon], tmp_path: Path) -> Iterator[None]:
+    """`ecgmon serve` joins `daemons` as a fourth daemon and takes a share of the partitions; after the block it is
+    killed (SIGKILL), and the others must have taken its partitions over within 10 s."""
+    config = daemons[0].config.model_dump(mode="json")
+    config["mqtt"]["client_id"] = "victim"
+    config["rabbitmq"]["password"] = "guest"
+    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=60)  # it holds a share
+        yield
+    finally:
+        process.kill()
+        process.wait()
+    killed = time.monotonic()
+    wait_until(lambda: spread(daemons), timeout=20)
+    assert time.monotonic() - killed < 10
+
+
 @dataclasses.dataclass
 class Ward:
     """Devices publishing to one node, a subscriber to the beats on another."""
@@ -203,21 +225,8 @@ def test_a_killed_daemons_partitions_and_windows_move_to_the_others(
     """`ecgmon serve` joins as a fourth daemon, takes a share, and is killed (SIGKILL) while windows arrive: the
     others take its partitions over within a few seconds, and no window is lost (those it had taken but not
     finished with come back from their partitions; one it analysed just before dying may be analysed twice)."""
-    config = daemons[0].config.model_dump(mode="json")
-    config["mqtt"]["client_id"] = "victim"
-    config["rabbitmq"]["password"] = "guest"
-    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(config))
-    victim = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=60)  # it holds a share
+    with victim(daemons, tmp_path):
         send(ward.publisher, ward.topics, ward.x, 8, range(5))
-    finally:
-        victim.kill()
-        victim.wait()
-    killed = time.monotonic()
-    wait_until(lambda: spread(daemons), timeout=20)
-    assert time.monotonic() - killed < 10
     send(ward.publisher, ward.topics, ward.x, 8, range(5, 10))
     expected = {(f"bed-{d}", s) for d in range(8) for s in range(10)}
     ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=60)
@@ -230,30 +239,17 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
     device's beats are those of one uninterrupted pass (a cold start would differ for the 10 s warm-up), and each
     asystole alarm is cleared under the id it was raised with, none left open (a raise is repeated, identical, only
     where the victim raised it after its last checkpoint and its successor analysed those windows again)."""
-    config = daemons[0].config.model_dump(mode="json")
-    config["mqtt"]["client_id"] = "victim"
-    config["rabbitmq"]["password"] = "guest"
-    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(config))
     topics, devices = ward.topics, 40
     alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
     beat = beat_templates(physionet)["N"][0]
     x = synthesize({"N": [beat]}, [("N", 0.8)] * 25 + [("N", 7.0)] + [("N", 0.8)] * 25)  # 7 s without a QRS from 20 s
     x = np.round(x * 200) / 200  # as the devices send it
     windows = int(len(x) / 360)
-    victim = subprocess.Popen(serve_command(tmp_path / "daemon.yaml"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: sum(len(assigned(d)) for d in daemons) < PARTITIONS, timeout=60)  # it holds a share
+    with victim(daemons, tmp_path):
         send(ward.publisher, topics, x, devices, range(26), stagger_s=0)
         ward.beats.wait_for(lambda docs: len({(d["device"], d["seq"]) for d in docs}) == devices * 26, timeout=60)
         wait_until(lambda: queued(cluster, cluster.nodes[0], topics.prefix) == 0, timeout=30)  # all checkpointed
         send(ward.publisher, topics, x, devices, range(26, 29), stagger_s=0)  # in flight at the kill
-    finally:
-        victim.kill()
-        victim.wait()
-    killed = time.monotonic()
-    wait_until(lambda: spread(daemons), timeout=20)
-    assert time.monotonic() - killed < 10
     send(ward.publisher, topics, x, devices, range(29, windows), stagger_s=0)
     expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
     docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)

@@ -32,10 +32,10 @@ import yaml
 from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
-from pipeline.io import Deliver
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.rabbit import Partitions
 from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s
+from pipeline.tools.bench_core import EncodingSink, HandSource
 from pipeline.tools.rabbit_cluster import RabbitCluster
 
 log = logging.getLogger(__name__)
@@ -195,36 +195,6 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                         handoff, daemons_cpu, brokers_cpu, generator_cpu)
 
 
-class _NullSink:
-    """Takes the results and sends nothing."""
-
-    def beats(self, doc: dict[str, Any]) -> None: ...
-
-    def alarm(self, doc: dict[str, Any]) -> None: ...
-
-    def rejected(self, doc: dict[str, Any]) -> None: ...
-
-    def stats(self, doc: dict[str, Any]) -> None: ...
-
-    def status(self, doc: dict[str, Any]) -> None: ...
-
-    def open_alarms(self) -> list[dict[str, Any]] | None:
-        return []
-
-
-class _HandSource:
-    """Windows handed in by the caller."""
-
-    deliver: Deliver
-
-    def start(self, deliver: Deliver) -> None:
-        self.deliver = deliver
-
-    def stop(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250, seconds: int = 15
                     ) -> dict[str, float]:
     """CPU (ms) and size (bytes, gzip JSON) of one device's state in a checkpoint, measured on a daemon that has
@@ -232,9 +202,9 @@ def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250,
     from pipeline.tools.records import load_records  # wfdb, only for real ECG
 
     x = load_records(records[:1], physionet_dir, "MLII")[0][1].signal_mv
-    source = _HandSource()
+    source = HandSource()
     daemon = Daemon(DaemonConfig.model_validate({"metrics": {"port": None}, "log_level": "WARNING"}), source,
-                    _NullSink())
+                    EncodingSink())
     if not daemon.start():
         raise RuntimeError("the daemon did not start")
     finished = threading.Semaphore(0)
@@ -243,6 +213,7 @@ def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250,
     for seq in range(seconds):
         for i in range(devices):
             a = (offsets[i] + seq) * 360
+            assert source.deliver is not None
             source.deliver(f"d{i}", encode_binary(seq, t0 + seq, 360.0, "MLII",
                                                   np.round(x[a:a + 360] * 200).astype(np.int16), 200.0),
                            time.monotonic(), finished.release)

@@ -80,7 +80,7 @@ SAMPLE_S = 0.001
 WINDOW_BYTES = 32 + 4 + 2 * 360  # a binary 1 s window of lead "MLII" at 360 Hz
 
 
-class _Source:
+class HandSource:
     """Hands the daemon payloads on demand (what paho's network thread does)."""
 
     def __init__(self) -> None:
@@ -96,7 +96,7 @@ class _Source:
         """Nothing to let go of."""
 
 
-class _EncodingSink:
+class EncodingSink:
     """Builds the bytes the MQTT sink would publish and drops them."""
 
     def __init__(self) -> None:
@@ -165,7 +165,7 @@ def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, 
         starts = [(37 * i + k) * window % (len(adc) - window) for i in range(devices)]
         return [encode_binary(k, 1_700_000_000.0 + k, fs, "MLII", adc[a:a + window], 200.0) for a in starts]
 
-    source, sink = _Source(), _EncodingSink()
+    source, sink = HandSource(), EncodingSink()
     daemon = Daemon(config, source=source, sink=sink)
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # not a log line per alarm of a thousand devices
     tracemalloc.start()
@@ -217,7 +217,7 @@ def _module_of(filename: str) -> str:
     return "other"
 
 
-def _hand_over(daemon: Daemon, source: _Source, names: list[str], payloads: list[list[bytes]]) -> float:
+def _hand_over(daemon: Daemon, source: HandSource, names: list[str], payloads: list[list[bytes]]) -> float:
     """Deliver every payload (second by second, device by device) and wait until all are analysed; returns
     the CPU time of this thread spent delivering (s)."""
     assert source.deliver is not None
