@@ -258,9 +258,8 @@ def cmd_rabbit_cluster(args: argparse.Namespace) -> int:
         print(f"RabbitMQ cluster of {len(nodes)} on loopback (guest/guest); Ctrl-C stops it and removes its data")
         for n in cluster.nodes:
             print(f"  {n.name}: AMQP {cluster.host}:{n.amqp_port}, MQTT {cluster.host}:{n.mqtt_port}")
-        print("daemon config: " + json.dumps({"source": "rabbitmq", "rabbitmq": {"nodes": nodes},
-                                              "mqtt": {"host": cluster.host, "port": cluster.nodes[0].mqtt_port,
-                                                       "protocol": "3.1.1"}}), flush=True)
+        print("daemon config (give each daemon its own mqtt.client_id): " + json.dumps(
+            {"source": "rabbitmq", "rabbitmq": {"nodes": nodes}, "mqtt": {"client_id": "ecgmon-1"}}), flush=True)
         stop.wait()
     return 0
 

@@ -149,7 +149,8 @@ class MetricsConfig(Strict):
 
 
 class RabbitConfig(Strict):
-    """The partitioned source on a RabbitMQ cluster (`source: rabbitmq`; pipeline/rabbit.py)."""
+    """The partitioned source and the AMQP sink on a RabbitMQ cluster (`source: rabbitmq`; pipeline/rabbit.py,
+    pipeline/rabbit_sink.py)."""
 
     nodes: list[str] = Field(["127.0.0.1:5672"], min_length=1, description="the cluster's nodes, host:port (AMQP); "
                              "the daemon uses the first that answers and moves on when it goes")
@@ -178,9 +179,10 @@ class RabbitConfig(Strict):
 
 
 class DaemonConfig(Strict):
-    source: Literal["mqtt", "rabbitmq"] = Field("mqtt", description="where ECG windows come from: MQTT "
-                                                "subscription, or the partition queues of a RabbitMQ cluster (results "
-                                                "always go out over MQTT)")
+    source: Literal["mqtt", "rabbitmq"] = Field("mqtt", description="where ECG windows come from and results go: "
+                                                "the MQTT broker, or a RabbitMQ cluster (windows from its partition "
+                                                "queues, results over AMQP; of `mqtt` only client_id and topic_prefix "
+                                                "are used)")
     rabbitmq: RabbitConfig = RabbitConfig()
     mqtt: MqttConfig = MqttConfig()
     model: ModelSection = ModelSection()

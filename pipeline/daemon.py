@@ -8,7 +8,6 @@ of pipeline/messages.py; a watchdog (pipeline/watchdog.py) reports when the work
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import ssl
@@ -138,9 +137,9 @@ class Daemon:
         if self.source is not None:
             self.source.close()
         self._announce_offline()
-        if self._mqtt is not None:
-            self._mqtt.disconnect()
-            self._mqtt = None
+        if self._sink is not None:
+            self._sink.close(self.config.drain_timeout_s)
+        self._mqtt = None
         self.metrics.close()
 
     def hurry(self) -> None:
@@ -169,7 +168,7 @@ class Daemon:
 
     @property
     def connected(self) -> bool:
-        """Connected to the broker (always False with a source and sink of the caller's)."""
+        """Connected to the MQTT broker (always False on a cluster, and with a source and sink of the caller's)."""
         return self._mqtt is not None and self._mqtt.connected
 
     def _load_model(self) -> None:
@@ -246,10 +245,26 @@ class Daemon:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
 
     def _make_io(self) -> None:
-        """The MQTT client, source and sink, unless both were given; not connected yet."""
+        """The source and sink (over one MQTT client, or over a RabbitMQ cluster), unless both were given; not
+        connected yet."""
         if self.source is not None and self._sink is not None:
             return
         c = self.config.mqtt
+        if self.config.source == "rabbitmq":
+            from pipeline.rabbit import PartitionedSource, Partitions, connection_parameters  # pika only where used
+            from pipeline.rabbit_sink import AmqpSink
+
+            r = self.config.rabbitmq
+            context = None
+            if r.tls is not None:
+                context = ssl.create_default_context(cafile=r.tls.ca_file)
+                if r.tls.cert_file is not None:
+                    context.load_cert_chain(r.tls.cert_file, r.tls.key_file)
+            params = connection_parameters(r.addresses(), r.username, r.password.get_secret_value(), context)
+            self.source = self.source or PartitionedSource(params, Partitions(c.topic_prefix, r.partitions),
+                                                           c.client_id, self, r.prefetch, r.checkpoint_s)
+            self._sink = self._sink or AmqpSink(params, self.topics, self.config.output.beats)
+            return
         tls = None if c.tls is None else {"ca_certs": str(c.tls.ca_file),
                                           "certfile": str(c.tls.cert_file) if c.tls.cert_file else None,
                                           "keyfile": str(c.tls.key_file) if c.tls.key_file else None}
@@ -258,18 +273,6 @@ class Daemon:
                                 will=(self.topics.status, messages.last_will()), reconnect_min_s=c.reconnect_min_s,
                                 reconnect_max_s=c.reconnect_max_s, tls=tls, on_connected=self._on_connected,
                                 protocol=c.protocol)
-        if self.source is None and self.config.source == "rabbitmq":
-            from pipeline.rabbit import PartitionedSource, Partitions  # pika only where used
-
-            r = self.config.rabbitmq
-            context = None
-            if r.tls is not None:
-                context = ssl.create_default_context(cafile=r.tls.ca_file)
-                if r.tls.cert_file is not None:
-                    context.load_cert_chain(r.tls.cert_file, r.tls.key_file)
-            self.source = PartitionedSource(r.addresses(), Partitions(c.topic_prefix, r.partitions), c.client_id, self,
-                                             r.username, r.password.get_secret_value(), r.prefetch, r.checkpoint_s,
-                                             tls=context)
         self.source = self.source or MqttSource(self._mqtt, self.topics, c.qos_in)
         self._sink = self._sink or MqttSink(self._mqtt, self.topics, self.config.output.beats)
 
@@ -278,8 +281,8 @@ class Daemon:
         self.source.start(self._deliver)
 
     def _connect(self) -> None:
-        if self._mqtt is not None:
-            self._mqtt.connect()
+        assert self._sink is not None
+        self._sink.open()
 
     def _on_connected(self, reconnect: bool) -> None:
         """After a reconnect the last will has said offline: say online again (network thread)."""
@@ -324,18 +327,15 @@ class Daemon:
         self._publish_status("online")
 
     def _announce_offline(self) -> None:
-        if self._announced and (self._mqtt is None or self._mqtt.connected):
-            self._publish_status("offline", wait=True)
+        """Say offline (the sink's close waits for it to go out)."""
+        if self._announced:
+            self._publish_status("offline")
         self._announced = False
 
-    def _publish_status(self, state: str, wait: bool = False) -> None:
-        doc = messages.status(state, self.model_version, self._degraded_since is not None, self.watchdog.alive,
-                              time.time())
-        if wait and self._mqtt is not None:
-            info = self._mqtt.publish(self.topics.status, json.dumps(doc), qos=1, retain=True)
-            info.wait_for_publish(timeout=self.config.drain_timeout_s)
-        elif self._sink is not None:
-            self._sink.status(doc)
+    def _publish_status(self, state: str) -> None:
+        if self._sink is not None:
+            self._sink.status(messages.status(state, self.model_version, self._degraded_since is not None,
+                                              self.watchdog.alive, time.time()))
 
     # --- intake (source thread) -----------------------------------------------------------------
     def _deliver(self, device: str, payload: bytes, received: float, done: Callable[[], None] | None = None) -> None:
@@ -612,7 +612,7 @@ class Daemon:
         """The stats message: counters since start and the daemon's state now."""
         with self._counts_lock:
             counts = dict(self._counts)
-        counts["reconnects"] = self._mqtt.reconnects if self._mqtt is not None else 0
+        counts.update(self._sink.counts() if self._sink is not None else {"reconnects": 0})
         counts["stream_slots"] = self._streams.capacity if self._streams is not None else 0
         return messages.stats(self.model_version, len(self._admission.streams), self._queue.qsize(),
                               self._degraded_since is not None, self.watchdog.alive, counts, time.time())

@@ -1,7 +1,7 @@
 """Where windows come from (sources) and where results go (sinks), behind small interfaces.
 
 Sources: MQTT (here), and the partition queues of a RabbitMQ cluster (pipeline/rabbit.py: each
-device on exactly one daemon). Sink: MQTT.
+device on exactly one daemon). Sinks: MQTT (here), and AMQP to the same cluster (pipeline/rabbit_sink.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import paho.mqtt.client as paho
 
 from pipeline.mqtt import ConnectError, MqttClient, Topics
 
@@ -52,6 +54,15 @@ class WindowSource(Protocol):
 
 class ResultSink(Protocol):
     """Receives everything the daemon reports: the messages of pipeline/messages.py."""
+
+    def open(self) -> None:
+        """Connect (raise ConnectError if the broker cannot be reached)."""
+
+    def close(self, timeout_s: float) -> None:
+        """Send what is still on its way (for up to `timeout_s`), then disconnect."""
+
+    def counts(self) -> dict[str, int]:
+        """The sink's counters for the stats message (`reconnects` at least)."""
 
     def beats(self, doc: dict[str, Any]) -> None: ...
 
@@ -98,6 +109,20 @@ class MqttSink:
 
     def __init__(self, client: MqttClient, topics: Topics, publish_beats: bool) -> None:
         self._client, self._topics, self._publish_beats = client, topics, publish_beats
+        self._last_status: paho.MQTTMessageInfo | None = None
+
+    def open(self) -> None:
+        """Connect the client (which the MQTT source shares), once the source has subscribed."""
+        self._client.connect()
+
+    def close(self, timeout_s: float) -> None:
+        """Wait for the last status to reach the broker (if connected), then disconnect."""
+        if self._last_status is not None and self._client.connected:
+            self._last_status.wait_for_publish(timeout=timeout_s)
+        self._client.disconnect()
+
+    def counts(self) -> dict[str, int]:
+        return {"reconnects": self._client.reconnects}
 
     def beats(self, doc: dict[str, Any]) -> None:
         if self._publish_beats:
@@ -133,4 +158,4 @@ class MqttSink:
         self._client.publish_json(self._topics.stats, doc, qos=0)
 
     def status(self, doc: dict[str, Any]) -> None:
-        self._client.publish_json(self._topics.status, doc, qos=1, retain=True)
+        self._last_status = self._client.publish(self._topics.status, json.dumps(doc), qos=1, retain=True)

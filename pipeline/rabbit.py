@@ -30,6 +30,7 @@ The topology is declared idempotently by every daemon at start.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -42,13 +43,49 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from pipeline import messages
 from pipeline.io import Deliver, DeviceStates
-from pipeline.mqtt import ConnectError
+from pipeline.mqtt import ConnectError, Topics
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 MEMBER_TIMEOUT_S = 5.0
+LEAVING = b"leaving"  # the last heartbeat of a daemon that stops
+
+
+def connection_parameters(nodes: list[tuple[str, int]], username: str, password: str,
+                          tls: ssl.SSLContext | None = None) -> list[pika.ConnectionParameters]:
+    """How to reach each node (host, AMQP port), tried in order; `tls`: for TLS listeners."""
+    credentials = pika.PlainCredentials(username, password)
+    return [pika.ConnectionParameters(host, port, credentials=credentials, heartbeat=10, blocked_connection_timeout=30,
+                                      connection_attempts=1,
+                                      ssl_options=None if tls is None else pika.SSLOptions(tls, host))
+            for host, port in nodes]
+
+
+def connect(params: list[pika.ConnectionParameters]) -> pika.BlockingConnection:
+    """A connection to the first node that answers; ConnectError if none does."""
+    try:
+        return pika.BlockingConnection(params)
+    except pika.exceptions.AMQPConnectionError as err:
+        nodes = ", ".join(f"{p.host}:{p.port}" for p in params)
+        raise ConnectError(f"cannot reach a RabbitMQ node ({nodes}): {err!r}") from err
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close a connection that failed, if it is still open (what goes wrong then is moot)."""
+    if connection is not None and connection.is_open:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def routing_key(topic: str) -> str:
+    """The routing key on `amq.topic` of an MQTT topic: RabbitMQ's MQTT plugin swaps "/" and "." between them."""
+    return topic.translate(_MQTT_SWAP)
+
+
+_MQTT_SWAP = str.maketrans("/.", "./")
 
 
 def owners(partitions: int, members: list[str]) -> list[str]:
@@ -80,6 +117,10 @@ class Partitions:
     def queue(self, k: int) -> str:
         return f"{self.prefix}.ecg.p{k:02d}"
 
+    def heartbeat_key(self, member: str = "") -> str:
+        """The routing key of a daemon's heartbeats (without `member`: what every one starts with)."""
+        return routing_key(f"{self.prefix}/daemons/{member}")
+
     def state_queue(self, k: int) -> str:
         """Where partition k's checkpoint is kept: its newest message only."""
         return f"{self.prefix}.ecg.state.p{k:02d}"
@@ -87,7 +128,8 @@ class Partitions:
     def declare(self, channel: BlockingChannel) -> None:
         """Exchange, quorum queues with single active consumer, their state queues, and the bindings (idempotent)."""
         channel.exchange_declare(self.exchange, exchange_type="x-consistent-hash", durable=True)
-        channel.exchange_bind(destination=self.exchange, source="amq.topic", routing_key=f"{self.prefix}.ecg.*")
+        channel.exchange_bind(destination=self.exchange, source="amq.topic",
+                              routing_key=routing_key(f"{self.prefix}/ecg/*"))
         for k in range(self.count):
             channel.queue_declare(self.queue(k), durable=True,
                                   arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
@@ -112,23 +154,23 @@ class _Consumer:
 class PartitionedSource:
     """ECG windows from the partition queues this daemon is the active consumer of (a WindowSource).
 
-    `nodes`: the cluster's nodes as (host, AMQP port); the source connects to the first that answers and, when
-    its connection is lost, to the next, with backoff; `tls`: for TLS listeners. `states`: the daemon, whose
-    devices' state the source checkpoints and restores. `close` is called once the daemon's worker has stopped.
+    `params`: the cluster's nodes (`connection_parameters`); the source connects to the first that answers and,
+    when its connection is lost, to the next, with backoff. `states`: the daemon, whose devices' state the source
+    checkpoints and restores. `close` is called once the daemon's worker has stopped.
+
+    A daemon that stops says so in its last heartbeat; when one is no longer heard, the first of the daemons left
+    publishes the offline status it could not (`<prefix>/status/<daemon>`, the last will of the MQTT daemon).
     """
 
-    def __init__(self, nodes: list[tuple[str, int]], partitions: Partitions, member_id: str, states: DeviceStates,
-                 username: str = "guest", password: str = "guest", prefetch: int = 1000, checkpoint_s: float = 2.0,
-                 reconnect_max_s: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
-        credentials = pika.PlainCredentials(username, password)
-        self._params = [pika.ConnectionParameters(host, port, credentials=credentials, heartbeat=10,
-                                                  blocked_connection_timeout=30, connection_attempts=1,
-                                                  ssl_options=None if tls is None else pika.SSLOptions(tls, host))
-                        for host, port in nodes]
+    def __init__(self, params: list[pika.ConnectionParameters], partitions: Partitions, member_id: str,
+                 states: DeviceStates, prefetch: int = 1000, checkpoint_s: float = 2.0,
+                 reconnect_max_s: float = 10.0) -> None:
+        self._params = params
         self.partitions = partitions
         self.member_id = member_id
         self._states = states
         self._heard: dict[str, float] = {}  # daemon id -> monotonic time of its last heartbeat
+        self._left: set[str] = set()  # daemons that said they stop
         self._consumers: dict[int, _Consumer] = {}
         self._lock = threading.Lock()  # _Consumer.finished and .devices are written by the worker too
         self._members: list[str] = []  # as last seen, and the partitions they give this daemon
@@ -158,19 +200,21 @@ class PartitionedSource:
         self._thread.start()
 
     def _connect(self) -> None:
-        try:
-            self._connection = pika.BlockingConnection(self._params)
-        except pika.exceptions.AMQPConnectionError as err:
-            nodes = ", ".join(f"{p.host}:{p.port}" for p in self._params)
-            raise ConnectError(f"cannot reach a RabbitMQ node ({nodes}): {err!r}") from err
+        self._connection = connect(self._params)
         channel = self._connection.channel()
         self.partitions.declare(channel)
         self._store = self._connection.channel()
         self._store.confirm_delivery()
-        heartbeats = f"{self.partitions.prefix}.daemons."
+        heartbeats = self.partitions.heartbeat_key()
 
         def on_heartbeat(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-            self._heard[method.routing_key[len(heartbeats):]] = time.monotonic()
+            member = routing_key(method.routing_key[len(heartbeats):])
+            if body == LEAVING:
+                self._heard.pop(member, None)
+                self._left.add(member)
+            else:
+                self._heard[member] = time.monotonic()
+                self._left.discard(member)
 
         members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
@@ -197,8 +241,7 @@ class PartitionedSource:
             if consumer.fresh:  # this daemon has just become the partition's active consumer
                 consumer.fresh = False
                 self._restore(p)
-            # The MQTT plugin swaps "/" and "." between topics and routing keys: device "a.b" arrives as "a/b".
-            device, tag = method.routing_key[prefix_len:].replace("/", "."), method.delivery_tag
+            device, tag = routing_key(method.routing_key[prefix_len:]), method.delivery_tag
             with self._lock:
                 consumer.devices.add(device)
 
@@ -278,9 +321,10 @@ class PartitionedSource:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
-            self._channel.basic_publish("amq.topic", f"{self.partitions.prefix}.daemons.{self.member_id}", b"")
+            self._channel.basic_publish("amq.topic", self.partitions.heartbeat_key(self.member_id), b"")
         members = self.members()
         if members != self._members:  # the owners change only with the members
+            self._announce_gone(sorted(set(self._members) - set(members) - self._left), members)
             self._members = members
             self._owned = {p for p, owner in enumerate(owners(self.partitions.count, members))
                            if owner == self.member_id}
@@ -301,6 +345,17 @@ class PartitionedSource:
             for p, consumer in list(self._consumers.items()):
                 if not (consumer.fresh or consumer.releasing or consumer.checkpointing) and consumer.finished:
                     self._checkpoint(p, consumer, release=False)
+
+    def _announce_gone(self, gone: list[str], members: list[str]) -> None:
+        """Publish the offline status of daemons no longer heard that did not say they stop (by the first of the
+        daemons left only)."""
+        assert self._channel is not None
+        if members[0] != self.member_id:
+            return
+        for member in gone:
+            log.warning("daemon %s not heard for %g s: announced offline", member, MEMBER_TIMEOUT_S)
+            self._channel.basic_publish("amq.topic", routing_key(Topics(self.partitions.prefix, member).status),
+                                        messages.last_will())
 
     def _let_go(self) -> None:
         """After the connection is lost: the broker has put every window not acknowledged back in its partition,
@@ -327,6 +382,7 @@ class PartitionedSource:
             except (pika.exceptions.AMQPError, ConnectError) as err:
                 self.reconnects += 1
                 log.warning("RabbitMQ connection lost or refused (%s); reconnecting in %.1f s", err, delay)
+                close_quietly(self._connection)  # a channel error leaves it open, with this daemon's consumers
                 self._connection = None
                 self._let_go()
                 self._stop.wait(delay)
@@ -339,6 +395,8 @@ class PartitionedSource:
                         with self._lock:
                             devices, tags = sorted(consumer.devices), consumer.finished
                         self._stored(p, consumer, self._states.save_devices(devices, forget=True), tags, True)
+                assert self._channel is not None
+                self._channel.basic_publish("amq.topic", self.partitions.heartbeat_key(self.member_id), LEAVING)
                 self._connection.close()
             except pika.exceptions.AMQPError as err:
                 log.warning("closing the RabbitMQ connection: %s", err)

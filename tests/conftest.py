@@ -70,12 +70,14 @@ def broker() -> Iterator[LocalBroker]:
 class Collector:
     """Subscribes to a topic filter and keeps every message (topic, payload)."""
 
-    def __init__(self, host: str, port: int, topic: str, protocol: str = "5") -> None:
+    def __init__(self, host: str, port: int, topic: str, protocol: str = "5", client_id: str | None = None,
+                 **options: Any) -> None:
+        """`options`: more of MqttClient's (session_expiry_s, username, password, tls)."""
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
-        self.client = MqttClient(host, port, f"collector-{id(self)}", protocol=protocol)
-        self.client.connect()
-        self.client.subscribe(topic, self._on, qos=1)  # returns once the broker has acknowledged it
+        self.client = MqttClient(host, port, client_id or f"collector-{id(self)}", protocol=protocol, **options)
+        self.client.subscribe(topic, self._on, qos=1)  # on connect, before what a persistent session kept arrives
+        self.client.connect()  # returns once the broker has acknowledged the subscription
 
     def _on(self, topic: str, payload: bytes) -> None:
         with self._cond:

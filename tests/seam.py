@@ -64,6 +64,15 @@ class MemorySink:
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return None
 
+    def open(self) -> None:
+        """Nothing to connect to."""
+
+    def close(self, timeout_s: float) -> None:
+        """Nothing to let go of."""
+
+    def counts(self) -> dict[str, int]:
+        return {"reconnects": 0}
+
     def wait_for(self, kind: str, predicate: Callable[[list[dict[str, Any]]], bool],
                  timeout: float = 30.0) -> list[dict[str, Any]]:
         def docs() -> list[dict[str, Any]]:

@@ -114,6 +114,24 @@ def by_seq(docs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     return [once[seq] for seq in sorted(once)]
 
 
+def asystole_signal(physionet: Path) -> np.ndarray:
+    """51 s of normal beats with 7 s without a QRS from 20 s (mV, rounded to the ADC step as the devices send it)."""
+    beat = beat_templates(physionet)["N"][0]
+    x = synthesize({"N": [beat]}, [("N", 0.8)] * 25 + [("N", 7.0)] + [("N", 0.8)] * 25)
+    return np.round(x * 200) / 200
+
+
+def assert_one_asystole_each(alarms: list[dict[str, Any]], devices: int) -> None:
+    """Each device raised one asystole alarm and cleared it under the same id; a raise is repeated, identical, only
+    where windows were analysed again (after a daemon's last checkpoint, or a node's death)."""
+    for d in range(devices):
+        mine = [a for a in alarms if a["device"] == f"bed-{d}"]
+        assert [(a["type"], a["state"]) for a in (mine[0], mine[-1])] == [("asystole", "raised"),
+                                                                        ("asystole", "cleared")], mine
+        assert {a["alarm_id"] for a in mine} == {mine[0]["alarm_id"]}, mine
+        assert all(a == mine[0] for a in mine if a["state"] == "raised"), mine
+
+
 @contextlib.contextmanager
 def victim(daemons: list[Daemon], tmp_path: Path) -> Iterator[None]:
     """`ecgmon serve` joins `daemons` as a fourth daemon and takes a share of the partitions; after the block it is
@@ -185,7 +203,11 @@ def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(war
     beats.wait_for(lambda d: len(d) == devices * 10, timeout=60)
     gone = next(daemon for daemon in daemons if daemon.stats()["active_streams"])
     held = gone.stats()["active_streams"]
-    gone.stop()  # a daemon that holds devices goes away
+    status = Collector(ward.beats.client.host, ward.beats.client.port, topics.every_status, protocol="3.1.1")
+    gone.stop()  # a daemon that holds devices goes away, and says so
+    status.wait_for(lambda docs: any(d["state"] == "offline" and d.get("model_version") == gone.model_version
+                                     for d in docs), part=gone.topics.status)
+    status.close()
     rest = [daemon for daemon in daemons if daemon is not gone]
     before = sum(daemon.stats()["active_streams"] for daemon in rest)
     send(publisher, topics, x, devices, range(10, 20))
@@ -225,11 +247,15 @@ def test_a_killed_daemons_partitions_and_windows_move_to_the_others(
     """`ecgmon serve` joins as a fourth daemon, takes a share, and is killed (SIGKILL) while windows arrive: the
     others take its partitions over within a few seconds, and no window is lost (those it had taken but not
     finished with come back from their partitions; one it analysed just before dying may be analysed twice)."""
+    status = Collector(cluster.host, cluster.nodes[1].mqtt_port, ward.topics.every_status, protocol="3.1.1")
     with victim(daemons, tmp_path):
         send(ward.publisher, ward.topics, ward.x, 8, range(5))
     send(ward.publisher, ward.topics, ward.x, 8, range(5, 10))
     expected = {(f"bed-{d}", s) for d in range(8) for s in range(10)}
     ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=60)
+    # it could not say so itself: the daemons left say it is offline, as the broker says an MQTT daemon's last will
+    status.wait_for(lambda docs: {"state": "offline", "reason": "connection lost"} in docs, part="/status/victim")
+    status.close()
 
 
 def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_and_keep_their_alarms(
@@ -241,9 +267,7 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
     where the victim raised it after its last checkpoint and its successor analysed those windows again)."""
     topics, devices = ward.topics, 40
     alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
-    beat = beat_templates(physionet)["N"][0]
-    x = synthesize({"N": [beat]}, [("N", 0.8)] * 25 + [("N", 7.0)] + [("N", 0.8)] * 25)  # 7 s without a QRS from 20 s
-    x = np.round(x * 200) / 200  # as the devices send it
+    x = asystole_signal(physionet)
     windows = int(len(x) / 360)
     with victim(daemons, tmp_path):
         send(ward.publisher, topics, x, devices, range(26), stagger_s=0)
@@ -261,35 +285,45 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
         online = [b for doc in by_seq(docs, f"bed-{d}") for b in doc["beats"]]
         assert [b["class"] for b in online] == classes.tolist()
         np.testing.assert_allclose([b["time"] - T0 for b in online], samples / 360.0, atol=1.5 / 360)
-    raised = alarms.wait_for(lambda a: sum(doc["state"] == "cleared" for doc in a) >= devices, timeout=30)
-    for d in range(devices):
-        mine = [a for a in raised if a["device"] == f"bed-{d}"]
-        assert [(a["type"], a["state"]) for a in (mine[0], mine[-1])] == [("asystole", "raised"),
-                                                                        ("asystole", "cleared")], mine
-        assert {a["alarm_id"] for a in mine} == {mine[0]["alarm_id"]}, mine  # one alarm, cleared
-        # raised again only by the re-analysis of windows after the victim's last checkpoint: the same event
-        assert all(a == mine[0] for a in mine if a["state"] == "raised"), mine
+    assert_one_asystole_each(alarms.wait_for(lambda a: sum(doc["state"] == "cleared" for doc in a) >= devices,
+                                             timeout=30), devices)
     alarms.close()
 
 
-def test_a_killed_broker_node_loses_no_window(cluster: RabbitCluster, daemons: list[Daemon], ward: Ward) -> None:
-    """kill -9 of the node the first daemon reads from (it holds some of the partition queues' leaders) while
-    devices publish to another at QoS 1: the daemon fails over to another node, the queues to their replicas,
-    and every window is analysed (some twice, with the same beats)."""
-    topics, devices = ward.topics, 8
-    send(ward.publisher, topics, ward.x, devices, range(10))
+def test_a_killed_broker_node_loses_no_window_and_no_alarm(physionet: Path, cluster: RabbitCluster,
+                                                           daemons: list[Daemon], ward: Ward) -> None:
+    """kill -9 of the node the first daemon reads from and publishes its results through (it holds some of the
+    partition queues' leaders) while 40 devices publish to another at QoS 1, before each raises an asystole alarm:
+    the daemon fails over to another node, the queues to their replicas, every window is analysed (some twice,
+    with the same beats) and every alarm reaches a nurses' station that was away, through its persistent session."""
+    topics, devices = ward.topics, 40
+    x = asystole_signal(physionet)
+    windows = int(len(x) / 360)
+    station_id = f"{topics.prefix}-station"
+    Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1", client_id=station_id,
+              session_expiry_s=3600).close()  # a station, away; its persistent session keeps what comes for it
+    alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
+    send(ward.publisher, topics, x, devices, range(10), stagger_s=0)
     ward.beats.wait_for(lambda docs: len({(d["device"], d["seq"]) for d in docs}) == devices * 10, timeout=60)
     gone = cluster.nodes[0]
     try:
-        send(ward.publisher, topics, ward.x, devices, range(10, 13))
+        send(ward.publisher, topics, x, devices, range(10, 13), stagger_s=0)
         cluster.kill_node(gone)
-        send(ward.publisher, topics, ward.x, devices, range(13, 30))
-        expected = {(f"bed-{d}", s) for d in range(devices) for s in range(30)}
+        send(ward.publisher, topics, x, devices, range(13, windows), stagger_s=0)
+        expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
         docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
         for d in range(devices):
-            assert [doc["seq"] for doc in by_seq(docs, f"bed-{d}")] == list(range(30))
-        assert partitioned(daemons[0]).reconnects >= 1
+            assert [doc["seq"] for doc in by_seq(docs, f"bed-{d}")] == list(range(windows))
+        assert partitioned(daemons[0]).reconnects >= 1 and daemons[0].stats()["reconnects"] >= 1  # source and sink
+        alarms.wait_for(lambda a: {d["device"] for d in a if d["state"] == "cleared"} == {
+            f"bed-{d}" for d in range(devices)}, timeout=30)
+        back = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1",
+                         client_id=station_id, session_expiry_s=3600)  # the station comes back
+        kept = back.wait_for(lambda a: sum(d["state"] == "cleared" for d in a) >= devices, timeout=30)
+        assert_one_asystole_each(kept, devices)
+        back.close()
     finally:
+        alarms.close()
         cluster.start_node(gone)  # back for the tests after this one
         cluster.await_node(gone)
 

@@ -47,5 +47,5 @@ def test_the_daemon_core_imports_only_its_declared_dependencies() -> None:
             for name in names:
                 imported.setdefault(name.split(".")[0], set()).add(path.name)
     third_party = {m: files for m, files in imported.items() if m not in sys.stdlib_module_names and m not in ours}
-    optional = {"pika": {"rabbit.py"}}  # the [cluster] extra, imported only with `source: rabbitmq`
+    optional = {"pika": {"rabbit.py", "rabbit_sink.py"}}  # the [cluster] extra, only with `source: rabbitmq`
     assert {m for m, files in third_party.items() if m not in allowed and not files <= optional.get(m, set())} == set()

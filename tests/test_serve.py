@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
@@ -48,6 +49,19 @@ def test_the_shipped_daemon_configs_validate() -> None:
     assert load_config(configs / "daemon.yaml", env={}).source == "mqtt"
     cluster = load_config(configs / "daemon-cluster.yaml", env={"ECGMON_MQTT__CLIENT_ID": "ecgmon-2"})
     assert cluster.source == "rabbitmq" and cluster.state.path is None and cluster.mqtt.client_id == "ecgmon-2"
+
+
+def test_each_compose_daemon_reads_and_publishes_through_its_own_node_first() -> None:
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    services = yaml.safe_load((root / "deploy/rabbitmq/compose.yaml").read_text())["services"]
+    for k in (1, 2, 3):
+        env = {name: str(value) for name, value in services[f"ecgmon-{k}"]["environment"].items()}
+        config = load_config(root / "configs/daemon-cluster.yaml", env=env)
+        assert config.rabbitmq.nodes[0] == f"rabbit{k}:5671"
+        assert sorted(config.rabbitmq.nodes) == ["rabbit1:5671", "rabbit2:5671", "rabbit3:5671"]
+        assert config.mqtt.client_id == config.rabbitmq.username == f"ecgmon-{k}"
 
 
 def test_a_cluster_daemon_keeps_no_state_file(tmp_path: Path) -> None:

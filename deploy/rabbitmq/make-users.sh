@@ -1,36 +1,38 @@
 #!/usr/bin/env bash
 # Logins and permissions of the ecgmon RabbitMQ cluster, the counterpart of deploy/mosquitto/acl:
-#   ./make-users.sh daemon NAME          a daemon (AMQP: its partitions, checkpoints, heartbeats; MQTT: results)
+#   ./make-users.sh daemon NAME          a daemon (AMQP: its partitions, checkpoints, heartbeats and results)
 #   ./make-users.sh device NAME...       sensors: each publishes ECG on its own topic only, reads its own rejections
-#   ./make-users.sh station NAME...      nurses' stations, pagers, dashboards: read alarms, open alarms, beats, status
-#   ./make-users.sh ops NAME...          operations: rejections, open alarms, status, stats
+#   ./make-users.sh station NAME...      nurses' stations, pagers, dashboards: read alarms, beats, status
+#   ./make-users.sh ops NAME...          operations: rejections, status, stats
 # Asks for each password. Run on one node (users and permissions are cluster-wide); RABBITMQCTL overrides the
 # command (e.g. "docker compose exec rabbit1 rabbitmqctl"). Topic permissions apply to amq.topic, where the MQTT
 # plugin maps ecgmon/ecg/<device> to the routing key ecgmon.ecg.<device>.
 set -euo pipefail
-ctl=${RABBITMQCTL:-rabbitmqctl}
+rabbitmqctl=${RABBITMQCTL:-rabbitmqctl}
+ctl() { $rabbitmqctl "$@" </dev/null; }  # rabbitmqctl would read the passwords still to come on stdin
 role=$1; shift
-# Resources: MQTT clients use amq.topic and their own session queues; daemons also declare ecgmon.* (partitions,
-# checkpoints, the consistent-hash exchange) and a server-named queue for the heartbeats.
+# Resources: MQTT clients use amq.topic and their own session queues; daemons publish to amq.topic, declare ecgmon.*
+# (partitions, checkpoints, the consistent-hash exchange) and a server-named queue for the heartbeats.
 mqtt_only='^(amq\.topic|mqtt-subscription-.*)$'
-daemon='^(amq\.topic|amq\.gen-.*|mqtt-subscription-.*|ecgmon\..*)$'
+daemon='^(amq\.topic|amq\.default|amq\.gen-.*|ecgmon\..*)$'  # amq.default: checkpoints go to their queue
 for user in "$@"; do
   read -rsp "password for $user: " password && echo
-  $ctl add_user "$user" "$password" >/dev/null 2>&1 || $ctl change_password "$user" "$password"
+  [ -n "$password" ] || { echo "no password for $user" >&2; exit 2; }
+  ctl add_user "$user" "$password" >/dev/null 2>&1 || ctl change_password "$user" "$password"
   case $role in
     daemon)
-      $ctl set_permissions "$user" "$daemon" "$daemon" "$daemon"
-      $ctl set_topic_permissions "$user" amq.topic \
-        '^ecgmon\.(beats|alarms|errors|active|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|active|daemons)(\..*)?$' ;;
+      ctl set_permissions "$user" "$daemon" "$daemon" "$daemon"
+      ctl set_topic_permissions "$user" amq.topic \
+        '^ecgmon\.(beats|alarms|errors|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons)(\..*)?$' ;;
     device)
-      $ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
-      $ctl set_topic_permissions "$user" amq.topic '^ecgmon\.ecg\.{username}$' '^ecgmon\.errors\.{username}$' ;;
+      ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
+      ctl set_topic_permissions "$user" amq.topic '^ecgmon\.ecg\.{username}$' '^ecgmon\.errors\.{username}$' ;;
     station)
-      $ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
-      $ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(alarms|active|beats|status|stats)(\..*)?$' ;;
+      ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
+      ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(alarms|beats|status|stats)(\..*)?$' ;;
     ops)
-      $ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
-      $ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(errors|active|status|stats)(\..*)?$' ;;
+      ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
+      ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(errors|status|stats)(\..*)?$' ;;
     *) echo "unknown role $role (daemon, device, station, ops)" >&2; exit 2 ;;
   esac
 done

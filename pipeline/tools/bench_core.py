@@ -111,6 +111,15 @@ class EncodingSink:
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return []
 
+    def open(self) -> None:
+        """Nothing to connect to."""
+
+    def close(self, timeout_s: float) -> None:
+        """Nothing to send."""
+
+    def counts(self) -> dict[str, int]:
+        return {"reconnects": 0}
+
 
 @dataclass(frozen=True)
 class CoreFigures:

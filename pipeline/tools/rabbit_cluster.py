@@ -41,7 +41,10 @@ class RabbitNode:
 class RabbitCluster:
     """`nodes` RabbitMQ nodes on 127.0.0.1, clustered; `nodes[k].amqp_port` / `.mqtt_port` to connect."""
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, conf: str | None = None) -> None:
+        """`conf`: each node's rabbitmq.conf, with {host}, {amqp_port} and {mqtt_port} to fill in (default:
+        deploy/rabbitmq/rabbitmq.conf, plain TCP and guest)."""
+        self._conf = CONF_TEMPLATE.read_text() if conf is None else conf
         self._dir = Path(tempfile.mkdtemp(prefix="ecgmon-rabbit-"))
         self.host = "127.0.0.1"
         self.epmd_port = free_port()
@@ -72,10 +75,14 @@ class RabbitCluster:
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}"})
         return env
 
+    def ctl_command(self, node: RabbitNode) -> tuple[list[str], dict[str, str]]:
+        """`rabbitmqctl -n <node>`, and the environment it needs (the cluster's cookie and epmd)."""
+        return [str(RABBIT_BIN / "rabbitmqctl"), "-n", node.name], self._env()
+
     def ctl(self, node: RabbitNode, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         """`rabbitmqctl -n <node> args...`."""
-        return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", node.name, *args], env=self._env(),
-                              capture_output=True, text=True, timeout=timeout_s)
+        command, env = self.ctl_command(node)
+        return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
     def start(self, timeout_s: float = 120.0, attempts: int = 2) -> RabbitCluster:
         """Start and join the nodes. A port picked free can be taken by another process before its node opens it:
@@ -120,7 +127,7 @@ class RabbitCluster:
     def start_node(self, node: RabbitNode) -> None:
         """Launch one node (its data kept from an earlier run, if any); `await_node` waits for it."""
         (node.folder / "log").mkdir(parents=True, exist_ok=True)
-        conf = CONF_TEMPLATE.read_text().format(host=self.host, amqp_port=node.amqp_port, mqtt_port=node.mqtt_port)
+        conf = self._conf.format(host=self.host, amqp_port=node.amqp_port, mqtt_port=node.mqtt_port)
         (node.folder / "rabbitmq.conf").write_text(conf)
         (node.folder / "enabled_plugins").write_text(PLUGINS)
         with (node.folder / "stdout.log").open("ab") as out:

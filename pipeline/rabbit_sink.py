@@ -1,0 +1,182 @@
+"""Results back through a RabbitMQ cluster: the sink of daemons on the partitioned source (pipeline/rabbit.py).
+
+Every message is published over AMQP to `amq.topic` with the routing key of its MQTT topic, where the cluster's
+MQTT plugin delivers it to MQTT subscribers unchanged (`ecgmon alerts`, nurses' stations): same topics, same
+payloads (the plugin delivers what comes over AMQP at the subscription's QoS); alarms are persistent, so the
+queues of persistent sessions keep them on disk while a subscriber is away. The sink's connection
+fails over between the nodes like the source's, so results do not depend on any one node.
+
+Each message is confirmed by the cluster before the next goes; one that is not (its node died) is sent again
+after the reconnect, so delivery is at least once, in order (alarms carry their id, beats their seq). Messages
+wait in a bounded outbox while no node answers: beats, rejections and stats are dropped when it is full (counted
+and logged), alarms and status wait for room.
+
+RabbitMQ keeps no retained message that comes over AMQP (nor, in 3.10, sends retained messages to wildcard
+subscriptions, or shares them between nodes), so on a cluster status is not retained and there is no retained
+copy of the open alarms (`open_alarms` is unknown): a subscriber learns them from the alarm events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import BasicProperties
+
+from pipeline.mqtt import ConnectError, Topics
+from pipeline.rabbit import close_quietly, connect, routing_key
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MESSAGES = 10_000
+DROP_LOG_EVERY = 100  # dropped messages between two warnings
+
+
+@dataclass(frozen=True)
+class _Message:
+    topic: str
+    body: bytes
+    persistent: bool  # kept on disk by the queues of persistent sessions (alarms, status)
+
+
+_CLOSE = _Message("", b"", False)
+
+
+class AmqpSink:
+    """Results to `amq.topic` over AMQP (a ResultSink). `params`: the cluster's nodes
+    (pipeline/rabbit.py `connection_parameters`)."""
+
+    def __init__(self, params: list[pika.ConnectionParameters], topics: Topics, publish_beats: bool,
+                 outbox_messages: int = OUTBOX_MESSAGES, reconnect_max_s: float = 10.0) -> None:
+        self._params, self._topics, self._publish_beats = params, topics, publish_beats
+        self._outbox: queue.Queue[_Message] = queue.Queue(maxsize=outbox_messages)
+        self._reconnect_max_s = reconnect_max_s
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._thread: threading.Thread | None = None
+        self._abandon = threading.Event()  # close's timeout passed: send no more
+        self._last_status: _Message | None = None
+        self.reconnects = 0
+        self._dropped_lock = threading.Lock()  # the worker and the source's thread both send
+        self.dropped = 0  # beats, rejections and stats not sent because the outbox was full
+
+    def open(self) -> None:
+        """Connect to the first node that answers (ConnectError if none does) and start sending."""
+        self._connect()
+        self._abandon.clear()
+        self._thread = threading.Thread(target=self._run, name="ecgmon-results", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float) -> None:
+        """Send what is queued (for up to `timeout_s`; what is left then is logged) and disconnect."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(queue.Full):  # then the join times out too
+            self._outbox.put(_CLOSE, timeout=timeout_s)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._abandon.set()
+            self._thread.join(5.0)
+            log.warning("closed with %d results not sent: no RabbitMQ node confirmed them", self._outbox.qsize())
+        self._thread = None
+
+    def counts(self) -> dict[str, int]:
+        return {"reconnects": self.reconnects, "results_dropped": self.dropped}
+
+    # ResultSink
+    def beats(self, doc: dict[str, Any]) -> None:
+        if self._publish_beats:
+            self._drop_if_full(_Message(self._topics.beats(doc["device"]), _encode(doc), False))
+
+    def alarm(self, doc: dict[str, Any]) -> None:
+        self._outbox.put(_Message(self._topics.alarms(doc["device"]), _encode(doc), True))
+
+    def rejected(self, doc: dict[str, Any]) -> None:
+        self._drop_if_full(_Message(self._topics.errors(doc["device"]), _encode(doc), False))
+
+    def stats(self, doc: dict[str, Any]) -> None:
+        self._drop_if_full(_Message(self._topics.stats, _encode(doc), False))
+
+    def status(self, doc: dict[str, Any]) -> None:
+        """Not retained (the cluster cannot); sent again after every reconnect."""
+        self._last_status = _Message(self._topics.status, _encode(doc), True)
+        self._outbox.put(self._last_status)
+
+    def open_alarms(self) -> list[dict[str, Any]] | None:
+        return None
+
+    def _drop_if_full(self, message: _Message) -> None:
+        try:
+            self._outbox.put_nowait(message)
+        except queue.Full:
+            with self._dropped_lock:
+                self.dropped += 1
+                dropped = self.dropped
+            if dropped % DROP_LOG_EVERY == 1:
+                log.warning("results outbox full (%d messages; no RabbitMQ node keeps up): %s dropped, %d so far",
+                            self._outbox.maxsize, message.topic, dropped)
+
+    # the sending thread
+    def _connect(self) -> None:
+        close_quietly(self._connection)  # its channel failed
+        self._connection = connect(self._params)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+
+    def _send(self, message: _Message) -> None:
+        """Publish and wait for the cluster's confirmation (raises pika's AMQPError if the connection goes)."""
+        if self._channel is None or not self._channel.is_open:
+            self._connect()
+            self.reconnects += 1
+            if self._last_status is not None and message is not self._last_status:
+                self._send(self._last_status)
+        assert self._channel is not None
+        properties = BasicProperties(delivery_mode=pika.DeliveryMode.Persistent if message.persistent else None)
+        self._channel.basic_publish("amq.topic", routing_key(message.topic), message.body, properties)
+
+    def _run(self) -> None:
+        delay = 0.5
+        message: _Message | None = None  # taken from the outbox, not yet confirmed
+        while not self._abandon.is_set():
+            if message is None:
+                try:
+                    message = self._outbox.get(timeout=1.0)
+                except queue.Empty:
+                    self._keep_alive()
+                    continue
+            if message is _CLOSE:
+                break
+            try:
+                self._send(message)
+                message, delay = None, 0.5
+            except (pika.exceptions.AMQPError, ConnectError) as err:
+                log.warning("results: RabbitMQ connection lost or refused (%s); sending again in %.1f s", err, delay)
+                self._channel = None
+                self._abandon.wait(delay)
+                delay = min(2 * delay, self._reconnect_max_s)
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.close()
+            except pika.exceptions.AMQPError as err:
+                log.warning("closing the results connection: %s", err)
+
+    def _keep_alive(self) -> None:
+        """Answer the node's heartbeats while idle."""
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.process_data_events(time_limit=0)
+            except pika.exceptions.AMQPError as err:
+                log.warning("results: RabbitMQ connection lost (%s)", err)
+                self._channel = None
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
