@@ -371,6 +371,11 @@ class DeviceAlarms:
     def alarm_ids(self) -> set[str]:
         return {a.alarm_id for a in self.active.values()}
 
+    def open_events(self) -> list[AlarmEvent]:
+        """The last message (raised or updated) of each open alarm, again."""
+        return [self._event(t, "raised" if a.last_update == a.raised else "updated", a.last_update, a.evidence)
+                for t, a in self.active.items()]
+
     def keep_only(self, open_alarm_ids: set[str]) -> None:
         """Forget active alarms whose ids are not in `open_alarm_ids`: their subscribers saw them cleared."""
         self.active = {t: a for t, a in self.active.items() if a.alarm_id in open_alarm_ids}

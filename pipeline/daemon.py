@@ -240,6 +240,14 @@ class Daemon:
         ignored); returns how many resumed. On the worker (`call_soon`)."""
         return self._restore_devices(decode_state(blob, self.model_version, self.config.state.max_age_s, source))
 
+    def publish_open_alarms(self) -> None:
+        """Publish the last message of each open alarm of the devices this daemon holds again, after every message
+        published so far. On the worker (`call_soon`)."""
+        assert self._sink is not None
+        for alarms in self._alarms.values():
+            for event in alarms.open_events():
+                self._sink.open_alarm(messages.alarm(event))
+
     def _start_metrics(self) -> None:
         if self.config.metrics.port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)

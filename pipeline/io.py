@@ -30,14 +30,17 @@ class Deliver(Protocol):
 
 class DeviceStates(Protocol):
     """The daemon's side of handing devices from one daemon to another, for a source that moves them
-    (pipeline/rabbit.py). `save_devices` and `restore_devices` touch the analysis state: call them through
-    `call_soon`, which runs them on the daemon's worker between windows."""
+    (pipeline/rabbit.py), and of telling which alarms are open there. `save_devices`, `restore_devices` and
+    `publish_open_alarms` touch the analysis state: call them through `call_soon`, which runs them on the
+    daemon's worker between windows."""
 
     def call_soon(self, task: Callable[[], None]) -> None: ...
 
     def save_devices(self, devices: list[str], forget: bool) -> bytes: ...
 
     def restore_devices(self, blob: bytes, source: str) -> int: ...
+
+    def publish_open_alarms(self) -> None: ...
 
 
 class WindowSource(Protocol):
@@ -73,6 +76,9 @@ class ResultSink(Protocol):
     def stats(self, doc: dict[str, Any]) -> None: ...
 
     def status(self, doc: dict[str, Any]) -> None: ...
+
+    def open_alarm(self, doc: dict[str, Any]) -> None:
+        """The last message of an alarm still open, again, on its `active` topic (a subscriber asked)."""
 
     def open_alarms(self) -> list[dict[str, Any]] | None:
         """The last message of every alarm the subscribers saw raised and not cleared; None if unknown."""
@@ -136,6 +142,10 @@ class MqttSink:
             self._client.publish(active, b"", qos=1, retain=True)
         else:
             self._client.publish_json(active, doc, qos=1, retain=True)
+
+    def open_alarm(self, doc: dict[str, Any]) -> None:
+        """Its retained copy again."""
+        self._client.publish_json(self._topics.active(doc["device"], doc["type"]), doc, qos=1, retain=True)
 
     def rejected(self, doc: dict[str, Any]) -> None:
         self._client.publish_json(self._topics.errors(doc["device"]), doc, qos=0)

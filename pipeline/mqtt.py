@@ -7,7 +7,8 @@ Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each p
 - ``<prefix>/alarms/<device>``: alarm lifecycle events (QoS 1).
 - ``<prefix>/errors/<device>``: rejected messages and the reason (QoS 0, rate-limited per device);
   ``<prefix>/errors`` for messages whose device id is invalid.
-- ``<prefix>/active/<device>/<type>``: the open alarms, retained (emptied when cleared).
+- ``<prefix>/active/<device>/<type>``: the open alarms, retained (emptied when cleared); on a RabbitMQ cluster,
+  not retained: the daemons publish them there when asked on ``<prefix>/query/active``.
 - ``<prefix>/status``: daemon availability, retained, with a last will (``offline``); with many daemons on
   one broker (``source: rabbitmq``) each has its own, ``<prefix>/status/<daemon>``.
 - ``<prefix>/stats``: periodic daemon statistics (QoS 0); ``<prefix>/stats/<daemon>`` likewise.
@@ -61,6 +62,12 @@ class Topics:
     def active(self, device: str = "+", alarm_type: str = "+") -> str:
         """Retained copy of an open alarm's last message."""
         return f"{self.prefix}/active/{device}/{alarm_type}"
+
+    @property
+    def query_active(self) -> str:
+        """Where a subscriber asks the daemons on a RabbitMQ cluster, which keeps no retained copies, to publish
+        their open alarms again on `active(device, type)`."""
+        return f"{self.prefix}/query/active"
 
     @property
     def active_marker(self) -> str:

@@ -25,6 +25,10 @@ kill -9, continues its devices from the checkpoint with the windows since still 
 window lost, open alarms carried on (windows analysed after the last checkpoint of a daemon that died are
 analysed again, and give the same beats and the same alarm ids).
 
+A subscriber that comes late asks for the alarms open before it came on `<prefix>/query/active` (RabbitMQ keeps
+no retained copies of them): every daemon hears it with its heartbeats and publishes the open alarms of the devices
+it holds on `<prefix>/active/<device>/<type>` through its sink.
+
 The topology is declared idempotently by every daemon at start.
 """
 
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 MEMBER_TIMEOUT_S = 5.0
 LEAVING = b"leaving"  # the last heartbeat of a daemon that stops
+QUERY_INTERVAL_S = 1.0  # the open alarms are published again at most this often (s); queries meanwhile wait
 
 
 def connection_parameters(nodes: list[tuple[str, int]], username: str, password: str,
@@ -177,7 +182,8 @@ class PartitionedSource:
         self._owned: set[int] = set()
         self._channel: BlockingChannel | None = None  # heartbeats and members
         self._store: BlockingChannel | None = None  # checkpoints, with publisher confirms
-        self._next_heartbeat = self._next_checkpoint = 0.0
+        self._next_heartbeat = self._next_checkpoint = self._last_answer = 0.0
+        self._answer_due: float | None = None  # when to publish the open alarms a subscriber asked for (monotonic)
         self._prefetch, self._checkpoint_s = prefetch, checkpoint_s
         self._reconnect_max_s = reconnect_max_s
         self._deliver: Deliver | None = None
@@ -200,14 +206,27 @@ class PartitionedSource:
         self._thread.start()
 
     def _connect(self) -> None:
+        """Connect and declare (ConnectError if no node answers, or the node refuses any of it)."""
         self._connection = connect(self._params)
-        channel = self._connection.channel()
+        try:
+            self._declare(self._connection)
+        except pika.exceptions.AMQPError as err:
+            close_quietly(self._connection)
+            raise ConnectError(f"RabbitMQ refused the daemon's topology or consumers: {err!r}") from err
+
+    def _declare(self, connection: pika.BlockingConnection) -> None:
+        channel = connection.channel()
         self.partitions.declare(channel)
-        self._store = self._connection.channel()
+        self._store = connection.channel()
         self._store.confirm_delivery()
         heartbeats = self.partitions.heartbeat_key()
+        query = routing_key(Topics(self.partitions.prefix).query_active)
 
-        def on_heartbeat(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+        def on_control(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+            if method.routing_key == query:  # a subscriber asks for the open alarms (answered in _rebalance)
+                if self._answer_due is None:
+                    self._answer_due = max(time.monotonic(), self._last_answer + QUERY_INTERVAL_S)
+                return
             member = routing_key(method.routing_key[len(heartbeats):])
             if body == LEAVING:
                 self._heard.pop(member, None)
@@ -218,7 +237,8 @@ class PartitionedSource:
 
         members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
-        channel.basic_consume(members, on_heartbeat, auto_ack=True)
+        channel.queue_bind(members, "amq.topic", routing_key=query)
+        channel.basic_consume(members, on_control, auto_ack=True)
         self._channel = channel
         self._consumers = {}
         self._members = []
@@ -316,7 +336,8 @@ class PartitionedSource:
 
     def _rebalance(self) -> None:
         """Heartbeat when due; consume the partitions this daemon owns among the members now, and only those;
-        checkpoint the partitions it is the active consumer of when due."""
+        have the open alarms published when asked; checkpoint the partitions it is the active consumer of when
+        due."""
         assert self._channel is not None
         now = time.monotonic()
         if now >= self._next_heartbeat:
@@ -340,6 +361,9 @@ class PartitionedSource:
                 del self._consumers[p]
             else:
                 self._checkpoint(p, consumer, release=True)
+        if self._answer_due is not None and now >= self._answer_due:
+            self._answer_due, self._last_answer = None, now
+            self._states.call_soon(self._states.publish_open_alarms)
         if now >= self._next_checkpoint:
             self._next_checkpoint = now + self._checkpoint_s
             for p, consumer in list(self._consumers.items()):

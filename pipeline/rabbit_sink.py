@@ -13,7 +13,9 @@ and logged), alarms and status wait for room.
 
 RabbitMQ keeps no retained message that comes over AMQP (nor, in 3.10, sends retained messages to wildcard
 subscriptions, or shares them between nodes), so on a cluster status is not retained and there is no retained
-copy of the open alarms (`open_alarms` is unknown): a subscriber learns them from the alarm events.
+copy of the open alarms (`open_alarms` is unknown): a subscriber learns them from the alarm events, and asks for
+those open before it came on `<prefix>/query/active` (pipeline/rabbit.py), which the daemons answer on
+`<prefix>/active/<device>/<type>`, in order with their other messages.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class AmqpSink:
 
     def alarm(self, doc: dict[str, Any]) -> None:
         self._outbox.put(_Message(self._topics.alarms(doc["device"]), _encode(doc), True))
+
+    def open_alarm(self, doc: dict[str, Any]) -> None:
+        """On its `active` topic, not retained (a subscriber asked on `<prefix>/query/active`)."""
+        self._outbox.put(_Message(self._topics.active(doc["device"], doc["type"]), _encode(doc), True))
 
     def rejected(self, doc: dict[str, Any]) -> None:
         self._drop_if_full(_Message(self._topics.errors(doc["device"]), _encode(doc), False))

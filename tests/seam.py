@@ -64,6 +64,9 @@ class MemorySink:
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return None
 
+    def open_alarm(self, doc: dict[str, Any]) -> None:
+        self._add("open_alarm", doc)
+
     def open(self) -> None:
         """Nothing to connect to."""
 

@@ -295,7 +295,8 @@ def test_a_killed_broker_node_loses_no_window_and_no_alarm(physionet: Path, clus
     """kill -9 of the node the first daemon reads from and publishes its results through (it holds some of the
     partition queues' leaders) while 40 devices publish to another at QoS 1, before each raises an asystole alarm:
     the daemon fails over to another node, the queues to their replicas, every window is analysed (some twice,
-    with the same beats) and every alarm reaches a nurses' station that was away, through its persistent session."""
+    with the same beats) and every alarm reaches a nurses' station that was away, through its persistent session.
+    A station that comes while the alarms are open asks for them and gets each one's last message."""
     topics, devices = ward.topics, 40
     x = asystole_signal(physionet)
     windows = int(len(x) / 360)
@@ -309,7 +310,15 @@ def test_a_killed_broker_node_loses_no_window_and_no_alarm(physionet: Path, clus
     try:
         send(ward.publisher, topics, x, devices, range(10, 13), stagger_s=0)
         cluster.kill_node(gone)
-        send(ward.publisher, topics, x, devices, range(13, windows), stagger_s=0)
+        send(ward.publisher, topics, x, devices, range(13, 26), stagger_s=0)  # each device's asystole is on
+        alarms.wait_for(lambda a: {d["device"] for d in a} == {f"bed-{d}" for d in range(devices)}, timeout=90)
+        late = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.active(), protocol="3.1.1")
+        late.client.publish(topics.query_active, b"", qos=1)
+        answers = late.wait_for(lambda docs: len({d["device"] for d in docs}) == devices, timeout=30)
+        assert {(d["type"], d["state"]) for d in answers} <= {("asystole", "raised"), ("asystole", "updated")}
+        alarms.wait_for(lambda a: all(d in a for d in answers))  # each open alarm's last message, as published
+        late.close()
+        send(ward.publisher, topics, x, devices, range(26, windows), stagger_s=0)
         expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
         docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
         for d in range(devices):

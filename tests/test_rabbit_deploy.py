@@ -102,6 +102,9 @@ def test_a_daemon_on_tls_serves_devices_that_may_write_only_their_own_topic(phys
     station = Collector(node.host, node.nodes[0].mqtt_port, TOPICS.beats(), protocol="3.1.1",
                         client_id="nurse-station", username="nurse-station", password=PASSWORDS["nurse-station"],
                         tls={"ca_certs": str(certs / "ca.crt")})
+    asked = station.client.publish(TOPICS.query_active, b"", qos=1)  # a station may ask for the open alarms
+    asked.wait_for_publish(timeout=10)
+    assert asked.is_published()  # acknowledged: RabbitMQ 3.10 closes the connection of a publish it refuses
     daemon = Daemon(config)
     assert daemon.start()
     bed_1, bed_2 = device(node, certs, "bed-1"), device(node, certs, "bed-2")
@@ -121,6 +124,7 @@ def test_a_daemon_on_tls_serves_devices_that_may_write_only_their_own_topic(phys
         assert isinstance(source, PartitionedSource)
         wait_until(lambda: source.checkpoints >= 1, timeout=30)  # its login may write checkpoints too
         assert source.reconnects == 0 and daemon.stats()["reconnects"] == 0  # nothing it did was refused
+        assert station.client.reconnects == 0
     finally:
         bed_1.disconnect()
         bed_2.disconnect()

@@ -158,6 +158,12 @@ def test_availability_is_retained(broker: LocalBroker, start_daemon: Callable[..
 def test_alerts_command_prints_and_writes_json_lines(broker: LocalBroker, publisher: MqttClient,
                                                      tmp_path: Path) -> None:
     out = tmp_path / "alarms.jsonl"
+    still_open = {"alarm_id": "bed-8/tachycardia/900", "device": "bed-8", "type": "tachycardia",
+                  "kind": "physiological", "priority": "medium", "state": "updated", "time": 950.0,
+                  "message": "Tachycardia",
+                  "evidence": {"heart_rate_bpm": 151.0, "raised_at": 900.0, "model_version": "x"}}
+    info = publisher.publish(TOPICS.active("bed-8", "tachycardia"), json.dumps(still_open), qos=1, retain=True)
+    info.wait_for_publish(timeout=10)  # raised before the alerts start: the broker keeps its last message
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "alerts", "--broker",
                              f"{broker.host}:{broker.port}", "--json-out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -178,6 +184,8 @@ def test_alerts_command_prints_and_writes_json_lines(broker: LocalBroker, publis
     first = out.read_text().splitlines()[0]
     assert json.loads(first) == alarm
     assert "HIGH" in stdout and "raised" in stdout and "Asystole" in stdout and "seconds without qrs: 4.2" in stdout
+    assert stdout.splitlines()[0].startswith("(open) ") and "bed-8" in stdout.splitlines()[0]  # before the events
+    assert "bed-8" not in out.read_text()  # the JSON lines are the events
 
 
 def test_password_from_a_file(tmp_path: Path) -> None:

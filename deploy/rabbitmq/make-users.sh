@@ -2,8 +2,9 @@
 # Logins and permissions of the ecgmon RabbitMQ cluster, the counterpart of deploy/mosquitto/acl:
 #   ./make-users.sh daemon NAME          a daemon (AMQP: its partitions, checkpoints, heartbeats and results)
 #   ./make-users.sh device NAME...       sensors: each publishes ECG on its own topic only, reads its own rejections
-#   ./make-users.sh station NAME...      nurses' stations, pagers, dashboards: read alarms, beats, status
-#   ./make-users.sh ops NAME...          operations: rejections, status, stats
+#   ./make-users.sh station NAME...      nurses' stations, pagers, dashboards: read alarms, open alarms (asking
+#                                        for them on ecgmon/query/active), beats, status
+#   ./make-users.sh ops NAME...          operations: rejections, open alarms, status, stats
 # Asks for each password. Run on one node (users and permissions are cluster-wide); RABBITMQCTL overrides the
 # command (e.g. "docker compose exec rabbit1 rabbitmqctl"). Topic permissions apply to amq.topic, where the MQTT
 # plugin maps ecgmon/ecg/<device> to the routing key ecgmon.ecg.<device>.
@@ -23,16 +24,16 @@ for user in "$@"; do
     daemon)
       ctl set_permissions "$user" "$daemon" "$daemon" "$daemon"
       ctl set_topic_permissions "$user" amq.topic \
-        '^ecgmon\.(beats|alarms|errors|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons)(\..*)?$' ;;
+        '^ecgmon\.(beats|alarms|errors|active|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons|query)(\..*)?$' ;;
     device)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
       ctl set_topic_permissions "$user" amq.topic '^ecgmon\.ecg\.{username}$' '^ecgmon\.errors\.{username}$' ;;
     station)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
-      ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(alarms|beats|status|stats)(\..*)?$' ;;
+      ctl set_topic_permissions "$user" amq.topic '^ecgmon\.query\.active$' '^ecgmon\.(alarms|active|beats|status|stats)(\..*)?$' ;;
     ops)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
-      ctl set_topic_permissions "$user" amq.topic '^$' '^ecgmon\.(errors|status|stats)(\..*)?$' ;;
+      ctl set_topic_permissions "$user" amq.topic '^ecgmon\.query\.active$' '^ecgmon\.(errors|active|status|stats)(\..*)?$' ;;
     *) echo "unknown role $role (daemon, device, station, ops)" >&2; exit 2 ;;
   esac
 done

@@ -27,17 +27,23 @@ def format_alarm(doc: dict[str, Any]) -> str:
 
 
 class AlarmPrinter:
-    """Prints every alarm event and daemon status change; appends JSON lines when `json_out` is given."""
+    """Prints the alarms open when it starts ("(open)"), then every alarm event and daemon status change; appends
+    the events as JSON lines when `json_out` is given."""
 
     def __init__(self, out: TextIO, json_out: TextIO | None = None,
                  on_alarm: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._out, self._json_out, self._on_alarm = out, json_out, on_alarm
         self._lock = threading.Lock()
+        self._shown: dict[str, tuple[str, float]] = {}  # open alarm id -> (state, time) of its last message printed
         self.count = 0
 
     def attach(self, client: MqttClient, topics: Topics) -> None:
+        """Subscribe to the alarms, the open alarms (retained on mosquitto; on a RabbitMQ cluster, asked for on
+        `<prefix>/query/active`) and every daemon's status."""
+        client.subscribe(topics.active(), self._open, qos=1)  # first: what was open before the events after
         client.subscribe(topics.alarms(), self._alarm, qos=1)
         client.subscribe(topics.every_status, self._status, qos=1)
+        client.publish(topics.query_active, b"", qos=1)
 
     def _alarm(self, topic: str, payload: bytes) -> None:
         doc = json.loads(payload)
@@ -46,8 +52,22 @@ class AlarmPrinter:
             self._write(self._out, format_alarm(doc))
             if self._json_out is not None:
                 self._write(self._json_out, json.dumps(doc))
+            if doc.get("state") == "cleared":
+                self._shown.pop(str(doc.get("alarm_id")), None)
+            else:
+                self._shown[str(doc.get("alarm_id"))] = (doc.get("state"), doc.get("time"))
         if self._on_alarm is not None:
             self._on_alarm(doc)
+
+    def _open(self, topic: str, payload: bytes) -> None:
+        """An open alarm's last message: printed unless it was printed as an event (an emptied copy: cleared)."""
+        if not payload:
+            return
+        doc = json.loads(payload)
+        with self._lock:
+            if self._shown.get(str(doc.get("alarm_id"))) != (doc.get("state"), doc.get("time")):
+                self._shown[str(doc.get("alarm_id"))] = (doc.get("state"), doc.get("time"))
+                self._write(self._out, "(open) " + format_alarm(doc))
 
     def _status(self, topic: str, payload: bytes) -> None:
         doc = json.loads(payload) if payload else {}  # an emptied retained status: a daemon removed for good

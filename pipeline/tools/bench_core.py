@@ -106,7 +106,7 @@ class EncodingSink:
         json.dumps(doc, separators=(",", ":")).encode()
         self.published += 1
 
-    beats = alarm = rejected = stats = status = _send
+    beats = alarm = open_alarm = rejected = stats = status = _send
 
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return []
