@@ -17,7 +17,7 @@ partition with one daemon.
 
 The devices' state goes with their partition. Every `checkpoint_s` the daemon checkpoints the state of each
 partition's devices (filters, recurrent and beat-stage state, beat picking, alarms, last seq: the daemon's
-`save_devices`) to the partition's state queue, a quorum queue that keeps only its newest message, and only
+`save_devices`) to the partition's state queue, a quorum queue that keeps its newest few, versioned, and only
 then acknowledges the windows that checkpoint covers. A daemon that lets a partition go checkpoints it one
 last time before it closes the partition's channel; a daemon that becomes a partition's active consumer
 restores its checkpoint before its first window. So whoever takes a partition over, after a hand-off or a
@@ -56,6 +56,16 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 MEMBER_TIMEOUT_S = 5.0
 LEAVING = b"leaving"  # the last heartbeat of a daemon that stops
+# A daemon that becomes a partition's consumer gets the windows its previous consumer had taken and not
+# acknowledged after the windows published since (RabbitMQ 3.10 activates the next single active consumer before
+# it returns the previous one's), so for this long it gives the daemon the returned (redelivered) windows at once
+# and holds the new ones back: every returned window is older than every new one (s).
+HANDOFF_GRACE_S = 1.0
+# A partition's state queue keeps its newest checkpoints, each with a version (`VERSION` header: nanoseconds, and
+# above the version it follows), and a restore takes the highest: a checkpoint that the cluster refused to confirm
+# while a queue leader moved can still be written later, over newer ones, and must not win.
+CHECKPOINTS_KEPT = 3
+VERSION = "ecgmon-version"
 QUERY_INTERVAL_S = 1.0  # the open alarms are published again at most this often (s); queries meanwhile wait
 
 
@@ -140,7 +150,7 @@ class Partitions:
                                   arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
             channel.queue_bind(self.queue(k), self.exchange, routing_key="1")  # equal weights
             channel.queue_declare(self.state_queue(k), durable=True,
-                                  arguments={"x-queue-type": "quorum", "x-max-length": 1})  # drops the older
+                                  arguments={"x-queue-type": "quorum", "x-max-length": CHECKPOINTS_KEPT})
 
 
 @dataclass
@@ -154,6 +164,8 @@ class _Consumer:
     checkpointing: bool = False  # a checkpoint is on its way
     finished: list[int] = field(default_factory=list)  # delivery tags the daemon has finished with, not acked
     devices: set[str] = field(default_factory=set)
+    held: list[tuple[str, bytes, int]] | None = None  # new windows held back after a hand-off: (device, payload, tag)
+    hold_until: float = 0.0  # monotonic time the held windows go to the daemon
 
 
 class PartitionedSource:
@@ -176,6 +188,7 @@ class PartitionedSource:
         self._states = states
         self._heard: dict[str, float] = {}  # daemon id -> monotonic time of its last heartbeat
         self._left: set[str] = set()  # daemons that said they stop
+        self._versions: dict[int, int] = {}  # partition -> version of the last checkpoint restored or written
         self._consumers: dict[int, _Consumer] = {}
         self._lock = threading.Lock()  # _Consumer.finished and .devices are written by the worker too
         self._members: list[str] = []  # as last seen, and the partitions they give this daemon
@@ -253,7 +266,6 @@ class PartitionedSource:
         channel.basic_qos(prefetch_count=self._prefetch)
         consumer = _Consumer(channel)
         prefix_len = len(self.partitions.prefix) + len(".ecg.")
-        deliver = self._deliver
 
         def on_message(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
             if consumer.releasing or self._stopping.is_set():
@@ -261,27 +273,46 @@ class PartitionedSource:
             if consumer.fresh:  # this daemon has just become the partition's active consumer
                 consumer.fresh = False
                 self._restore(p)
-            device, tag = routing_key(method.routing_key[prefix_len:]), method.delivery_tag
-            with self._lock:
-                consumer.devices.add(device)
-
-            def done() -> None:  # on the worker: acknowledged with the next checkpoint
-                with self._lock:
-                    consumer.finished.append(tag)
-
-            deliver(device, body, time.monotonic(), done)
+                consumer.held, consumer.hold_until = [], time.monotonic() + HANDOFF_GRACE_S
+            device = routing_key(method.routing_key[prefix_len:])
+            if consumer.held is not None and not method.redelivered:
+                consumer.held.append((device, body, method.delivery_tag))
+            else:
+                self._hand(consumer, device, body, method.delivery_tag)
 
         channel.basic_consume(self.partitions.queue(p), on_message)
         self._consumers[p] = consumer
 
+    def _hand(self, consumer: _Consumer, device: str, body: bytes, tag: int) -> None:
+        """Give the daemon one window of `consumer`'s partition."""
+        assert self._deliver is not None
+        with self._lock:
+            consumer.devices.add(device)
+
+        def done() -> None:  # on the worker: acknowledged with the next checkpoint
+            with self._lock:
+                consumer.finished.append(tag)
+
+        self._deliver(device, body, time.monotonic(), done)
+
     def _restore(self, p: int) -> None:
         """Have the daemon continue partition p's devices from its checkpoint, before any of its windows."""
         assert self._store is not None
-        method, _, blob = self._store.basic_get(self.partitions.state_queue(p), auto_ack=False)
-        if method is None:
+        # All taken off the queue, and the newest put back at once: a checkpoint left unacknowledged in the queue
+        # would make it drop the next checkpoint rather than this one (x-max-length counts it, and drops the oldest
+        # ready one).
+        found: list[tuple[int, bytes]] = []
+        while True:
+            method, properties, blob = self._store.basic_get(self.partitions.state_queue(p), auto_ack=True)
+            if method is None:
+                break
+            found.append((int((properties.headers or {}).get(VERSION, 0)), blob))
+        if not found:
             log.info("partition %d: no checkpoint, its devices start cold", p)
             return
-        self._store.basic_nack(method.delivery_tag, requeue=True)  # it stays the partition's checkpoint
+        version, blob = max(found, key=lambda checkpoint: checkpoint[0])
+        self._versions[p] = version - 1
+        self._write_checkpoint(p, blob)
 
         def restore() -> None:
             n = self._states.restore_devices(blob, f"checkpoint of partition {p}")
@@ -309,16 +340,33 @@ class PartitionedSource:
 
         self._states.call_soon(save)
 
-    def _stored(self, p: int, consumer: _Consumer, blob: bytes, tags: list[int], release: bool) -> None:
-        """Write partition p's checkpoint (confirmed by the cluster), then acknowledge what it covers."""
+    def _write_checkpoint(self, p: int, blob: bytes) -> None:
+        """Make `blob` partition p's newest checkpoint, once the cluster confirms it (raises pika's AMQPError if
+        not)."""
         assert self._store is not None
+        version = max(self._versions.get(p, 0) + 1, time.time_ns())
         self._store.basic_publish("", self.partitions.state_queue(p), blob,
-                                  BasicProperties(delivery_mode=pika.DeliveryMode.Persistent), mandatory=True)
-        self.checkpoints += 1
+                                  BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                                  headers={VERSION: version}), mandatory=True)
+        self._versions[p] = version
+
+    def _stored(self, p: int, consumer: _Consumer, blob: bytes, tags: list[int], release: bool) -> None:
+        """Write partition p's checkpoint (confirmed by the cluster), then acknowledge what it covers. One the
+        cluster refuses (a queue leader moving) acknowledges nothing: its windows wait for the next checkpoint, or
+        go back to the partition with the release."""
         consumer.checkpointing = False
+        try:
+            self._write_checkpoint(p, blob)
+        except pika.exceptions.NackError:
+            log.warning("partition %d: checkpoint not confirmed by the cluster; its windows wait for the next", p)
+            with self._lock:
+                consumer.finished = tags + consumer.finished
+            tags = []
+        else:
+            self.checkpoints += 1
         if consumer.channel.is_open:
-            if tags:
-                consumer.channel.basic_ack(max(tags), multiple=True)
+            for tag in sorted(tags):  # one by one: held windows may be finished after later ones
+                consumer.channel.basic_ack(tag)
             if release:
                 consumer.channel.close()  # what is not acknowledged goes back to the partition, for its next owner
         if release and self._consumers.get(p) is consumer:
@@ -361,6 +409,11 @@ class PartitionedSource:
                 del self._consumers[p]
             else:
                 self._checkpoint(p, consumer, release=True)
+        for consumer in self._consumers.values():
+            if consumer.held is not None and now >= consumer.hold_until and not consumer.releasing:
+                held, consumer.held = consumer.held, None
+                for device, body, tag in held:
+                    self._hand(consumer, device, body, tag)
         if self._answer_due is not None and now >= self._answer_due:
             self._answer_due, self._last_answer = None, now
             self._states.call_soon(self._states.publish_open_alarms)

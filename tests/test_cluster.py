@@ -1,6 +1,6 @@
 """Daemons on a real 3-node RabbitMQ cluster (Debian's rabbitmq-server, started on loopback ports): devices
-publish MQTT to the cluster, the partitioned source gives each partition to one daemon, results go out over the
-cluster's MQTT plugin."""
+publish MQTT to the cluster, the partitioned source gives each partition to one daemon, results go back to the
+cluster over AMQP and reach the subscribers through its MQTT plugin."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def cluster() -> Iterator[RabbitCluster]:
 
 @pytest.fixture()
 def daemons(cluster: RabbitCluster, request: pytest.FixtureRequest) -> Iterator[list[Daemon]]:
-    """Three daemons, each reading from its own node first (the others to fail over to) and publishing its results
-    through node 2's MQTT plugin; the topic prefix is the test's own."""
+    """Three daemons, each reading from and publishing to its own node first (the others to fail over to); the topic
+    prefix is the test's own."""
     prefix = request.node.name.replace("_", "")[-20:]
     started = []
     for k, node in enumerate(cluster.nodes):
@@ -70,8 +70,7 @@ def daemons(cluster: RabbitCluster, request: pytest.FixtureRequest) -> Iterator[
         config = DaemonConfig.model_validate({
             "source": "rabbitmq", "rabbitmq": {"nodes": [f"{cluster.host}:{n.amqp_port}" for n in nodes],
                                                "partitions": PARTITIONS},
-            "mqtt": {"host": cluster.host, "port": cluster.nodes[1].mqtt_port, "client_id": f"{prefix}-daemon-{k}",
-                     "topic_prefix": prefix, "protocol": "3.1.1"},
+            "mqtt": {"client_id": f"{prefix}-daemon-{k}", "topic_prefix": prefix},
             "metrics": {"port": None}, "alarms": {"signal_loss_s": 60}})  # the tests pause the devices at times
         daemon = Daemon(config)
         assert daemon.start()
@@ -103,6 +102,19 @@ def queued(cluster: RabbitCluster, node: RabbitNode, prefix: str) -> int:
     out = cluster.ctl(node, "list_queues", "name", "messages", "--no-table-headers", "--silent").stdout
     return sum(int(n) for name, n in (line.split() for line in out.splitlines() if line.strip())
                if name.startswith(f"{prefix}.ecg.p"))
+
+
+def answered(beats: Collector, expected: set[tuple[str, int]], daemons: list[Daemon], timeout: float
+             ) -> list[dict[str, Any]]:
+    """The beats messages once there is one for each (device, seq) of `expected`; if not within `timeout` (s), fail
+    saying which are missing and where the daemons stand."""
+    try:
+        return beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=timeout)
+    except AssertionError:
+        missing = sorted(expected - {(d["device"], d["seq"]) for d in beats.docs()})
+        states = [(d.config.mqtt.client_id, partitioned(d).assigned, partitioned(d).reconnects, d.stats())
+                  for d in daemons]
+        raise AssertionError(f"no beats for {len(missing)} windows: {missing[:50]}; daemons: {states}") from None
 
 
 def by_seq(docs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
@@ -212,7 +224,7 @@ def test_a_stopped_daemons_partitions_go_to_the_others_and_no_window_is_lost(war
     before = sum(daemon.stats()["active_streams"] for daemon in rest)
     send(publisher, topics, x, devices, range(10, 20))
     expected = sorted((f"bed-{d}", s) for d in range(devices) for s in range(20))
-    docs = beats.wait_for(lambda d: {(doc["device"], doc["seq"]) for doc in d} >= set(expected), timeout=60)
+    docs = answered(beats, set(expected), daemons, timeout=60)
     assert sorted((d["device"], d["seq"]) for d in docs) == expected  # none lost, none twice
     wait_until(lambda: sum(daemon.stats()["active_streams"] for daemon in rest) == before + held)
 
@@ -252,7 +264,7 @@ def test_a_killed_daemons_partitions_and_windows_move_to_the_others(
         send(ward.publisher, ward.topics, ward.x, 8, range(5))
     send(ward.publisher, ward.topics, ward.x, 8, range(5, 10))
     expected = {(f"bed-{d}", s) for d in range(8) for s in range(10)}
-    ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=60)
+    answered(ward.beats, expected, daemons, timeout=60)
     # it could not say so itself: the daemons left say it is offline, as the broker says an MQTT daemon's last will
     status.wait_for(lambda docs: {"state": "offline", "reason": "connection lost"} in docs, part="/status/victim")
     status.close()
@@ -276,7 +288,7 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
         send(ward.publisher, topics, x, devices, range(26, 29), stagger_s=0)  # in flight at the kill
     send(ward.publisher, topics, x, devices, range(29, windows), stagger_s=0)
     expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
-    docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
+    docs = answered(ward.beats, expected, daemons, timeout=90)
     assert sum(partitioned(d).restored for d in daemons) > 0  # some devices were the victim's
     record = load_record(physionet / "mitdb", "100")
     samples, classes = stream_records(daemons[0].model, [dataclasses.replace(record, signal_mv=x[:windows * 360])],
@@ -320,7 +332,7 @@ def test_a_killed_broker_node_loses_no_window_and_no_alarm(physionet: Path, clus
         late.close()
         send(ward.publisher, topics, x, devices, range(26, windows), stagger_s=0)
         expected = {(f"bed-{d}", s) for d in range(devices) for s in range(windows)}
-        docs = ward.beats.wait_for(lambda docs: {(d["device"], d["seq"]) for d in docs} >= expected, timeout=90)
+        docs = answered(ward.beats, expected, daemons, timeout=90)
         for d in range(devices):
             assert [doc["seq"] for doc in by_seq(docs, f"bed-{d}")] == list(range(windows))
         assert partitioned(daemons[0]).reconnects >= 1 and daemons[0].stats()["reconnects"] >= 1  # source and sink
