@@ -272,8 +272,8 @@ class PartitionedSource:
                 return  # left unacknowledged: back to the partition when its channel closes
             if consumer.fresh:  # this daemon has just become the partition's active consumer
                 consumer.fresh = False
-                self._restore(p)
-                consumer.held, consumer.hold_until = [], time.monotonic() + HANDOFF_GRACE_S
+                if self._restore(p):  # it had an owner before, whose windows may come back after newer ones
+                    consumer.held, consumer.hold_until = [], time.monotonic() + HANDOFF_GRACE_S
             device = routing_key(method.routing_key[prefix_len:])
             if consumer.held is not None and not method.redelivered:
                 consumer.held.append((device, body, method.delivery_tag))
@@ -295,8 +295,9 @@ class PartitionedSource:
 
         self._deliver(device, body, time.monotonic(), done)
 
-    def _restore(self, p: int) -> None:
-        """Have the daemon continue partition p's devices from its checkpoint, before any of its windows."""
+    def _restore(self, p: int) -> bool:
+        """Have the daemon continue partition p's devices from its checkpoint, before any of its windows; False if
+        p has none."""
         assert self._store is not None
         # All taken off the queue, and the newest put back at once: a checkpoint left unacknowledged in the queue
         # would make it drop the next checkpoint rather than this one (x-max-length counts it, and drops the oldest
@@ -309,7 +310,7 @@ class PartitionedSource:
             found.append((int((properties.headers or {}).get(VERSION, 0)), blob))
         if not found:
             log.info("partition %d: no checkpoint, its devices start cold", p)
-            return
+            return False
         version, blob = max(found, key=lambda checkpoint: checkpoint[0])
         self._versions[p] = version - 1
         self._write_checkpoint(p, blob)
@@ -320,6 +321,7 @@ class PartitionedSource:
             log.info("partition %d: %d devices continue from its checkpoint", p, n)
 
         self._states.call_soon(restore)
+        return True
 
     def _checkpoint(self, p: int, consumer: _Consumer, release: bool) -> None:
         """Checkpoint partition p on the worker (after the windows delivered so far), then acknowledge the windows
