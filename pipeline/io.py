@@ -168,4 +168,4 @@ class MqttSink:
         self._client.publish_json(self._topics.stats, doc, qos=0)
 
     def status(self, doc: dict[str, Any]) -> None:
-        self._last_status = self._client.publish(self._topics.status, json.dumps(doc), qos=1, retain=True)
+        self._last_status = self._client.publish_json(self._topics.status, doc, qos=1, retain=True)

@@ -92,6 +92,11 @@ class Topics:
         return topic.rsplit("/", 1)[-1]
 
 
+def encode_json(doc: dict[str, Any]) -> bytes:
+    """A message as it goes out: compact JSON."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 class ConnectError(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
@@ -201,8 +206,9 @@ class MqttClient:
         """Queue a message; QoS 1 messages queued while disconnected go out after reconnect."""
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False) -> None:
-        self.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos, retain=retain)
+    def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False
+                     ) -> paho.MQTTMessageInfo:
+        return self.publish(topic, encode_json(doc), qos=qos, retain=retain)
 
     def read_retained(self, topic_filter: str, marker_topic: str, timeout_s: float = 10.0) -> list[tuple[str, bytes]]:
         """The messages retained under `topic_filter`, read to the end.

@@ -21,7 +21,6 @@ those open before it came on `<prefix>/query/active` (pipeline/rabbit.py), which
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -33,7 +32,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
-from pipeline.mqtt import ConnectError, Topics
+from pipeline.mqtt import ConnectError, Topics, encode_json
 from pipeline.rabbit import close_quietly, connect, routing_key
 
 log = logging.getLogger(__name__)
@@ -96,24 +95,24 @@ class AmqpSink:
     # ResultSink
     def beats(self, doc: dict[str, Any]) -> None:
         if self._publish_beats:
-            self._drop_if_full(_Message(self._topics.beats(doc["device"]), _encode(doc), False))
+            self._drop_if_full(_Message(self._topics.beats(doc["device"]), encode_json(doc), False))
 
     def alarm(self, doc: dict[str, Any]) -> None:
-        self._outbox.put(_Message(self._topics.alarms(doc["device"]), _encode(doc), True))
+        self._outbox.put(_Message(self._topics.alarms(doc["device"]), encode_json(doc), True))
 
     def open_alarm(self, doc: dict[str, Any]) -> None:
         """On its `active` topic, not retained (a subscriber asked on `<prefix>/query/active`)."""
-        self._outbox.put(_Message(self._topics.active(doc["device"], doc["type"]), _encode(doc), True))
+        self._outbox.put(_Message(self._topics.active(doc["device"], doc["type"]), encode_json(doc), True))
 
     def rejected(self, doc: dict[str, Any]) -> None:
-        self._drop_if_full(_Message(self._topics.errors(doc["device"]), _encode(doc), False))
+        self._drop_if_full(_Message(self._topics.errors(doc["device"]), encode_json(doc), False))
 
     def stats(self, doc: dict[str, Any]) -> None:
-        self._drop_if_full(_Message(self._topics.stats, _encode(doc), False))
+        self._drop_if_full(_Message(self._topics.stats, encode_json(doc), False))
 
     def status(self, doc: dict[str, Any]) -> None:
         """Not retained (the cluster cannot); sent again after every reconnect."""
-        self._last_status = _Message(self._topics.status, _encode(doc), True)
+        self._last_status = _Message(self._topics.status, encode_json(doc), True)
         self._outbox.put(self._last_status)
 
     def open_alarms(self) -> list[dict[str, Any]] | None:
@@ -182,7 +181,3 @@ class AmqpSink:
             except pika.exceptions.AMQPError as err:
                 log.warning("results: RabbitMQ connection lost (%s)", err)
                 self._channel = None
-
-
-def _encode(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()

@@ -17,7 +17,6 @@ each stage's share of the sampled time times the worker's CPU time is its cost.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import threading
@@ -34,7 +33,7 @@ from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.io import Deliver
-from pipeline.mqtt import DEVICE_ID
+from pipeline.mqtt import DEVICE_ID, encode_json
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
 STAGES = {
@@ -103,7 +102,7 @@ class EncodingSink:
         self.published = 0
 
     def _send(self, doc: dict[str, Any]) -> None:
-        json.dumps(doc, separators=(",", ":")).encode()
+        encode_json(doc)
         self.published += 1
 
     beats = alarm = open_alarm = rejected = stats = status = _send
