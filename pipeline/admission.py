@@ -81,10 +81,6 @@ class Admission:
         """Restart `device`'s stream at `window` (already admitted), e.g. after an internal error."""
         return self._start(device, window, self.streams[device].last_arrival)
 
-    def silent(self, now: float, seconds: float) -> list[str]:
-        """Devices whose last window arrived `seconds` or more before `now` (s, monotonic)."""
-        return [d for d, s in self.streams.items() if now - s.last_arrival >= seconds]
-
     def forget(self, device: str) -> None:
         del self.streams[device]
 

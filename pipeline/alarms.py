@@ -323,8 +323,8 @@ class DeviceAlarms:
     def on_gap(self, now: float, detail: dict[str, Any]) -> list[AlarmEvent]:
         """The stream had a gap and restarts cold at `now`."""
         self._restart(now)
-        self.gap_since = now
-        return self._set("data_gap", True, now, {**detail, "physiological_alarms": "suspended"})
+        self.gap_since = now  # one alarm for a run of gaps, not an update per gap (an overload makes thousands)
+        return self._set("data_gap", True, now, {**detail, "physiological_alarms": "suspended"}, update=False)
 
     def on_silence(self, now: float, silent_s: float) -> list[AlarmEvent]:
         """No data has arrived for `silent_s` seconds (wall clock)."""
@@ -380,11 +380,25 @@ class DeviceAlarms:
         """Forget active alarms whose ids are not in `open_alarm_ids`: their subscribers saw them cleared."""
         self.active = {t: a for t, a in self.active.items() if a.alarm_id in open_alarm_ids}
 
-    def clear_all(self, now: float, reason: str) -> list[AlarmEvent]:
-        """Clear every active alarm (the device's state is being dropped)."""
-        events = [self._event(t, "cleared", now, {"reason": reason}) for t in self.active]
-        self.active.clear()
-        return events
+    def adopt(self, alarm_id: str, alarm_type: str, raised: float, last: float, evidence: dict[str, Any]) -> None:
+        """Hold an alarm that subscribers see open, raised at `raised` with its last message at `last` (s), whose
+        state was lost: it stays open until the rules judge it again on the device's data."""
+        evidence = {k: v for k, v in evidence.items() if k not in ("raised_at", "model_version")}
+        self.active[alarm_type] = _Active(alarm_id, raised, last, last, evidence)
+        if alarm_type == "data_gap":
+            self.gap_since = last
+
+    def resume(self, now: float) -> None:
+        """The device's data returns at `now` (s) after its analysis state was dropped: the open alarms stay, and
+        are judged again once the analysis has warmed up."""
+        self._restart(now)
+        self.rate_from = now
+        if "data_gap" in self.active:
+            self.gap_since = now
+
+    def forget_beats(self) -> None:
+        """Drop the beat history (the device's analysis state is being dropped; its open alarms stay)."""
+        self._restart(self.started)
 
     # --- rules --------------------------------------------------------------------------------
     def _hr_bpm(self, n_beats: int) -> float | None:
@@ -393,20 +407,33 @@ class DeviceAlarms:
         span = self.times[-1] - self.times[-n_beats]
         return 60.0 * (n_beats - 1) / span if span > 0 else None
 
+    def _median_rr_bpm(self, n_beats: int) -> float | None:
+        """60 / the median RR of the last `n_beats` beats (bpm): one missed beat does not halve it."""
+        if len(self.times) < n_beats:
+            return None
+        rr = float(np.median(np.diff(list(self.times)[-n_beats:])))
+        return 60.0 / rr if rr > 0 else None
+
     def _rate_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:
+        """Extreme bradycardia raised when both the rate and 60 / the median RR over `brady_beats` beats are below
+        `brady_bpm` (one beat the model missed does not make a slow rate), cleared once the rate has stayed at or
+        above `brady_clear_bpm` for `brady_hold_s` (hysteresis in rate and time); extreme tachycardia from the rate."""
         if not new_beats:
             return []
         c = self.config
         events: list[AlarmEvent] = []
-        for alarm_type, n, bpm, below in (("extreme_bradycardia", c.brady_beats, c.brady_bpm, True),
-                                          ("extreme_tachycardia", c.tachy_beats, c.tachy_bpm, False)):
-            hr = self._hr_bpm(n)
-            if below and "ventricular_fibrillation" in self.active:
-                continue
-            if hr is not None and self.times[-n] >= self.rate_from:
-                present = hr < bpm if below else hr > bpm
-                if present or alarm_type in self.active:  # else nothing to raise or clear
-                    events += self._set(alarm_type, present, now, self._evidence(n, hr))
+        if "ventricular_fibrillation" not in self.active:
+            hr, median_hr = self._hr_bpm(c.brady_beats), self._median_rr_bpm(c.brady_beats)
+            if hr is not None and median_hr is not None and self.times[-c.brady_beats] >= self.rate_from:
+                active = self.active.get("extreme_bradycardia")
+                present = hr < c.brady_clear_bpm if active else max(hr, median_hr) < c.brady_bpm
+                if active is None or present or now - active.last_seen >= c.brady_hold_s:
+                    events += self._set("extreme_bradycardia", present, now, self._evidence(c.brady_beats, hr))
+        hr = self._hr_bpm(c.tachy_beats)
+        if hr is not None and self.times[-c.tachy_beats] >= self.rate_from:
+            present = hr > c.tachy_bpm
+            if present or "extreme_tachycardia" in self.active:
+                events += self._set("extreme_tachycardia", present, now, self._evidence(c.tachy_beats, hr))
         return events
 
     def _run_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:

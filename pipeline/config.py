@@ -96,8 +96,13 @@ class AlarmConfig(Strict):
 
     warmup_s: float = Field(10.0, ge=0, description="physiological alarms held back after a stream (re)starts (s)")
     asystole_s: float = Field(4.0, gt=0, description="no QRS for this long (s)")
-    brady_bpm: float = Field(40.0, gt=0)
-    brady_beats: int = Field(5, ge=2)
+    brady_bpm: float = Field(40.0, gt=0, description="extreme_bradycardia: 60 / the median RR of the last "
+                             "brady_beats beats below this (bpm)")
+    brady_clear_bpm: float = Field(45.0, gt=0, description="extreme_bradycardia clears at or above this (bpm; "
+                                   "hysteresis)")
+    brady_hold_s: float = Field(5.0, ge=0, description="extreme_bradycardia clears once the rate has stayed at or "
+                                "above brady_clear_bpm this long (s)")
+    brady_beats: int = Field(5, ge=3)
     tachy_bpm: float = Field(140.0, gt=0)
     tachy_beats: int = Field(17, ge=2)
     vt_beats: int = Field(5, ge=3, description="consecutive V beats")
@@ -139,7 +144,11 @@ class StateConfig(Strict):
     """Per-device state saved on shutdown and periodically, restored on start."""
 
     path: Path | None = Field(None, description="state file; null disables saving and restoring")
-    save_interval_s: float = Field(60.0, gt=0)
+    save_interval_s: float = Field(10.0, gt=0, description="the state is saved this often, and the windows it "
+                                   "covers then acknowledged to the broker: a daemon killed gets the windows since "
+                                   "the last save again (s)")
+    max_unsaved_windows: int = Field(20_000, ge=1, description="saved sooner when this many windows wait for a save "
+                                     "(the broker holds them unacknowledged: keep below its in-flight limit)")
     max_age_s: float = Field(600.0, gt=0, description="an older state file is ignored (s)")
 
 

@@ -9,6 +9,7 @@ of pipeline/messages.py; a watchdog (pipeline/watchdog.py) reports when the work
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -87,7 +88,11 @@ class Daemon:
         self._model: BeatModel | None = None
         self._streams: BeatStreams | None = None
         self._admission = Admission(config.streams.max_gap_s)
-        self._alarms: dict[str, DeviceAlarms] = {}
+        self._alarms: dict[str, DeviceAlarms] = {}  # every device known: streaming, or dormant with open alarms
+        # Devices without a stream whose open alarms stay until their data returns: evicted after idle_evict_s, or
+        # known only from the open alarms on the broker at start. Device -> (signal time when it went silent (s),
+        # when it went silent (s, monotonic)).
+        self._dormant: dict[str, tuple[float, float]] = {}
         self._beat_batches: dict[str, BeatBatch] = {}  # with output.beats_every_s > 0
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=config.streams.queue_windows)
         self._worker: threading.Thread | None = None
@@ -105,8 +110,15 @@ class Daemon:
         self._next_stats = 0.0
         self._last_taken = 0.0  # arrival time (s, monotonic) of the last window the worker took from the queue
         self._next_save = time.monotonic() + config.state.save_interval_s
+        self._unsaved: list[Callable[[], None]] = []  # acknowledgements of windows the next state save covers
+        self._saver: threading.Thread | None = None  # writing the last snapshot to state.path
+        self._unproven_since: float | None = None  # monotonic time the source's link stopped being proven
         self.metrics.active_alarms.set_function(self._count_active_alarms)
         self.metrics.analysis_alive.set_function(lambda: float(self.watchdog.alive))
+        for gauge, key in ((self.metrics.alarm_messages_pending, "alarms_pending"),
+                           (self.metrics.alarm_message_delay, "alarm_delay_s"),
+                           (self.metrics.alarm_messages_lost, "alarms_lost")):
+            gauge.set_function(lambda key=key: float(self._sink.counts().get(key, 0) if self._sink else 0))  # type: ignore[misc]
 
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> bool:
@@ -174,32 +186,63 @@ class Daemon:
     def _load_model(self) -> None:
         m = self.config.model
         self._model = BeatModel(m.path, m.intra_op_threads, m.inter_op_threads)
-        self._streams = BeatStreams(self._model)
+        self._streams = BeatStreams(self._model, flat_mv=self.config.alarms.flat_mv)
 
     def _restore_state(self) -> None:
         """Devices saved by the previous run resume where they were; a bad or old file is reported and ignored."""
         path = self.config.state.path
         if path is None:
             return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise OSError(f"state.path: cannot write in {path.parent} (set state.path, or null to keep no state)")
         n = self._restore_devices(load_state(path, self.model_version, self.config.state.max_age_s))
         log.info("restored %d devices from %s", n, path)
 
-    def _save_state(self) -> None:
+    def _save_state(self, wait: bool = False) -> None:
+        """Snapshot every device (on the worker), then write it to state.path and acknowledge the windows it covers
+        to the broker (on a saver thread; `wait`: here). A save still being written is not overtaken."""
         path = self.config.state.path
-        if path is None:
+        if path is None or (self._saver is not None and self._saver.is_alive()):
             return
-        try:
-            save_state(path, self.model_version, self._device_states(list(self._admission.streams)))
-        except OSError as err:
-            log.error("cannot save the state to %s: %s", path, err)
+        devices = self._device_states([*self._admission.streams, *self._dormant])
+        acks, self._unsaved = self._unsaved, []
+
+        def write() -> None:
+            try:
+                save_state(path, self.model_version, devices)
+            except OSError as err:
+                log.error("cannot save the state to %s: %s; its windows are acknowledged unsaved", path, err)
+            for ack in acks:
+                ack()
+
+        if wait:
+            write()
+        else:
+            self._saver = threading.Thread(target=write, name="ecgmon-state", daemon=True)
+            self._saver.start()
+
+    def _finished(self, done: Callable[[], None] | None) -> None:
+        """A window is finished with: acknowledge it to its source now, or, with a state file, once a save covers
+        it (so that a daemon killed before the save gets it again, and continues warm from the saved state)."""
+        if done is None:
+            return
+        if self.config.state.path is None:
+            done()
+        else:
+            self._unsaved.append(done)
 
     def _device_states(self, devices: list[str]) -> dict[str, dict[str, Any]]:
-        """Everything the daemon holds of each of `devices` it holds, as JSON-able values."""
+        """Everything the daemon holds of each of `devices` it holds, as JSON-able values (a dormant device: its
+        alarms, and when it went silent)."""
         assert self._streams is not None
         unix_minus_monotonic = time.time() - time.monotonic()
-        return {d: {"stream": self._admission.save(d, unix_minus_monotonic), "streams": self._streams.save(d),
-                    "alarms": self._alarms[d].to_dict()}
-                for d in devices if d in self._admission.streams}
+        docs: dict[str, dict[str, Any]] = {
+            d: {"stream": self._admission.save(d, unix_minus_monotonic), "streams": self._streams.save(d),
+                "alarms": self._alarms[d].to_dict()} for d in devices if d in self._admission.streams}
+        docs.update({d: {"dormant": [self._dormant[d][0], self._dormant[d][1] + unix_minus_monotonic],
+                         "alarms": self._alarms[d].to_dict()} for d in devices if d in self._dormant})
+        return docs
 
     def _restore_devices(self, docs: dict[str, dict[str, Any]]) -> int:
         """Continue each device from its saved state (a malformed one starts cold); returns how many resumed."""
@@ -209,10 +252,14 @@ class Daemon:
         for device, doc in docs.items():
             self._forget(device)
             try:
-                self._streams.restore(device, doc["streams"])
                 self._alarms[device] = DeviceAlarms.from_dict(device, self.config.alarms, self.model_version,
                                                               self.model.info.af_detector, doc["alarms"])
-                self._admission.restore(device, doc["stream"], unix_minus_monotonic)
+                if "dormant" in doc:
+                    signal_time, silent_since_unix = doc["dormant"]
+                    self._dormant[device] = (float(signal_time), float(silent_since_unix) - unix_minus_monotonic)
+                else:
+                    self._streams.restore(device, doc["streams"])
+                    self._admission.restore(device, doc["stream"], unix_minus_monotonic)
                 restored += 1
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("saved state of device %r is malformed (%s): it starts cold", device, err)
@@ -305,8 +352,13 @@ class Daemon:
             return
         docs = self._sink.open_alarms()
         if docs is not None:
-            streams = self._admission.streams
-            self._emit(reconcile(docs, self._alarms, lambda d: streams[d].next_t0 if d in streams else 0.0))
+            for device, signal_time in reconcile(docs, self._alarms, self._new_alarms).items():
+                if device not in self._admission.streams:
+                    self._dormant[device] = (signal_time, time.monotonic())
+
+    def _new_alarms(self, device: str, started: float) -> DeviceAlarms:
+        """A device's alarm state from nothing, its stream (re)started at `started` (s, signal time)."""
+        return DeviceAlarms(device, self.config.alarms, self.model_version, started, self.model.info.af_detector)
 
     def _start_worker(self) -> None:
         self._stop_worker.clear()
@@ -328,7 +380,9 @@ class Daemon:
         self.watchdog.stop()
         self._worker = None
         self._flush_beats()
-        self._save_state()
+        if self._saver is not None:
+            self._saver.join()
+        self._save_state(wait=True)
 
     def _announce_online(self) -> None:
         self._announced = True
@@ -447,8 +501,7 @@ class Daemon:
                 for a in group:
                     self._internal_error(a.device, err, a.window)
         for item in batch:  # every window of the batch is finished with: analysed, rejected or dropped
-            if item.done is not None:
-                item.done()
+            self._finished(item.done)
 
     def _admit(self, item: Pending) -> Admitted | None:
         """Decode a payload and admit it to its device's stream; None when it is rejected or dropped."""
@@ -464,10 +517,15 @@ class Daemon:
         verdict = self._admission.admit(item.device, window, item.received)
         if verdict.stream is None:
             self._count_drop(verdict.kind)
+            self._tell_device(item.device, verdict.kind, f"seq {window.seq} was already analysed (expected "
+                              f"{self._admission.streams[item.device].next_seq}): the window was dropped")
             return None
         if verdict.kind == "new":
-            self._alarms[item.device] = DeviceAlarms(item.device, self.config.alarms, self.model_version, window.t0,
-                                                     self.model.info.af_detector)
+            if item.device in self._dormant:  # its open alarms stay, and are judged again from the new data
+                del self._dormant[item.device]
+                self._alarms[item.device].resume(window.t0)
+            else:
+                self._alarms[item.device] = self._new_alarms(item.device, window.t0)
         if verdict.kind != "next":
             self._streams.open(item.device, window.fs)
         if verdict.kind == "restart":
@@ -550,14 +608,18 @@ class Daemon:
                 self._publish_beats(d, gathered)
 
     def _reject(self, device: str, reason: str, detail: str) -> None:
-        """Count a rejection; log it at most every REJECT_INTERVAL_S, and publish it as often per device
-        (invalid device ids share one)."""
-        assert self._sink is not None
+        """Count a rejection, then tell the device (`_tell_device`)."""
         self.metrics.rejected.labels(reason).inc()
         self._count("rejected")
+        self._tell_device(device, reason, detail)
+
+    def _tell_device(self, device: str, reason: str, detail: str) -> None:
+        """Say why a message of `device` was not analysed: logged at most every REJECT_INTERVAL_S, and published on
+        its error topic as often per device (invalid device ids share one)."""
+        assert self._sink is not None
         now = time.monotonic()
         if self._reject_log.allow("", now):
-            log.warning("rejected a message from %r: %s: %s", device[:100], reason, detail)
+            log.warning("did not analyse a message from %r: %s: %s", device[:100], reason, detail)
         if self._reject_publish.allow(device if DEVICE_ID.match(device) else "", now):
             self._sink.rejected(messages.rejection(device, reason, detail, time.time()))
 
@@ -579,19 +641,17 @@ class Daemon:
         if self._streams is not None and self._streams.is_open(device):
             self._streams.close(device)
         self._alarms.pop(device, None)
+        self._dormant.pop(device, None)
         self._admission.streams.pop(device, None)
 
     def _housekeeping(self) -> None:
-        """Signal loss, idle eviction, stats, recovery from overload, periodic state saves."""
-        assert self._sink is not None
+        """Signal loss, idle eviction, stats, recovery from overload, state saves."""
+        assert self._sink is not None and self.source is not None
         now = time.monotonic()
         with self._dropped_lock:
             dropped, self._dropped_of = self._dropped_of, Counter()
             last_drop = self._last_drop
-        # Every window that arrived up to `known` has been admitted: a device is silent from its last admitted
-        # window to then, not to now while older windows still wait in the queue (a backlog is not signal loss).
-        known = now if self._queue.empty() else self._last_taken
-        evict = set(self._admission.silent(known, self.config.streams.idle_evict_s))
+        known = self._known_until(now)
         for device, stream in list(self._admission.streams.items()):
             alarms = self._alarms[device]
             silent = max(0.0, known - stream.last_arrival)
@@ -599,28 +659,76 @@ class Daemon:
             if dropped[device] or "windows_dropped" in alarms.active:
                 self._emit(alarms.on_overload(signal_now, dropped[device]))
             self._emit(alarms.on_silence(signal_now, silent))  # an evicted device's loss is raised first
-            if device in evict:
-                self._forget(device)  # before the clearing, so that whoever sees it sees the device gone
-                self._count("evicted")
-                self._emit(alarms.clear_all(signal_now, "device silent for streams.idle_evict_s: state evicted"))
+            if silent >= self.config.streams.idle_evict_s:
+                self._evict(device, signal_now, now - silent)
+        for device, (signal_time, since) in list(self._dormant.items()):  # raised, never cleared: no data came
+            silent = max(0.0, known - since)
+            if silent >= self.config.alarms.signal_loss_s:
+                self._emit(self._alarms[device].on_silence(signal_time + silent, silent))
         self.metrics.active_streams.set(len(self._admission.streams))
         if (self._degraded_since is not None and self._queue.qsize() < self._queue.maxsize // 2
                 and now - last_drop >= self.config.alarms.overload_hold_s):
             log.warning("caught up after overload (%.1f s)", now - self._degraded_since)
             self._degraded_since = None
             self._publish_status("online")
-        if self.config.state.path is not None and now >= self._next_save:
+            self._repair_open_alarms()
+        if self.config.state.path is not None and (
+                now >= self._next_save or len(self._unsaved) >= self.config.state.max_unsaved_windows
+                or (self._unsaved and self._unproven_since is not None)):  # the broker may wait for acknowledgements
             self._next_save = now + self.config.state.save_interval_s
             self._save_state()
         if now >= self._next_stats:
             self._next_stats = now + self.config.output.stats_interval_s
             self._sink.stats(self.stats())
 
+    def _known_until(self, now: float) -> float:
+        """The time (s, monotonic) up to which every window sent has been admitted: not beyond what the source has
+        proven delivered (its link may be down or stalled), nor beyond the arrival of the last window taken while
+        older ones still wait in the queue (a backlog is not signal loss)."""
+        assert self.source is not None
+        proven = self.source.proven_until(now)
+        if now - proven > MqttSource.PROBE_S * 2:
+            if self._unproven_since is None:
+                self._unproven_since = proven
+                log.warning("the source has not proven its link since %.1f s ago: devices' silence is not counted "
+                            "meanwhile", now - proven)
+        elif self._unproven_since is not None:
+            log.warning("the source's link is proven again after %.1f s", now - self._unproven_since)
+            self._unproven_since = None
+        return min(proven, now if self._queue.empty() else self._last_taken)
+
+    def _evict(self, device: str, signal_now: float, silent_since: float) -> None:
+        """Forget a silent device's analysis; its open alarms (its signal loss at least) stay until data returns."""
+        alarms = self._alarms[device]
+        self._forget(device)
+        self._count("evicted")
+        if alarms.active:
+            alarms.forget_beats()
+            self._alarms[device] = alarms
+            self._dormant[device] = (signal_now, silent_since)
+
+    def _repair_open_alarms(self) -> None:
+        """Make the open alarms kept for subscribers (retained on the broker) those the daemon holds: after an
+        overload some of their messages may have been delayed past a restart of the broker's view."""
+        assert self._sink is not None
+        docs = self._sink.open_alarms()
+        if docs is None:
+            return
+        held = {(d, e.type): e for d, alarms in self._alarms.items() for e in alarms.open_events()}
+        stale = {(str(doc.get("device")), str(doc.get("type"))) for doc in docs} - set(held)
+        for device, alarm_type in stale:
+            self._sink.forget_open_alarm(device, alarm_type)
+        for event in held.values():
+            self._sink.open_alarm(messages.alarm(event))
+        log.info("open alarms re-published: %d held, %d stale copies emptied", len(held), len(stale))
+
     def stats(self) -> dict[str, Any]:
         """The stats message: counters since start and the daemon's state now."""
         with self._counts_lock:
-            counts = dict(self._counts)
+            counts: dict[str, int | float] = dict(self._counts)
         counts.update(self._sink.counts() if self._sink is not None else {"reconnects": 0})
         counts["stream_slots"] = self._streams.capacity if self._streams is not None else 0
+        counts["dormant_devices"] = len(self._dormant)
+        counts["unsaved_windows"] = len(self._unsaved)
         return messages.stats(self.model_version, len(self._admission.streams), self._queue.qsize(),
                               self._degraded_since is not None, self.watchdog.alive, counts, time.time())

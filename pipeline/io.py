@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 
-from pipeline.mqtt import ConnectError, MqttClient, Topics
+from pipeline.mqtt import ConnectError, MqttClient, Topics, encode_json
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class WindowSource(Protocol):
 
     def start(self, deliver: Deliver) -> None: ...
 
+    def proven_until(self, now: float) -> float:
+        """A time (s, monotonic, at most `now`) up to which every window sent to the daemon has been delivered: a
+        device is silent only up to then, not while the daemon's own link is down or stalled."""
+
     def stop(self) -> None:
         """Deliver no more; windows that arrive from now on stay with the source for the next run if it can."""
 
@@ -64,7 +69,7 @@ class ResultSink(Protocol):
     def close(self, timeout_s: float) -> None:
         """Send what is still on its way (for up to `timeout_s`), then disconnect."""
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         """The sink's counters for the stats message (`reconnects` at least)."""
 
     def beats(self, doc: dict[str, Any]) -> None: ...
@@ -83,23 +88,51 @@ class ResultSink(Protocol):
     def open_alarms(self) -> list[dict[str, Any]] | None:
         """The last message of every alarm the subscribers saw raised and not cleared; None if unknown."""
 
+    def forget_open_alarm(self, device: str, alarm_type: str) -> None:
+        """Empty the copy of `device`'s open `alarm_type` alarm kept for subscribers (the daemon holds none)."""
+
 
 class MqttSource:
-    """ECG windows from `<prefix>/ecg/+`."""
+    """ECG windows from `<prefix>/ecg/+`, each acknowledged to the broker (QoS 1) only when the daemon calls its
+    `done`; and probes of the daemon's own link through the broker, every PROBE_S."""
+
+    PROBE_S = 1.0
 
     def __init__(self, client: MqttClient, topics: Topics, qos: int) -> None:
         self._client, self._topics, self._qos = client, topics, qos
         self._taking = False
+        self._probe_topic = topics.probe(client.client_id)
+        self._probes: dict[bytes, float] = {}  # probe payload -> when it was sent (s, monotonic)
+        self._last_probe = 0.0
+        self._proven = time.monotonic()
 
     def start(self, deliver: Deliver) -> None:
         """Subscribe (or, before the client connects, have it subscribe on connect)."""
-        def on_message(topic: str, payload: bytes) -> bool:
+        def on_window(topic: str, payload: bytes, ack: Callable[[], None]) -> None:
             if self._taking:  # else left unacknowledged: the broker keeps it for the next run
-                deliver(self._topics.device_of(topic), payload, time.monotonic())
-            return self._taking
+                deliver(self._topics.device_of(topic), payload, time.monotonic(), ack)
 
         self._taking = True
-        self._client.subscribe(self._topics.ecg(), on_message, self._qos)
+        self._proven = time.monotonic()
+        self._client.subscribe(self._probe_topic, self._on_probe, self._qos)
+        self._client.subscribe_manual_ack(self._topics.ecg(), on_window, self._qos)
+
+    def _on_probe(self, topic: str, payload: bytes) -> None:
+        """A probe came back: every message the broker had for this client before it has arrived."""
+        sent = self._probes.pop(payload, None)
+        if sent is not None:
+            self._proven = max(self._proven, sent)
+            for older in [p for p, t in self._probes.items() if t < sent]:
+                del self._probes[older]
+
+    def proven_until(self, now: float) -> float:
+        """When the last probe that came back was sent; sends the next probe every PROBE_S."""
+        if now - self._last_probe >= self.PROBE_S:
+            self._last_probe = now
+            payload = str(now).encode()
+            self._probes[payload] = now
+            self._client.publish(self._probe_topic, payload, qos=self._qos)
+        return min(now, self._proven)
 
     def stop(self) -> None:
         """Take no more windows, but keep the subscription: with a persistent session the broker keeps
@@ -111,44 +144,83 @@ class MqttSource:
 
 
 class MqttSink:
-    """Results to MQTT: beats QoS 0, alarms QoS 1, status retained."""
+    """Results to MQTT: beats QoS 0, alarms QoS 1, status retained.
+
+    Alarms go ahead of beats, rejections and stats: while an alarm message has waited more than BACKLOG_S for the
+    broker's acknowledgement, or MAX_QOS0_BACKLOG QoS 0 messages wait to be written to the socket, those are dropped
+    and counted (`results_dropped`) instead of queueing in front of the next alarms; alarm messages are never
+    dropped. `alarms_pending` and `alarm_delay_s` say how far behind the alarm messages are, `alarms_lost` counts
+    those the broker had not acknowledged when the daemon stopped.
+    """
+
+    BACKLOG_S = 5.0
+    MAX_QOS0_BACKLOG = 20_000
 
     def __init__(self, client: MqttClient, topics: Topics, publish_beats: bool) -> None:
         self._client, self._topics, self._publish_beats = client, topics, publish_beats
-        self._last_status: paho.MQTTMessageInfo | None = None
+        self._qos0: deque[paho.MQTTMessageInfo] = deque()  # QoS 0 messages perhaps not written yet, in order
+        self._dropped = 0
+        self._lost = 0
 
     def open(self) -> None:
         """Connect the client (which the MQTT source shares), once the source has subscribed."""
         self._client.connect()
 
     def close(self, timeout_s: float) -> None:
-        """Wait for the last status to reach the broker (if connected), then disconnect."""
-        if self._last_status is not None and self._client.connected:
-            self._last_status.wait_for_publish(timeout=timeout_s)
+        """Wait (if connected, up to `timeout_s`) for the broker to acknowledge the alarm messages and the last
+        status; log and count those it did not; disconnect."""
+        connected = self._client.connected
+        lost = self._client.wait_acknowledged(timeout_s) if connected else self._client.unacknowledged()[0]
+        if lost:
+            self._lost += lost
+            log.error("%d alarm and status messages were not acknowledged by the broker before the daemon stopped; "
+                      "the next start publishes the open alarms again", lost)
         self._client.disconnect()
 
-    def counts(self) -> dict[str, int]:
-        return {"reconnects": self._client.reconnects}
+    def counts(self) -> dict[str, int | float]:
+        """`reconnects`; `results_dropped` (beats, rejections and stats not sent, to let alarms through);
+        `alarms_pending`, `alarm_delay_s` (how long the oldest has waited, s) and `alarms_lost` (see the class)."""
+        pending, oldest = self._client.unacknowledged()
+        return {"reconnects": self._client.reconnects, "results_dropped": self._dropped, "alarms_pending": pending,
+                "alarms_lost": self._lost,
+                "alarm_delay_s": 0.0 if oldest is None else round(time.monotonic() - oldest, 3)}
+
+    def _backlogged(self) -> bool:
+        _, oldest = self._client.unacknowledged()
+        if oldest is not None and time.monotonic() - oldest > self.BACKLOG_S:
+            return True
+        while self._qos0 and (self._qos0[0].rc != paho.MQTT_ERR_SUCCESS or self._qos0[0].is_published()):
+            self._qos0.popleft()  # written (or never queued: paho drops QoS 0 messages while disconnected)
+        return len(self._qos0) >= self.MAX_QOS0_BACKLOG
+
+    def _publish_lossy(self, topic: str, doc: dict[str, Any]) -> None:
+        """A QoS 0 message, unless the alarms are backlogged (then counted as dropped)."""
+        if self._backlogged():
+            self._dropped += 1
+            return
+        self._qos0.append(self._client.publish_json(topic, doc, qos=0))
 
     def beats(self, doc: dict[str, Any]) -> None:
         if self._publish_beats:
-            self._client.publish_json(self._topics.beats(doc["device"]), doc, qos=0)
+            self._publish_lossy(self._topics.beats(doc["device"]), doc)
 
     def alarm(self, doc: dict[str, Any]) -> None:
         """The event (QoS 1), and the open-alarm list: its retained copy, emptied when it clears."""
-        self._client.publish_json(self._topics.alarms(doc["device"]), doc, qos=1)
+        payload = encode_json(doc)
+        self._client.publish(self._topics.alarms(doc["device"]), payload, track=True)
         active = self._topics.active(doc["device"], doc["type"])
-        if doc["state"] == "cleared":
-            self._client.publish(active, b"", qos=1, retain=True)
-        else:
-            self._client.publish_json(active, doc, qos=1, retain=True)
+        self._client.publish(active, b"" if doc["state"] == "cleared" else payload, retain=True, track=True)
 
     def open_alarm(self, doc: dict[str, Any]) -> None:
         """Its retained copy again."""
-        self._client.publish_json(self._topics.active(doc["device"], doc["type"]), doc, qos=1, retain=True)
+        self._client.publish(self._topics.active(doc["device"], doc["type"]), encode_json(doc), retain=True,
+                             track=True)
+
+    def forget_open_alarm(self, device: str, alarm_type: str) -> None:
+        self._client.publish(self._topics.active(device, alarm_type), b"", retain=True, track=True)
 
     def rejected(self, doc: dict[str, Any]) -> None:
-        self._client.publish_json(self._topics.errors(doc["device"]), doc, qos=0)
+        self._publish_lossy(self._topics.errors(doc["device"]), doc)
 
     def open_alarms(self) -> list[dict[str, Any]] | None:
         try:
@@ -165,7 +237,7 @@ class MqttSink:
         return [d for d in docs if isinstance(d, dict)]
 
     def stats(self, doc: dict[str, Any]) -> None:
-        self._client.publish_json(self._topics.stats, doc, qos=0)
+        self._publish_lossy(self._topics.stats, doc)
 
     def status(self, doc: dict[str, Any]) -> None:
-        self._last_status = self._client.publish_json(self._topics.status, doc, qos=1, retain=True)
+        self._client.publish(self._topics.status, encode_json(doc), retain=True, track=True)

@@ -44,7 +44,7 @@ def last_will() -> bytes:
 
 
 def stats(model_version: str, active_streams: int, queue_windows: int, degraded: bool, analysis_alive: bool,
-          counts: dict[str, int], now: float) -> dict[str, Any]:
+          counts: dict[str, int | float], now: float) -> dict[str, Any]:
     """Stats: the counters since start (`counts`) and the daemon's state now."""
     return {"time": now, "model_version": model_version, "active_streams": active_streams,
             "queue_windows": queue_windows, "degraded": degraded, "analysis_alive": analysis_alive, **counts}

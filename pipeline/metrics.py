@@ -65,6 +65,12 @@ class DaemonMetrics:
         self.active_streams = Gauge("ecgmon_active_streams", "devices with live state", registry=r)
         self.queue_depth = Gauge("ecgmon_queue_windows", "windows waiting for analysis", registry=r)
         self.active_alarms = Gauge("ecgmon_active_alarms", "alarms currently raised", registry=r)
+        self.alarm_messages_pending = Gauge("ecgmon_alarm_messages_pending", "alarm and status messages the broker "
+                                            "has not acknowledged yet", registry=r)
+        self.alarm_message_delay = Gauge("ecgmon_alarm_message_delay_seconds", "how long the oldest of them has "
+                                         "waited", registry=r)
+        self.alarm_messages_lost = Gauge("ecgmon_alarm_messages_lost", "alarm and status messages the broker never "
+                                         "acknowledged (the daemon stopped first), since start", registry=r)
         self.analysis_alive = Gauge("ecgmon_analysis_alive", "1 while the analysis worker is turning, 0 when "
                                     "it has stalled for watchdog_s or stopped", registry=r)
 

@@ -12,6 +12,7 @@ Topics (``<prefix>`` defaults to ``ecgmon``; docs/asyncapi.yaml documents each p
 - ``<prefix>/status``: daemon availability, retained, with a last will (``offline``); with many daemons on
   one broker (``source: rabbitmq``) each has its own, ``<prefix>/status/<daemon>``.
 - ``<prefix>/stats``: periodic daemon statistics (QoS 0); ``<prefix>/stats/<daemon>`` likewise.
+- ``<prefix>/probe/<client id>``: the daemon's probes of its own link, sent to itself (not for subscribers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger(__name__)
 
 MAX_CACHED_TOPICS = 100_000
+MAX_EARLY_ACKS = 1000
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -58,6 +61,11 @@ class Topics:
         """Rejections of a device's messages; an invalid device id gets the bare `<prefix>/errors`."""
         return f"{self.prefix}/errors/{device}" if device == "+" or DEVICE_ID.match(device) else \
             f"{self.prefix}/errors"
+
+    def probe(self, client_id: str) -> str:
+        """Where a daemon sends itself probes through the broker: each that comes back proves that every message
+        the broker had for it before has arrived."""
+        return f"{self.prefix}/probe/{client_id}"
 
     def active(self, device: str = "+", alarm_type: str = "+") -> str:
         """Retained copy of an open alarm's last message."""
@@ -104,6 +112,9 @@ class ConnectError(ConnectionError):
 # handler(topic, payload) -> False leaves a QoS 1 message unacknowledged: the broker sends it again to the
 # next connection of this persistent session. Anything else acknowledges it.
 MessageHandler = Callable[[str, bytes], bool | None]
+# handler(topic, payload, ack) of a subscription that acknowledges its QoS 1 messages itself: calling `ack` (from any
+# thread) acknowledges this message; never calling it leaves it to the next connection of the persistent session.
+ManualAckHandler = Callable[[str, bytes, Callable[[], None]], None]
 
 
 class MqttClient:
@@ -118,7 +129,7 @@ class MqttClient:
                  will: tuple[str, bytes] | None = None, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, tls: dict[str, Any] | None = None,
                  on_connected: Callable[[bool], None] | None = None, protocol: str = "5") -> None:
-        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self.host, self.port, self.keepalive_s, self.client_id = host, port, keepalive_s, client_id
         self._session_expiry_s = session_expiry_s
         self._on_connected = on_connected
         self._v5 = protocol == "5"
@@ -139,8 +150,14 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._acks = threading.Condition()
+        self._unacked: dict[int, float] = {}  # message id of a tracked QoS 1 message -> when it was queued (s)
+        self._acked_early: dict[int, float] = {}  # message id -> when acknowledged, of messages not (yet) tracked
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
-        self._handlers_of: dict[str, list[MessageHandler]] = {}  # topic -> matching handlers, cached
+        self._manual: dict[str, ManualAckHandler] = {}  # topic filter -> handler that acknowledges itself
+        # topic -> the matching handlers (those acknowledged here, those that acknowledge themselves), cached
+        self._handlers_of: dict[str, tuple[list[MessageHandler], list[ManualAckHandler]]] = {}
         self._pending_acks: dict[int, threading.Event] = {}  # SUBSCRIBE message id -> set on SUBACK
         self._resubscribed: list[threading.Event] = []  # SUBACKs of the subscriptions sent on connect
         self._connected = threading.Event()
@@ -196,15 +213,54 @@ class MqttClient:
         if not acked.wait(timeout_s):
             log.warning("no SUBACK for %s within %g s; the subscription is retried on reconnect", topic, timeout_s)
 
+    def subscribe_manual_ack(self, topic: str, handler: ManualAckHandler, qos: int = 1) -> None:
+        """Like `subscribe`, but `handler(topic, payload, ack)` acknowledges each message itself, when it likes."""
+        with self._lock:
+            self._manual[topic] = handler
+        self.subscribe(topic, lambda t, p: None, qos)  # the filter and QoS; the handler is `handler`
+
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic, None)
+            self._manual.pop(topic, None)
             self._handlers_of.clear()
         self._client.unsubscribe(topic)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> paho.MQTTMessageInfo:
-        """Queue a message; QoS 1 messages queued while disconnected go out after reconnect."""
-        return self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                track: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a message; QoS 1 messages queued while disconnected go out after reconnect. With `track` (QoS 1),
+        it counts in `unacknowledged` until the broker acknowledges it."""
+        if not track:
+            return self._client.publish(topic, payload, qos=qos, retain=retain)
+        queued = time.monotonic()
+        info = self._client.publish(topic, payload, qos=1, retain=retain)  # not under self._acks: paho calls
+        with self._acks:                                                    # on_publish under its own lock
+            if self._acked_early.pop(info.mid, 0.0) < queued:  # else the broker was quicker than this thread
+                self._unacked[info.mid] = queued
+        return info
+
+    def unacknowledged(self) -> tuple[int, float | None]:
+        """How many tracked messages the broker has not acknowledged yet, and when the oldest was queued (s,
+        monotonic; None if none)."""
+        with self._acks:
+            return len(self._unacked), next(iter(self._unacked.values()), None)
+
+    def wait_acknowledged(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` until the broker has acknowledged every tracked message; returns how many it
+        has not."""
+        with self._acks:
+            self._acks.wait_for(lambda: not self._unacked, timeout_s)
+            return len(self._unacked)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        now = time.monotonic()
+        with self._acks:
+            if self._unacked.pop(mid, None) is None:  # untracked, or tracked but not recorded yet
+                if len(self._acked_early) >= MAX_EARLY_ACKS:
+                    self._acked_early = {m: t for m, t in self._acked_early.items() if t > now - 1.0}
+                self._acked_early[mid] = now
+            self._acks.notify_all()
 
     def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False
                      ) -> paho.MQTTMessageInfo:
@@ -285,10 +341,22 @@ class MqttClient:
         handlers = self._handlers_of.get(topic)
         if handlers is None:
             with self._lock:
-                handlers = [h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, topic)]
+                handlers = ([h for f, (_, h) in self._subscriptions.items()
+                             if f not in self._manual and paho.topic_matches_sub(f, topic)],
+                            [h for f, h in self._manual.items() if paho.topic_matches_sub(f, topic)])
                 if len(self._handlers_of) >= MAX_CACHED_TOPICS:
                     self._handlers_of.clear()
                 self._handlers_of[topic] = handlers
-        taken = [handler(topic, bytes(message.payload)) for handler in handlers]
-        if False not in taken:
+        automatic, manual = handlers
+        payload = bytes(message.payload)
+        if manual:
+            mid, qos = message.mid, message.qos
+
+            def ack() -> None:
+                client.ack(mid, qos)
+
+            for handler in manual:
+                handler(topic, payload, ack)
+        taken = [handler(topic, payload) for handler in automatic]
+        if not manual and False not in taken:
             client.ack(message.mid, message.qos)

@@ -481,6 +481,11 @@ class PartitionedSource:
                 log.warning("closing the RabbitMQ connection: %s", err)
         self._connection = None
 
+    def proven_until(self, now: float) -> float:
+        """`now`: windows come over AMQP connections whose loss the source sees at once, and are not lost while it
+        reconnects (they wait in their partitions)."""
+        return now
+
     def stop(self) -> None:
         """Deliver no more windows; the connection stays for the daemon to finish those delivered, until `close`."""
         self._stopping.set()

@@ -89,7 +89,7 @@ class AmqpSink:
             log.warning("closed with %d results not sent: no RabbitMQ node confirmed them", self._outbox.qsize())
         self._thread = None
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         return {"reconnects": self.reconnects, "results_dropped": self.dropped}
 
     # ResultSink
@@ -117,6 +117,9 @@ class AmqpSink:
 
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return None
+
+    def forget_open_alarm(self, device: str, alarm_type: str) -> None:
+        """Nothing to empty: the cluster keeps no copies of open alarms."""
 
     def _drop_if_full(self, message: _Message) -> None:
         try:

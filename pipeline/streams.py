@@ -27,6 +27,8 @@ from pipeline.quality import quality_extra_features
 from pipeline.recent import RecentSignal, spectrum
 from pipeline.vf import vf_features
 
+FLAT_MV = 0.01  # the default of AlarmConfig.flat_mv: a window below this peak-to-peak (mV) is a flat line
+
 
 @dataclass(frozen=True)
 class Beat:
@@ -49,9 +51,12 @@ class Beat:
 class BeatStreams:
     """Per-stream state in slots, batched inference across streams."""
 
-    def __init__(self, model: BeatModel, capacity: int = 64) -> None:
+    def __init__(self, model: BeatModel, capacity: int = 64, flat_mv: float = FLAT_MV) -> None:
+        """`flat_mv`: a window whose peak-to-peak is below this (mV) is a flat line (leads off, or a monitor
+        switched on before its electrodes): the first window with signal after one restarts the slot cold."""
         self.model = model
         self.info = model.info
+        self.flat_mv = flat_mv
         self._slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
@@ -64,6 +69,12 @@ class BeatStreams:
         self._recent = RecentSignal(capacity, self.info.fs)
         self._vf_found = np.zeros(capacity, dtype=bool)
         self._unreadable = np.zeros(capacity, dtype=bool)
+        # Each slot's time line: its sampling rate (Hz), the signal seen since the stream started (s), where its
+        # analysis last restarted after a flat line (s since the stream started), and whether its last window was flat.
+        self._fs = np.zeros(capacity)
+        self._seen_s = np.zeros(capacity)
+        self._restart_s = np.zeros(capacity)
+        self._flat = np.zeros(capacity, dtype=bool)
         self._capacity = capacity
 
     def open(self, stream_id: str, fs: float) -> None:
@@ -73,6 +84,13 @@ class BeatStreams:
                 self._grow()
             self._slot_of[stream_id] = self._free.pop()
         slot = self._slot_of[stream_id]
+        self._relearn(slot, fs)
+        self._seen_s[slot] = self._restart_s[slot] = 0.0
+        self._flat[slot] = False
+
+    def _relearn(self, slot: int, fs: float) -> None:
+        """Forget everything the slot learnt of its signal (filters, network, beats, rhythm and beat shape)."""
+        self._fs[slot] = fs
         self._dsp.open(slot, fs)
         for array in self._state:
             array[:, slot] = 0.0
@@ -93,6 +111,7 @@ class BeatStreams:
             doc["beat_stage"] = self._beat_state[:, slot].tolist()
         doc["recent"] = {**self._recent.save_slot(slot), "vf_found": bool(self._vf_found[slot]),
                          "unreadable": bool(self._unreadable[slot])}
+        doc["timeline"] = [float(self._seen_s[slot]), float(self._restart_s[slot]), bool(self._flat[slot])]
         return doc
 
     def restore(self, stream_id: str, doc: dict[str, Any]) -> None:
@@ -110,6 +129,8 @@ class BeatStreams:
         self._recent.load_slot(slot, doc["recent"])
         self._vf_found[slot] = bool(doc["recent"]["vf_found"])
         self._unreadable[slot] = bool(doc["recent"]["unreadable"])
+        seen, restart, flat = doc["timeline"]
+        self._seen_s[slot], self._restart_s[slot], self._flat[slot] = float(seen), float(restart), bool(flat)
 
     def analysed_until_s(self, stream_id: str) -> float:
         """Time (s since the stream's first sample) up to which every beat of `stream_id` has been returned.
@@ -124,7 +145,7 @@ class BeatStreams:
         slots = np.array([self._slot_of[i] for i in stream_ids], dtype=np.int64)
         p = self._picker
         frames = np.where(p.in_run[slots], p.peak_frame[slots], p.frames_seen[slots])
-        until: list[float] = r_peak_time_s(frames, self.info).tolist()
+        until: list[float] = (self._restart_s[slots] + r_peak_time_s(frames, self.info)).tolist()
         return until
 
     def vf_found(self, stream_id: str) -> bool:
@@ -161,7 +182,9 @@ class BeatStreams:
         A stream appears at most once per call. Returns the beats completed by these windows.
         """
         ids = [stream_id for stream_id, _ in windows]
-        frames_of = self._dsp([self._slot_of[i] for i in ids], [samples for _, samples in windows])
+        slots = [self._slot_of[i] for i in ids]
+        self._follow_flat_lines(slots, [samples for _, samples in windows])
+        frames_of = self._dsp(slots, [samples for _, samples in windows])
         by_length: dict[int, list[tuple[str, NDArray[np.float32]]]] = {}
         for stream_id, frames in zip(ids, frames_of, strict=True):
             if len(frames):
@@ -170,6 +193,18 @@ class BeatStreams:
         for group in by_length.values():
             beats.extend(self._run_group(group))
         return beats
+
+    def _follow_flat_lines(self, slots: list[int], windows: list[NDArray[np.floating]]) -> None:
+        """Advance each slot's time line by its window; a slot whose window brings signal after a flat line
+        restarts cold from that window, so that its beat context learns the patient, not the flat line, before
+        it calls beats ectopic (the same as a stream that starts there)."""
+        for slot, samples in zip(slots, windows, strict=True):
+            flat = len(samples) == 0 or float(np.ptp(samples)) < self.flat_mv
+            if self._flat[slot] and not flat:
+                self._relearn(slot, float(self._fs[slot]))
+                self._restart_s[slot] = self._seen_s[slot]
+            self._flat[slot] = flat
+            self._seen_s[slot] += len(samples) / self._fs[slot]
 
     def _run_group(self, group: list[tuple[str, NDArray[np.float32]]]) -> list[Beat]:
         ids = [stream_id for stream_id, _ in group]
@@ -189,6 +224,7 @@ class BeatStreams:
         else:
             signal = self._context.window(slots, frames)
             names, confidence = self._beat_stage(slots[row], row, time_s, picked, real, signal)
+        time_s = time_s + self._restart_s[slots[row]]  # since the stream's first sample, not the slot's restart
         return [Beat(ids[r], float(t), str(c), float(p)) for r, t, c, p in zip(row, time_s, names, confidence,
                                                                               strict=True)]
 
@@ -236,6 +272,9 @@ class BeatStreams:
             self._context.grow(self._capacity)
             self._beat_state = np.concatenate([self._beat_state, np.zeros_like(self._beat_state)], axis=1)
         self._dsp.grow(self._capacity)
+        self._fs, self._seen_s, self._restart_s = (np.concatenate([a, np.zeros(old)])
+                                                   for a in (self._fs, self._seen_s, self._restart_s))
+        self._flat = np.concatenate([self._flat, np.zeros(old, dtype=bool)])
         self._vf_found = np.concatenate([self._vf_found, np.zeros(old, dtype=bool)])
         self._unreadable = np.concatenate([self._unreadable, np.zeros(old, dtype=bool)])
         self._recent.grow(self._capacity)

@@ -21,6 +21,9 @@ class MemorySource:
         self._deliver = deliver
         self.started.set()
 
+    def proven_until(self, now: float) -> float:
+        return now
+
     def stop(self) -> None:
         self._deliver = None
 
@@ -67,13 +70,16 @@ class MemorySink:
     def open_alarm(self, doc: dict[str, Any]) -> None:
         self._add("open_alarm", doc)
 
+    def forget_open_alarm(self, device: str, alarm_type: str) -> None:
+        self._add("forget_open_alarm", {"device": device, "type": alarm_type})
+
     def open(self) -> None:
         """Nothing to connect to."""
 
     def close(self, timeout_s: float) -> None:
         """Nothing to let go of."""
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         return {"reconnects": 0}
 
     def wait_for(self, kind: str, predicate: Callable[[list[dict[str, Any]]], bool],

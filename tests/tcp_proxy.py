@@ -9,7 +9,9 @@ from types import TracebackType
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target`; `cut()` drops every open connection without a goodbye."""
+    """Forwards 127.0.0.1:`port` to `target`; `cut()` drops every open connection without a goodbye; `down()` and
+    `up()` refuse new connections meanwhile (an outage); `pause()` and `resume()` hold every byte without closing
+    anything (a half-open link)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
@@ -18,6 +20,9 @@ class TcpProxy:
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         self.connections = 0  # accepted so far
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._refusing = False
         threading.Thread(target=self._accept, name="tcp-proxy", daemon=True).start()
 
     def _accept(self) -> None:
@@ -26,6 +31,9 @@ class TcpProxy:
                 client, _ = self._server.accept()
             except OSError:  # closed
                 return
+            if self._refusing:
+                client.close()
+                continue
             upstream = socket.create_connection(self._target)
             with self._lock:
                 self._open += [client, upstream]
@@ -33,10 +41,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._forwarding.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -52,7 +60,21 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def down(self) -> None:
+        self._refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self._refusing = False
+
+    def pause(self) -> None:
+        self._forwarding.clear()
+
+    def resume(self) -> None:
+        self._forwarding.set()
+
     def close(self) -> None:
+        self._forwarding.set()
         self._server.close()
         self.cut()
 

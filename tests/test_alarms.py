@@ -325,7 +325,7 @@ def test_alarm_id_is_stable_across_updates() -> None:
     assert len({e.alarm_id for e in tachy}) == 1
 
 
-def test_reconcile_open_alarms_with_the_restored_state() -> None:
+def test_reconcile_adopts_the_open_alarms_the_daemon_holds_no_state_for() -> None:
     from pipeline.messages import alarm
     from pipeline.reconcile import reconcile
 
@@ -336,7 +336,11 @@ def test_reconcile_open_alarms_with_the_restored_state() -> None:
         check(np.concatenate([np.zeros(300), np.full(60, 6.0)])), [], 30.0, 29.7)[0]
     other = DeviceAlarms("cot", CONFIG, "test", 0.0).on_silence(40.0, 12.0)[0]  # a device it never had
     docs = [alarm(kept), alarm(lost), alarm(other), {"alarm_id": "junk"}]
-    events = reconcile(docs, {"bed": held}, lambda device: {"bed": 35.0}.get(device, 0.0))
-    assert [(e.alarm_id, e.state) for e in events] == [(lost.alarm_id, "cleared"), (other.alarm_id, "cleared")]
-    assert events[0].time == 35.0 and events[1].time == 40.0  # never before the raise
-    assert held.alarm_ids() == {kept.alarm_id} and stale.alarm_id != kept.alarm_id
+    alarms_of = {"bed": held}
+    adopted = reconcile(docs, alarms_of, lambda device, t: DeviceAlarms(device, CONFIG, "test", t))
+    assert adopted == {"bed": 30.0, "cot": 40.0}  # nothing is cleared: no data has judged them again
+    assert held.alarm_ids() == {kept.alarm_id, lost.alarm_id} and stale.alarm_id != kept.alarm_id
+    assert alarms_of["cot"].alarm_ids() == {other.alarm_id}
+    # The adopted saturation alarm keeps its id and is cleared by its rule once a clean window comes.
+    events = held.on_window(check(np.zeros(360) + 0.1 * np.sin(np.arange(360))), [], 31.0, 30.7)
+    assert [(e.alarm_id, e.state) for e in events if e.type == "saturation"] == [(lost.alarm_id, "cleared")]

@@ -16,7 +16,7 @@ from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
-from tests.conftest import T0, Collector, validate
+from tests.conftest import T0, Collector, validate, wait_until
 from train.ec57 import Ec57Stats, confusion
 from train.evaluate import stream_records
 
@@ -84,9 +84,12 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
     gap = messages.wait_for(lambda d: any(a["type"] == "data_gap" for a in d), "alarms")
     validate(gap[0], "Alarm")
     assert gap[0]["state"] == "raised" and gap[0]["evidence"]["expected_seq"] == 6
-    errors = messages.wait_for(lambda d: len(d) >= 1, "errors")
-    validate(errors[0], "Rejection")
-    assert errors[0]["reason"] == "bad_format"  # the second rejection falls in the log's rate limit
+    errors = messages.wait_for(lambda d: {e["device"] for e in d} == {"bed-1", "bed-2"}, "errors")
+    for error in errors:
+        validate(error, "Rejection")
+    # The device hears of its duplicate window; its late one and its garbage fall in its rate limit.
+    assert [(e["device"], e["reason"]) for e in errors] == [("bed-1", "duplicate"), ("bed-2", "missing_field")]
+    assert "seq 5 was already analysed (expected 6)" in errors[0]["detail"]
     stats = messages.wait_for(lambda d: any(s.get("rejected") == 2 for s in d), "stats")
     validate(stats[-1], "Stats")
     assert stats[-1]["dropped_duplicate"] == 1 and stats[-1]["dropped_late"] == 1 and stats[-1]["gaps"] == 1
@@ -96,18 +99,34 @@ def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: M
     assert offline[-1]["model_version"] == daemon.model_version
 
 
-def test_idle_streams_are_evicted(publisher: MqttClient, start_daemon: Callable[..., Daemon],
-                                  collect: Callable[[str], Collector]) -> None:
+def test_eviction_keeps_the_signal_loss_open_until_data_returns(publisher: MqttClient, broker: LocalBroker,
+                                                                start_daemon: Callable[..., Daemon],
+                                                                collect: Callable[[str], Collector]) -> None:
+    """Evicting a silent device's analysis state does not clear its alarm: the nurse still sees it lost."""
     alarms = collect(TOPICS.alarms())
     daemon = start_daemon(streams={"idle_evict_s": 2.0}, alarms={"signal_loss_s": 1.0})
     rng = np.random.default_rng(0)
     for device in ("a", "b", "c"):
         publisher.publish(TOPICS.ecg(device), window(0, T0, rng.normal(0, 0.1, 360)), qos=1)
-    docs = alarms.wait_for(lambda d: sum(a["type"] == "signal_loss" and a["state"] == "cleared" for a in d) == 3,
-                           timeout=15)
-    assert {a["evidence"].get("reason", "") for a in docs if a["state"] == "cleared"} == {
-        "device silent for streams.idle_evict_s: state evicted"}
-    assert daemon.stats()["active_streams"] == 0 and daemon.stats()["evicted"] == 3
+    raised = alarms.wait_for(lambda d: len(d) == 3)
+    assert {(a["type"], a["state"]) for a in raised} == {("signal_loss", "raised")}
+    wait_until(lambda: daemon.stats().get("evicted") == 3)
+    wait_until(lambda: daemon.stats()["active_streams"] == 0)
+    stats = daemon.stats()
+    assert stats["dormant_devices"] == 3
+    assert daemon.metrics.registry.get_sample_value("ecgmon_active_alarms") == 3
+    assert len(alarms.docs()) == 3  # nothing cleared
+    reader = MqttClient(broker.host, broker.port, "reader")
+    reader.connect()
+    try:
+        assert len(reader.read_retained("ecgmon/active/#", TOPICS.active_marker)) == 3  # still open for stations
+    finally:
+        reader.disconnect()
+    publisher.publish(TOPICS.ecg("a"), window(7, T0 + 7, rng.normal(0, 0.1, 360)), qos=1)  # a's data returns
+    cleared = alarms.wait_for(lambda d: len(d) == 4)[-1]
+    assert (cleared["device"], cleared["type"], cleared["state"]) == ("a", "signal_loss", "cleared")
+    assert cleared["alarm_id"] == next(a["alarm_id"] for a in raised if a["device"] == "a")
+    assert daemon.stats()["dormant_devices"] == 2
 
 
 def test_reconnects_and_resubscribes_after_broker_restart(physionet: Path, broker: LocalBroker,

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
-from tests.conftest import T0, Collector, wait_until
+from pipeline.tools.broker import LocalBroker
+from tests.conftest import T0, Collector, wait_online, wait_until
 
 TOPICS = Topics("ecgmon")
 
@@ -53,3 +62,61 @@ def test_idle_eviction_keeps_memory_flat_under_churn(publisher: MqttClient, star
         capacities.append(daemon.stats()["stream_slots"])
     assert capacities[0] == capacities[1] == capacities[2]  # slots are reused, not added
     assert daemon.stats()["evicted"] == 6000
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The `ecgmon serve` process's Prometheus metrics: name{labels} -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+@pytest.mark.slow
+def test_a_sustained_overload_loses_no_alarm_silently_and_leaves_the_open_alarms_right(
+        tmp_path: Path, broker: LocalBroker, serve_process: Callable[..., subprocess.Popen[str]],
+        collect: Callable[[str], Collector]) -> None:
+    """60 s of several times what the daemon can analyse, at QoS 1: every alarm event it emits reaches a QoS 1
+    subscriber or is counted lost, and afterwards the retained open alarms are exactly the daemon's open alarms."""
+    events, status = collect(TOPICS.alarms()), collect(TOPICS.status)
+    stats = collect(TOPICS.stats)
+    proc = serve_process(streams={"queue_windows": 100}, batching={"max_batch": 8},
+                         alarms={"overload_hold_s": 2, "signal_loss_s": 30}, output={"stats_interval_s": 1})
+    wait_online(status)
+    port = yaml.safe_load((tmp_path / "daemon.yaml").read_text())["metrics"]["port"]
+    adc = (np.random.default_rng(0).normal(0, 0.1, 360) * 200).astype(np.int16)
+    publisher = MqttClient(broker.host, broker.port, "overload-publisher")
+    publisher.connect()
+    try:
+        end, seq = time.monotonic() + 60.0, 0
+        while time.monotonic() < end:  # 200 devices as fast as the broker takes them
+            for device in range(200):
+                publisher.publish(TOPICS.ecg(f"bed-{device}"), encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0),
+                                  qos=1, track=True)
+            seq += 1
+            publisher.wait_acknowledged(30)
+    finally:
+        publisher.disconnect()
+    assert any(s.get("degraded") for s in stats.docs()), "the daemon was overloaded"
+    # Caught up: not degraded, every alarm message acknowledged by the broker, then one stats message more.
+    caught_up = stats.wait_for(lambda d: len(d) > 2 and not d[-2]["degraded"] and d[-2]["alarms_pending"] == 0
+                               and not d[-1]["degraded"] and d[-1]["alarms_pending"] == 0, timeout=120)[-1]
+    metrics = scrape(port)
+    emitted = sum(v for k, v in metrics.items() if k.startswith("ecgmon_alarm_events_total{"))
+    received = events.docs()
+    assert emitted > 0 and len(received) + caught_up["alarms_lost"] == emitted
+    open_now: dict[tuple[str, str], str] = {}
+    for a in received:  # the subscriber's view, in order
+        if a["state"] == "cleared":
+            open_now.pop((a["device"], a["type"]), None)
+        else:
+            open_now[(a["device"], a["type"])] = a["alarm_id"]
+    reader = MqttClient(broker.host, broker.port, "reader")
+    reader.connect()
+    try:
+        retained = [json.loads(p) for _, p in reader.read_retained("ecgmon/active/#", TOPICS.active_marker)]
+    finally:
+        reader.disconnect()
+    assert {(a["device"], a["type"]): a["alarm_id"] for a in retained} == open_now
+    assert len(open_now) == metrics["ecgmon_active_alarms"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0

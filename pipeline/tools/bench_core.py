@@ -88,6 +88,9 @@ class HandSource:
     def start(self, deliver: Deliver) -> None:
         self.deliver = deliver
 
+    def proven_until(self, now: float) -> float:
+        return now
+
     def stop(self) -> None:
         self.deliver = None
 
@@ -110,13 +113,16 @@ class EncodingSink:
     def open_alarms(self) -> list[dict[str, Any]] | None:
         return []
 
+    def forget_open_alarm(self, device: str, alarm_type: str) -> None:
+        """Nothing kept."""
+
     def open(self) -> None:
         """Nothing to connect to."""
 
     def close(self, timeout_s: float) -> None:
         """Nothing to send."""
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         return {"reconnects": 0}
 
 

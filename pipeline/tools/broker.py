@@ -53,7 +53,7 @@ class LocalBroker:
         self._dir.mkdir(parents=True, exist_ok=True)
         conf = self._dir / "mosquitto.conf"
         base = self._config or (f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                                f"max_queued_messages 100000\n{self._extra}")
+                                f"max_queued_messages 100000\nmax_inflight_messages 0\n{self._extra}")
         # Run as whoever starts it: as root, mosquitto would otherwise switch to user "mosquitto", which cannot
         # read this process's private temporary files (certificates, password file, persistence).
         conf.write_text(f"{base}\nlog_dest file {self._dir / 'mosquitto.log'}\nuser {getpass.getuser()}\n")
