@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
 REJECT_INTERVAL_S = 5.0  # at most one rejection message per device (and one log line) this often
-DAEMON_REASONS = ("bad_device_id", "internal_error")  # rejections of the daemon's own, beside the decoder's
+# Reasons of the daemon's own on the error topic, beside the decoder's: rejections, then valid windows not analysed
+DAEMON_REASONS = ("bad_device_id", "internal_error", "duplicate", "late")
 
 
 @dataclass(frozen=True)
