@@ -38,6 +38,7 @@ from pipeline.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
+ALARM_DELAY_S = 5.0  # alarm messages waiting longer than this for the broker: said on the status topic
 REJECT_INTERVAL_S = 5.0  # at most one rejection message per device (and one log line) this often
 # Reasons of the daemon's own on the error topic, beside the decoder's: rejections, then valid windows not analysed
 DAEMON_REASONS = ("bad_device_id", "internal_error", "duplicate", "late")
@@ -114,6 +115,7 @@ class Daemon:
         self._unsaved: list[Callable[[], None]] = []  # acknowledgements of windows the next state save covers
         self._saver: threading.Thread | None = None  # writing the last snapshot to state.path
         self._unproven_since: float | None = None  # monotonic time the source's link stopped being proven
+        self._alarms_delayed = False  # alarm messages have waited for the broker more than ALARM_DELAY_S
         self.metrics.active_alarms.set_function(self._count_active_alarms)
         self.metrics.analysis_alive.set_function(lambda: float(self.watchdog.alive))
         for gauge, key in ((self.metrics.alarm_messages_pending, "alarms_pending"),
@@ -398,7 +400,18 @@ class Daemon:
     def _publish_status(self, state: str) -> None:
         if self._sink is not None:
             self._sink.status(messages.status(state, self.model_version, self._degraded_since is not None,
-                                              self.watchdog.alive, time.time()))
+                                              self.watchdog.alive, time.time(), self._alarms_delayed))
+
+    def _check_alarm_delivery(self) -> None:
+        """Say on the status topic when alarm messages have waited for the broker more than ALARM_DELAY_S, and
+        when they no longer do."""
+        assert self._sink is not None
+        delayed = float(self._sink.counts().get("alarm_delay_s", 0.0)) > ALARM_DELAY_S
+        if delayed != self._alarms_delayed:
+            self._alarms_delayed = delayed
+            log.log(logging.ERROR if delayed else logging.WARNING, "alarm messages %s",
+                    f"delayed more than {ALARM_DELAY_S:g} s" if delayed else "delivered on time again")
+            self._publish_status("online")
 
     # --- intake (source thread) -----------------------------------------------------------------
     def _deliver(self, device: str, payload: bytes, received: float, done: Callable[[], None] | None = None) -> None:
@@ -678,6 +691,7 @@ class Daemon:
                 or (self._unsaved and self._unproven_since is not None)):  # the broker may wait for acknowledgements
             self._next_save = now + self.config.state.save_interval_s
             self._save_state()
+        self._check_alarm_delivery()
         if now >= self._next_stats:
             self._next_stats = now + self.config.output.stats_interval_s
             self._sink.stats(self.stats())

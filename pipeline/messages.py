@@ -32,10 +32,11 @@ def rejection(device: str, reason: str, detail: str, now: float) -> dict[str, An
     return {"device": device[:100], "reason": reason, "detail": detail, "time": now}
 
 
-def status(state: str, model_version: str, degraded: bool, analysis_alive: bool, now: float) -> dict[str, Any]:
+def status(state: str, model_version: str, degraded: bool, analysis_alive: bool, now: float,
+           alarms_delayed: bool = False) -> dict[str, Any]:
     """Status: availability ("online" / "offline"), published by the daemon itself."""
     return {"state": state, "model_version": model_version, "time": now, "degraded": degraded,
-            "analysis_alive": analysis_alive}
+            "analysis_alive": analysis_alive, "alarms_delayed": alarms_delayed}
 
 
 def last_will() -> bytes:
