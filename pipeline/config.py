@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from models import SHIPPED_MODEL
 
 ENV_PREFIX = "ECGMON_"
+FLAT_MV = 0.01  # a window below this peak-to-peak (mV) is a flat line (AlarmConfig.flat_mv; pipeline/streams.py)
 
 
 class Strict(BaseModel):
@@ -96,8 +97,8 @@ class AlarmConfig(Strict):
 
     warmup_s: float = Field(10.0, ge=0, description="physiological alarms held back after a stream (re)starts (s)")
     asystole_s: float = Field(4.0, gt=0, description="no QRS for this long (s)")
-    brady_bpm: float = Field(40.0, gt=0, description="extreme_bradycardia: 60 / the median RR of the last "
-                             "brady_beats beats below this (bpm)")
+    brady_bpm: float = Field(40.0, gt=0, description="extreme_bradycardia: the rate and 60 / the median RR over "
+                             "brady_beats beats both below this (bpm)")
     brady_clear_bpm: float = Field(45.0, gt=0, description="extreme_bradycardia clears at or above this (bpm; "
                                    "hysteresis)")
     brady_hold_s: float = Field(5.0, ge=0, description="extreme_bradycardia clears once the rate has stayed at or "
@@ -129,7 +130,7 @@ class AlarmConfig(Strict):
     signal_loss_s: float = Field(10.0, gt=0, description="no data for this long (s)")
     overload_hold_s: float = Field(10.0, ge=0, description="windows_dropped and the degraded status clear only "
                                    "after this long without a dropped window (s)")
-    flat_mv: float = Field(0.01, gt=0, description="window peak-to-peak below this is a flat line / leads off")
+    flat_mv: float = Field(FLAT_MV, gt=0, description="window peak-to-peak below this is a flat line / leads off")
     saturation_run_s: float = Field(0.04, gt=0, description="saturation: the signal sits at one value (within half an "
                                     "ADC step) at the window's maximum or minimum for this long (s) ...")
     saturation_min_mv: float = Field(1.0, gt=0, description="... that value at least this far from 0 mV; or any "

@@ -8,6 +8,7 @@ of pipeline/messages.py; a watchdog (pipeline/watchdog.py) reports when the work
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -121,7 +122,7 @@ class Daemon:
         for gauge, key in ((self.metrics.alarm_messages_pending, "alarms_pending"),
                            (self.metrics.alarm_message_delay, "alarm_delay_s"),
                            (self.metrics.alarm_messages_lost, "alarms_lost")):
-            gauge.set_function(lambda key=key: float(self._sink.counts().get(key, 0) if self._sink else 0))  # type: ignore[misc]
+            gauge.set_function(functools.partial(self._sink_figure, key))
 
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> bool:
@@ -406,7 +407,7 @@ class Daemon:
         """Say on the status topic when alarm messages have waited for the broker more than ALARM_DELAY_S, and
         when they no longer do."""
         assert self._sink is not None
-        delayed = float(self._sink.counts().get("alarm_delay_s", 0.0)) > ALARM_DELAY_S
+        delayed = self._sink_figure("alarm_delay_s") > ALARM_DELAY_S
         if delayed != self._alarms_delayed:
             self._alarms_delayed = delayed
             log.log(logging.ERROR if delayed else logging.WARNING, "alarm messages %s",
@@ -645,6 +646,10 @@ class Daemon:
             level = logging.WARNING if event.state == "raised" else logging.INFO
             log.log(level, "alarm %s %s %s (%s)", event.device, event.type, event.state, event.priority)
 
+    def _sink_figure(self, key: str) -> float:
+        """One of the sink's counts, for a gauge read at scrape time (metrics thread)."""
+        return float(self._sink.counts().get(key, 0)) if self._sink is not None else 0.0
+
     def _count_active_alarms(self) -> float:
         """For the gauge, read at scrape time (metrics thread): a snapshot of the devices."""
         return float(sum(len(a.active) for a in list(self._alarms.values())))
@@ -675,10 +680,11 @@ class Daemon:
             self._emit(alarms.on_silence(signal_now, silent))  # an evicted device's loss is raised first
             if silent >= self.config.streams.idle_evict_s:
                 self._evict(device, signal_now, now - silent)
-        for device, (signal_time, since) in list(self._dormant.items()):  # raised, never cleared: no data came
+        for device, (signal_time, since) in self._dormant.items():  # raised once, never cleared: no data came
             silent = max(0.0, known - since)
-            if silent >= self.config.alarms.signal_loss_s:
-                self._emit(self._alarms[device].on_silence(signal_time + silent, silent))
+            alarms = self._alarms[device]
+            if silent >= self.config.alarms.signal_loss_s and "signal_loss" not in alarms.active:
+                self._emit(alarms.on_silence(signal_time + silent, silent))
         self.metrics.active_streams.set(len(self._admission.streams))
         if (self._degraded_since is not None and self._queue.qsize() < self._queue.maxsize // 2
                 and now - last_drop >= self.config.alarms.overload_hold_s):

@@ -207,17 +207,17 @@ class MqttSink:
     def alarm(self, doc: dict[str, Any]) -> None:
         """The event (QoS 1), and the open-alarm list: its retained copy, emptied when it clears."""
         payload = encode_json(doc)
-        self._client.publish(self._topics.alarms(doc["device"]), payload, track=True)
+        self._client.publish_tracked(self._topics.alarms(doc["device"]), payload)
         active = self._topics.active(doc["device"], doc["type"])
-        self._client.publish(active, b"" if doc["state"] == "cleared" else payload, retain=True, track=True)
+        self._client.publish_tracked(active, b"" if doc["state"] == "cleared" else payload, retain=True)
 
     def open_alarm(self, doc: dict[str, Any]) -> None:
         """Its retained copy again."""
-        self._client.publish(self._topics.active(doc["device"], doc["type"]), encode_json(doc), retain=True,
-                             track=True)
+        self._client.publish_tracked(self._topics.active(doc["device"], doc["type"]), encode_json(doc),
+                                     retain=True)
 
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
-        self._client.publish(self._topics.active(device, alarm_type), b"", retain=True, track=True)
+        self._client.publish_tracked(self._topics.active(device, alarm_type), b"", retain=True)
 
     def rejected(self, doc: dict[str, Any]) -> None:
         self._publish_lossy(self._topics.errors(doc["device"]), doc)
@@ -240,4 +240,4 @@ class MqttSink:
         self._publish_lossy(self._topics.stats, doc)
 
     def status(self, doc: dict[str, Any]) -> None:
-        self._client.publish(self._topics.status, encode_json(doc), retain=True, track=True)
+        self._client.publish_tracked(self._topics.status, encode_json(doc), retain=True)

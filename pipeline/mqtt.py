@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger(__name__)
 
 MAX_CACHED_TOPICS = 100_000
-MAX_EARLY_ACKS = 1000
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -109,9 +109,8 @@ class ConnectError(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
 
-# handler(topic, payload) -> False leaves a QoS 1 message unacknowledged: the broker sends it again to the
-# next connection of this persistent session. Anything else acknowledges it.
-MessageHandler = Callable[[str, bytes], bool | None]
+# handler(topic, payload): the message is acknowledged (QoS 1) once the handlers have run.
+MessageHandler = Callable[[str, bytes], None]
 # handler(topic, payload, ack) of a subscription that acknowledges its QoS 1 messages itself: calling `ack` (from any
 # thread) acknowledges this message; never calling it leaves it to the next connection of the persistent session.
 ManualAckHandler = Callable[[str, bytes, Callable[[], None]], None]
@@ -150,10 +149,10 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.on_publish = self._on_publish
-        self._acks = threading.Condition()
-        self._unacked: dict[int, float] = {}  # message id of a tracked QoS 1 message -> when it was queued (s)
-        self._acked_early: dict[int, float] = {}  # message id -> when acknowledged, of messages not (yet) tracked
+        # Tracked QoS 1 messages not known to be acknowledged, in the order queued: (when queued (s), its info).
+        # No on_publish callback: with one set, paho builds a reason code and properties for every QoS 0 message.
+        self._tracked: deque[tuple[float, paho.MQTTMessageInfo]] = deque()
+        self._tracked_lock = threading.Lock()
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._manual: dict[str, ManualAckHandler] = {}  # topic filter -> handler that acknowledges itself
         # topic -> the matching handlers (those acknowledged here, those that acknowledge themselves), cached
@@ -226,41 +225,46 @@ class MqttClient:
             self._handlers_of.clear()
         self._client.unsubscribe(topic)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
-                track: bool = False) -> paho.MQTTMessageInfo:
-        """Queue a message; QoS 1 messages queued while disconnected go out after reconnect. With `track` (QoS 1),
-        it counts in `unacknowledged` until the broker acknowledges it."""
-        if not track:
-            return self._client.publish(topic, payload, qos=qos, retain=retain)
-        queued = time.monotonic()
-        info = self._client.publish(topic, payload, qos=1, retain=retain)  # not under self._acks: paho calls
-        with self._acks:                                                    # on_publish under its own lock
-            if self._acked_early.pop(info.mid, 0.0) < queued:  # else the broker was quicker than this thread
-                self._unacked[info.mid] = queued
-        return info
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a message; QoS 1 messages queued while disconnected go out after reconnect."""
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_tracked(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Queue a QoS 1 message that counts in `unacknowledged` until the broker acknowledges it."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        with self._tracked_lock:
+            self._tracked.append((time.monotonic(), info))
 
     def unacknowledged(self) -> tuple[int, float | None]:
         """How many tracked messages the broker has not acknowledged yet, and when the oldest was queued (s,
         monotonic; None if none)."""
-        with self._acks:
-            return len(self._unacked), next(iter(self._unacked.values()), None)
+        with self._tracked_lock:
+            self._sweep()
+            return len(self._tracked), self._tracked[0][0] if self._tracked else None
 
     def wait_acknowledged(self, timeout_s: float) -> int:
         """Wait up to `timeout_s` until the broker has acknowledged every tracked message; returns how many it
         has not."""
-        with self._acks:
-            self._acks.wait_for(lambda: not self._unacked, timeout_s)
-            return len(self._unacked)
+        with self._tracked_lock:
+            last = next((info for _, info in reversed(self._tracked) if info.rc == paho.MQTT_ERR_SUCCESS), None)
+        if last is not None:
+            last.wait_for_publish(timeout_s)
+        return self.unacknowledged()[0]
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Properties | None) -> None:
-        now = time.monotonic()
-        with self._acks:
-            if self._unacked.pop(mid, None) is None:  # untracked, or tracked but not recorded yet
-                if len(self._acked_early) >= MAX_EARLY_ACKS:
-                    self._acked_early = {m: t for m, t in self._acked_early.items() if t > now - 1.0}
-                self._acked_early[mid] = now
-            self._acks.notify_all()
+    def _sweep(self) -> None:
+        """Forget the tracked messages known to be acknowledged (with the lock held). The broker acknowledges QoS 1
+        messages in the order paho sends them, which is the order queued, so one acknowledged means all before it
+        were. One queued while disconnected keeps paho's "no connection" code and never says it was published: it
+        is known acknowledged once a later one is."""
+        done = 0
+        for k, (_, info) in enumerate(self._tracked):
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                continue
+            if not info.is_published():
+                break
+            done = k + 1
+        for _ in range(done):
+            self._tracked.popleft()
 
     def publish_json(self, topic: str, doc: dict[str, Any], qos: int = 0, retain: bool = False
                      ) -> paho.MQTTMessageInfo:
@@ -349,14 +353,15 @@ class MqttClient:
                 self._handlers_of[topic] = handlers
         automatic, manual = handlers
         payload = bytes(message.payload)
-        if manual:
-            mid, qos = message.mid, message.qos
-
-            def ack() -> None:
-                client.ack(mid, qos)
-
-            for handler in manual:
-                handler(topic, payload, ack)
-        taken = [handler(topic, payload) for handler in automatic]
-        if not manual and False not in taken:
+        for handler in automatic:
+            handler(topic, payload)
+        if not manual:
             client.ack(message.mid, message.qos)
+            return
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:
+            client.ack(mid, qos)
+
+        for manual_handler in manual:
+            manual_handler(topic, payload, ack)

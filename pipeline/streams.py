@@ -21,13 +21,12 @@ from numpy.typing import NDArray
 from pipeline.aami import AAMI_CLASSES
 from pipeline.beat_context import BeatContext, SignalWindow, rank_in_row
 from pipeline.beats import BeatPickerState, PickedBeats, pick_beats, r_peak_time_s
+from pipeline.config import FLAT_MV
 from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
 from pipeline.quality import quality_extra_features
 from pipeline.recent import RecentSignal, spectrum
 from pipeline.vf import vf_features
-
-FLAT_MV = 0.01  # the default of AlarmConfig.flat_mv: a window below this peak-to-peak (mV) is a flat line
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,7 @@ class BeatStreams:
         restarts cold from that window, so that its beat context learns the patient, not the flat line, before
         it calls beats ectopic (the same as a stream that starts there)."""
         for slot, samples in zip(slots, windows, strict=True):
-            flat = len(samples) == 0 or float(np.ptp(samples)) < self.flat_mv
+            flat = len(samples) == 0 or float(samples.max() - samples.min()) < self.flat_mv
             if self._flat[slot] and not flat:
                 self._relearn(slot, float(self._fs[slot]))
                 self._restart_s[slot] = self._seen_s[slot]

@@ -180,6 +180,21 @@ def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[...,
         p.wait()
 
 
+def stream_live(publisher: MqttClient, devices: list[str], payloads: list[bytes],
+                interval_s: float = 0.1) -> threading.Thread:
+    """Devices sending as live sensors do, in a thread (started): payload k from each device at QoS 1, then a
+    pause of `interval_s` (s: the sensors' pace, not a synchronisation)."""
+    def send() -> None:
+        for payload in payloads:
+            for device in devices:
+                publisher.publish(f"ecgmon/ecg/{device}", payload, qos=1)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=send, name="live-devices")
+    thread.start()
+    return thread
+
+
 def wait_online(status: Collector) -> None:
     status.wait_for(lambda d: bool(d) and d[-1]["state"] == "online", timeout=30)
 

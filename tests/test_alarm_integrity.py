@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
-from tests.conftest import T0, Collector, wait_online
+from tests.conftest import T0, Collector, stream_live, wait_online
 from tests.tcp_proxy import TcpProxy
 
 TOPICS = Topics("ecgmon")
@@ -70,13 +69,7 @@ def test_no_false_signal_loss_when_the_daemons_own_link_was_down(
     x = load_record(physionet / "mitdb", "100").signal_mv
     n = 150
 
-    def send() -> None:  # 10 windows a second, throughout
-        for seq in range(n):
-            publisher.publish(TOPICS.ecg("bed"), window(x, seq), qos=1)
-            time.sleep(0.1)
-
-    sending = threading.Thread(target=send)
-    sending.start()
+    sending = stream_live(publisher, ["bed"], [window(x, seq) for seq in range(n)])  # 10 windows a second
     messages.wait_for(lambda d: len(d) >= 30, "/beats/")
     if failure == "outage":
         proxy.down()
@@ -104,14 +97,7 @@ def test_kill_9_with_a_state_file_continues_warm_and_loses_no_window(
     x = load_record(physionet / "mitdb", "100").signal_mv
     devices, n = ["bed-1", "bed-2", "bed-3"], 100
 
-    def send() -> None:  # each device 10 windows a second
-        for seq in range(n):
-            for device in devices:
-                publisher.publish(TOPICS.ecg(device), window(x, seq), qos=1)
-            time.sleep(0.1)
-
-    sending = threading.Thread(target=send)
-    sending.start()
+    sending = stream_live(publisher, devices, [window(x, seq) for seq in range(n)])  # each 10 windows a second
     messages.wait_for(lambda d: len(d) >= 3 * 45, "/beats/")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)

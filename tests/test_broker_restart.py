@@ -54,8 +54,7 @@ def test_a_device_silent_across_a_broker_restart_is_alarmed_once_the_daemon_can_
         wait_until(lambda: daemon.stats().get("windows") == 5)
         broker.stop()  # the broker goes away; the device's data with it
         wait_until(lambda: daemon.stats().get("reconnects", 0) >= 1)
-        down = time.monotonic()
-        wait_until(lambda: time.monotonic() - down > 3.0)  # twice signal_loss_s without a link
+        time.sleep(3.0)  # the outage lasts twice signal_loss_s (a duration of the scenario, not a synchronisation)
         assert not daemon.connected and signal_loss_raised() is None
         broker = LocalBroker(port=port, config=config).start()
         wait_until(lambda: any(a["type"] == "signal_loss" for a in alarms))  # queued for the nurse, delivered

@@ -90,8 +90,8 @@ def test_a_sustained_overload_loses_no_alarm_silently_and_leaves_the_open_alarms
         end, seq = time.monotonic() + 60.0, 0
         while time.monotonic() < end:  # 200 devices as fast as the broker takes them
             for device in range(200):
-                publisher.publish(TOPICS.ecg(f"bed-{device}"), encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0),
-                                  qos=1, track=True)
+                publisher.publish_tracked(TOPICS.ecg(f"bed-{device}"),
+                                          encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0))
             seq += 1
             publisher.wait_acknowledged(30)
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
-from tests.conftest import T0, Collector, wait_online, wait_until
+from tests.conftest import T0, Collector, stream_live, wait_online, wait_until
 from tests.tcp_proxy import TcpProxy
 
 TOPICS = Topics("ecgmon")
@@ -170,13 +169,7 @@ def test_a_restart_loses_no_window_and_resets_no_device(physionet: Path, tmp_pat
     state = {"state": {"path": str(tmp_path / "state.json.gz")}, "mqtt": {"protocol": protocol}}
     proc = serve_process(**state)
     wait_online(status)
-    def send() -> None:  # 10 windows a second, throughout
-        for seq in range(n_windows):
-            publisher.publish(TOPICS.ecg("bed"), window(x, seq), qos=1)
-            time.sleep(0.1)
-
-    sending = threading.Thread(target=send)
-    sending.start()
+    sending = stream_live(publisher, ["bed"], [window(x, seq) for seq in range(n_windows)])  # 10 a second
     messages.wait_for(lambda d: len(d) >= 20, "/beats/")
     stopped = time.monotonic()
     proc.send_signal(signal.SIGTERM)

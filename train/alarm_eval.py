@@ -78,7 +78,7 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
                     ) -> Iterator[AnalysedWindow]:
     """Every record streamed as one device through the daemon's analysis (`BeatStreams.process`, then
     `SignalCheck.batch` with the signal-quality verdicts), all records batched, window by window."""
-    streams = BeatStreams(model, capacity=len(records))
+    streams = BeatStreams(model, capacity=len(records), flat_mv=config.flat_mv)
     for r in records:
         streams.open(r.name, r.fs)
     for k in range(max(r.window_count(window_s) for r in records)):
