@@ -1,6 +1,6 @@
 """Admission: does a window continue its device's stream, start it, restart it after a gap, or come too late?
 
-Pure bookkeeping per device (sequence numbers, expected start time, rate, lead, last arrival): no I/O,
+Pure bookkeeping per device (sequence numbers, expected start time, rate, last arrival): no I/O,
 no clock of its own, no model state. The daemon acts on each verdict.
 """
 
@@ -21,14 +21,13 @@ class DeviceStream:
     """Bookkeeping of one device's stream.
 
     Attributes:
-        fs: sampling rate (Hz). lead: lead name.
+        fs: sampling rate (Hz).
         origin: signal time of the stream's first sample since it (re)started (s, Unix time).
         next_seq: the seq expected next. next_t0: the t0 expected next (s, Unix time).
         last_arrival: when its last window arrived (s, monotonic clock of the caller).
     """
 
     fs: float
-    lead: str
     origin: float
     next_seq: int
     next_t0: float
@@ -39,8 +38,9 @@ class DeviceStream:
 class Verdict:
     """What a window is to its device's stream.
 
-    kind: "new" (a device's first window), "next" (continues it), "restart" (a gap in seq or time, or a
-    change of rate or lead: the analysis restarts cold, `detail` says why), "duplicate" or "late" (a
+    kind: "new" (a device's first window), "next" (continues it, whatever its leads: a lead set that changes
+    is the analysis's business), "restart" (a gap in seq or time, or a change of rate: the analysis restarts cold,
+    `detail` says why), "duplicate" or "late" (a
     seq already analysed: drop it).
     """
 
@@ -70,7 +70,7 @@ class Admission:
         if ahead >= SEQ_MOD // 2:  # behind what was already analysed
             return Verdict("duplicate" if ahead == SEQ_MOD - 1 else "late", None)
         time_gap = abs(window.t0 - stream.next_t0) > self.max_gap_s
-        if ahead or time_gap or window.fs != stream.fs or window.lead != stream.lead:
+        if ahead or time_gap or window.fs != stream.fs:
             detail = {"expected_seq": stream.next_seq, "seq": window.seq, "expected_t0": stream.next_t0,
                       "t0": window.t0, "fs": window.fs}
             return Verdict("restart", self._start(device, window, received), detail)
@@ -92,12 +92,12 @@ class Admission:
 
     def restore(self, device: str, doc: dict[str, Any], unix_minus_monotonic: float) -> None:
         """Bookkeeping saved by `save` (raises KeyError, ValueError or TypeError on a malformed doc)."""
-        self.streams[device] = DeviceStream(float(doc["fs"]), str(doc["lead"]), float(doc["origin"]),
+        self.streams[device] = DeviceStream(float(doc["fs"]), float(doc["origin"]),
                                             int(doc["next_seq"]), float(doc["next_t0"]),
                                             float(doc["last_arrival_unix"]) - unix_minus_monotonic)
 
     def _start(self, device: str, window: Window, received: float) -> DeviceStream:
-        stream = DeviceStream(window.fs, window.lead, window.t0, window.seq, window.t0, received)
+        stream = DeviceStream(window.fs, window.t0, window.seq, window.t0, received)
         self._advance(stream, window, received)
         self.streams[device] = stream
         return stream

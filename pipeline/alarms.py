@@ -43,12 +43,14 @@ ALARM_TYPES: dict[str, tuple[str, Priority, str]] = {
     "leads_off": ("technical", "medium", "Leads off / flat line"),
     "saturation": ("technical", "low", "Signal saturated"),
     "poor_signal": ("technical", "low", "Poor signal quality"),
+    "lead_fault": ("technical", "low", "ECG lead fault: lead left out, the other leads monitor the patient"),
     "data_gap": ("technical", "low", "Gap in the ECG data; analysis restarted"),
     "windows_dropped": ("technical", "medium", "Monitor overloaded: ECG windows of this device were not analysed"),
 }
 # Technical alarms that leave physiological alarms running: a clipped QRS still gives its beat's time (but a
-# signal pinned at a rail for AlarmConfig.saturation_unreadable_share of a window holds them back).
-KEEPS_PHYSIOLOGICAL = frozenset({"saturation"})
+# signal pinned at a rail for AlarmConfig.saturation_unreadable_share of a window holds them back), and a faulty
+# lead is left out while the others carry the decision.
+KEEPS_PHYSIOLOGICAL = frozenset({"saturation", "lead_fault"})
 # Technical alarms that hold back every physiological alarm but the lethal ones: in noise the VF detector still
 # reads the signal and an absent QRS is still absent.
 KEEPS_LETHAL = frozenset({"poor_signal"})
@@ -100,58 +102,88 @@ def longest_run(mask: NDArray[np.bool_]) -> NDArray[np.int64]:
 
 @dataclass
 class SignalCheck:
-    """Technical findings of one window (raw signal, mV)."""
+    """Technical findings of one window (raw signal, mV): of the device, from every lead, and each faulty lead.
+
+    A lead is faulty when it is flat, saturated or judged unreadable by the signal-quality detector; the device is
+    flat, saturated or unreadable only when every lead with signal is (one good lead keeps the patient monitored).
+    """
 
     flat: bool
     saturated: bool
-    unreadable: bool  # the model's signal-quality detector's verdict on the stream's last 4 s
-    peak_to_peak_mv: float
-    rail_share: float = 0.0  # share of the window's samples at a rail (0-1)
+    unreadable: bool  # the model's signal-quality detector's verdict on every lead's last 4 s
+    peak_to_peak_mv: float  # of the lead with the largest
+    rail_share: float = 0.0  # share of the window's samples at a rail (0-1), of the least pinned lead with signal
+    leads: tuple[str, ...] = ()
+    lead_faults: dict[str, str] = field(default_factory=dict)  # lead -> "flat", "saturated" or "unreadable"
 
     @classmethod
-    def batch(cls, windows: list[Window], unreadable: list[bool], config: AlarmConfig) -> list[SignalCheck]:
-        """Checks of many windows, computed together for windows of equal length and rate; `unreadable`: the
-        signal-quality detector's verdict for each (`BeatStreams.unreadable`).
-
-        Saturation is the signal held at a rail, not a large amplitude: a run of `saturation_run_s` at
-        the window's maximum or minimum (within half an ADC step of the window's own gain, at most
-        MAX_HALF_STEP_MV) that lies at least `saturation_min_mv` from 0 mV, or a sample at the binary
-        format's int16 limits.
-        """
-        out: list[SignalCheck | None] = [None] * len(windows)
-        groups: dict[tuple[int, float], list[int]] = {}
+    def batch(cls, windows: list[Window], unreadable_leads: list[list[str]], config: AlarmConfig) -> list[SignalCheck]:
+        """Checks of many windows, every lead, computed together for leads of equal length and rate;
+        `unreadable_leads`: the leads of each window the signal-quality detector judges unreadable
+        (`BeatStreams.unreadable_leads`)."""
+        rows = [(i, j) for i, w in enumerate(windows) for j in range(len(w.leads))]
+        flat, saturated, ptp, rail_share = _lead_checks(windows, rows, config)
+        out, first = [], 0
         for i, w in enumerate(windows):
-            groups.setdefault((len(w.samples_mv), w.fs), []).append(i)
-        for (_, fs), rows in groups.items():
-            x = np.stack([windows[i].samples_mv for i in rows])
-            gain = np.array([windows[i].adc_gain for i in rows])[:, None]
-            baseline = np.array([windows[i].adc_baseline for i in rows])[:, None]
-            high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
-            ptp = high[:, 0] - low[:, 0]
-            half_step = np.minimum(0.5 / gain, MAX_HALF_STEP_MV)
-            need = max(2, int(np.ceil(config.saturation_run_s * fs)))
-            near_high, near_low = x >= high - half_step, x <= low + half_step
-            at_high = np.abs(high[:, 0]) >= config.saturation_min_mv
-            at_low = np.abs(low[:, 0]) >= config.saturation_min_mv
-            at_high &= near_high.sum(axis=1) >= need  # too few samples near the maximum for a run: no rail
-            at_low &= near_low.sum(axis=1) >= need
-            at_high[at_high] = longest_run(near_high[at_high]) >= need
-            at_low[at_low] = longest_run(near_low[at_low]) >= need
-            # int16 limits: only a window whose extremes reach them needs the per-sample test
-            at_limits = np.zeros_like(x, dtype=bool)
-            reach = ((np.rint(low[:, 0] * gain[:, 0] + baseline[:, 0]) <= INT16_RAILS[0])
-                     | (np.rint(high[:, 0] * gain[:, 0] + baseline[:, 0]) >= INT16_RAILS[1]))
-            if reach.any():
-                adc = np.rint(x[reach] * gain[reach] + baseline[reach])
-                at_limits[reach] = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
-            saturated = at_high | at_low | reach
-            on_rail = (near_high & at_high[:, None]) | (near_low & at_low[:, None]) | at_limits
-            rail_share = on_rail.mean(axis=1)
-            for k, i in enumerate(rows):
-                out[i] = cls(flat=bool(ptp[k] < config.flat_mv), saturated=bool(saturated[k]),
-                             unreadable=unreadable[i], peak_to_peak_mv=float(ptp[k]),
-                             rail_share=float(rail_share[k]))
-        return [c for c in out if c is not None]
+            at = range(first, first + len(w.leads))
+            first += len(w.leads)
+            faults = {}
+            for k in at:
+                lead = w.leads[rows[k][1]]
+                fault = ("flat" if flat[k] else "saturated" if saturated[k] else
+                         "unreadable" if lead in unreadable_leads[i] else None)
+                if fault is not None:
+                    faults[lead] = fault
+            live = [k for k in at if not flat[k]]
+            out.append(cls(flat=not live, saturated=bool(live) and all(saturated[k] for k in live),
+                           unreadable=bool(live) and all(w.leads[rows[k][1]] in unreadable_leads[i] for k in live),
+                           peak_to_peak_mv=max(ptp[k] for k in at),
+                           rail_share=min((rail_share[k] for k in live), default=0.0), leads=w.leads,
+                           lead_faults=faults))
+        return out
+
+
+def _lead_checks(windows: list[Window], rows: list[tuple[int, int]], config: AlarmConfig
+                 ) -> tuple[list[bool], list[bool], list[float], list[float]]:
+    """Whether each (window, lead) row is flat and saturated, its peak-to-peak (mV) and rail share (0-1).
+
+    Saturation is the signal held at a rail, not a large amplitude: a run of `saturation_run_s` at
+    the lead's maximum or minimum (within half an ADC step of the lead's own gain, at most
+    MAX_HALF_STEP_MV) that lies at least `saturation_min_mv` from 0 mV, or a sample at the binary
+    format's int16 limits.
+    """
+    flat, saturated = [False] * len(rows), [False] * len(rows)
+    ptp_of, share_of = [0.0] * len(rows), [0.0] * len(rows)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for k, (i, _) in enumerate(rows):
+        groups.setdefault((windows[i].samples_mv.shape[1], windows[i].fs), []).append(k)
+    for (_, fs), ks in groups.items():
+        x = np.stack([windows[rows[k][0]].samples_mv[rows[k][1]] for k in ks])
+        gain = np.array([windows[rows[k][0]].adc_gain[rows[k][1]] for k in ks])[:, None]
+        baseline = np.array([windows[rows[k][0]].adc_baseline[rows[k][1]] for k in ks])[:, None]
+        high, low = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+        ptp = high[:, 0] - low[:, 0]
+        half_step = np.minimum(0.5 / gain, MAX_HALF_STEP_MV)
+        need = max(2, int(np.ceil(config.saturation_run_s * fs)))
+        near_high, near_low = x >= high - half_step, x <= low + half_step
+        at_high = np.abs(high[:, 0]) >= config.saturation_min_mv
+        at_low = np.abs(low[:, 0]) >= config.saturation_min_mv
+        at_high &= near_high.sum(axis=1) >= need  # too few samples near the maximum for a run: no rail
+        at_low &= near_low.sum(axis=1) >= need
+        at_high[at_high] = longest_run(near_high[at_high]) >= need
+        at_low[at_low] = longest_run(near_low[at_low]) >= need
+        # int16 limits: only a lead whose extremes reach them needs the per-sample test
+        at_limits = np.zeros_like(x, dtype=bool)
+        reach = ((np.rint(low[:, 0] * gain[:, 0] + baseline[:, 0]) <= INT16_RAILS[0])
+                 | (np.rint(high[:, 0] * gain[:, 0] + baseline[:, 0]) >= INT16_RAILS[1]))
+        if reach.any():
+            adc = np.rint(x[reach] * gain[reach] + baseline[reach])
+            at_limits[reach] = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
+        on_rail = (near_high & at_high[:, None]) | (near_low & at_low[:, None]) | at_limits
+        for n, k in enumerate(ks):
+            flat[k], saturated[k] = bool(ptp[n] < config.flat_mv), bool(at_high[n] | at_low[n] | reach[n])
+            ptp_of[k], share_of[k] = float(ptp[n]), float(on_rail[n].mean())
+    return flat, saturated, ptp_of, share_of
 
 
 @dataclass
@@ -175,12 +207,13 @@ class DeviceAlarms:
     af_since: float | None = None  # likewise for the AF detector (s)
     af_last: float | None = None
     unreadable_last: float | None = None  # the last time the signal-quality detector said unreadable (s)
+    known_leads: list[str] = field(default_factory=list)  # every lead the device has sent, in order of appearance
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
                 "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
-                "unreadable_last": self.unreadable_last,
+                "unreadable_last": self.unreadable_last, "known_leads": self.known_leads,
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
@@ -195,6 +228,7 @@ class DeviceAlarms:
         alarms.vf_since, alarms.vf_last = doc["vf_since"], doc["vf_last"]
         alarms.af_since, alarms.af_last = doc["af_since"], doc["af_last"]
         alarms.unreadable_last = doc["unreadable_last"]
+        alarms.known_leads = list(doc["known_leads"])
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -294,6 +328,7 @@ class DeviceAlarms:
                     else "suspended" if alarm_type not in KEEPS_PHYSIOLOGICAL or self.pinned else "active")
             events += self._set(alarm_type, present, now, {**detail, "physiological_alarms": held},
                                 update=alarm_type != "poor_signal")
+        events += self._lead_fault(check, now)
         cleared = {e.type for e in events if e.state == "cleared"}
         if cleared - KEEPS_PHYSIOLOGICAL - KEEPS_LETHAL:
             self._restart(now)
@@ -303,6 +338,18 @@ class DeviceAlarms:
             self.gap_since = None
             events += self._set("data_gap", False, now, {})
         return events
+
+    def _lead_fault(self, check: SignalCheck, now: float) -> list[AlarmEvent]:
+        """`lead_fault` while some lead is faulty or no longer sent (missing) and another is good: the faulty ones
+        are left out of the decision. When no lead is good the device's own technical alarms take over."""
+        self.known_leads.extend(lead for lead in check.leads if lead not in self.known_leads)
+        faults = {**{lead: "missing" for lead in self.known_leads if lead not in check.leads}, **check.lead_faults}
+        good = [lead for lead in check.leads if lead not in check.lead_faults]
+        present = bool(faults) and bool(good)
+        if not present and "lead_fault" not in self.active:
+            return []
+        evidence = {"leads": faults, "good_leads": good, "physiological_alarms": "active"}
+        return self._set("lead_fault", present, now, evidence)
 
     def _asystole(self, analysed_until: float, ended: bool = False) -> list[AlarmEvent]:
         """No QRS from the last beat up to `analysed_until` (s); `ended`: a beat there ends the pause.

@@ -165,3 +165,21 @@ def r_peak_time_s(frame: NDArray[np.int64], config: ModelConfig) -> NDArray[np.f
     """
     r_frame = frame - config.output_delay_frames
     return np.asarray((r_frame * config.frame_size + config.frame_size / 2) / config.fs, dtype=np.float64)
+
+
+LEAD_FUSION = "mean of per-lead probabilities over usable leads"  # `fuse_leads`, named in a model's metadata
+
+
+def fuse_leads(probs: NDArray[np.float32], weight: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
+    """Per-frame class probabilities of a device from those of its leads: their mean, each lead weighted by
+    `weight` (1 usable, 0 left out; all leads equally when no lead is usable).
+
+    Args:
+        probs: (n_leads, n_frames, n_classes) probabilities of each lead, from the same frames in time.
+        weight: (n_leads,) weight of each lead.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if not w.sum() > 0:
+        w = np.ones_like(w)
+    fused: NDArray[np.float32] = np.tensordot(w / w.sum(), probs, axes=1).astype(np.float32)
+    return fused

@@ -58,7 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate, format_summary
 
-    report = evaluate(args.model, args.records, args.physionet_dir, args.lead, args.out, args.annotator,
+    report = evaluate(args.model, args.records, args.physionet_dir, args.leads, args.out, args.annotator,
                       args.window_s, args.history)
     print(format_summary(report))
     print(f"report, annotations and plots in {args.out}")
@@ -69,8 +69,8 @@ def cmd_evaluate_noise(args: argparse.Namespace) -> int:
     from train.noise import evaluate_noise, format_noise
 
     for noise in args.noise:
-        report = evaluate_noise(args.model, args.records, args.physionet_dir, args.lead, noise, args.snr, args.out,
-                                args.window_s)
+        report = evaluate_noise(args.model, args.records, args.physionet_dir, args.leads, noise, args.snr, args.out,
+                                args.window_s, None if args.noisy_leads is None else [i - 1 for i in args.noisy_leads])
         print(format_noise(report))
     print(f"reports in {args.out}")
     return 0
@@ -82,7 +82,7 @@ def cmd_evaluate_alarms(args: argparse.Namespace) -> int:
 
     alarms = load_config(args.config).alarms
     noise = (args.noise, args.snr) if args.noise else None
-    report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.lead, alarms, args.out,
+    report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.leads, alarms, args.out,
                              args.window_s, pictures=not args.no_pictures, noise=noise)
     print(format_alarm_report(report))
     print(f"report in {args.out / 'alarms.json'}")
@@ -93,7 +93,7 @@ def cmd_train_vf(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.vf import train_vf
 
-    report = train_vf(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+    report = train_vf(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
                       load_config(args.config).alarms, args.folds, args.max_false_per_hour, tuple(args.records))
     for t, scores in report["thresholds"].items():
         vf = scores["vf"]
@@ -108,7 +108,7 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.quality import format_quality_report, train_quality
 
-    report = train_quality(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+    report = train_quality(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
                            load_config(args.config).alarms, args.folds, args.max_clean_flagged, tuple(args.records),
                            args.jobs)
     print(format_quality_report(report))
@@ -121,7 +121,7 @@ def cmd_train_af(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.af import train_af
 
-    report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+    report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
                       load_config(args.config).alarms, args.folds, args.challenge_limit)
     for t, f1 in report["thresholds"].items():
         print(f"threshold {t}: Challenge 2017 F1 N {f1['N']:.3f} A {f1['A']:.3f} O {f1['O']:.3f} ~ {f1['~']:.3f}, "
@@ -156,7 +156,7 @@ def cmd_train_beat_stage(args: argparse.Namespace) -> int:
     from train.config import BeatStageTrainConfig, apply_overrides
 
     config = validate_config(BeatStageTrainConfig, apply_overrides({}, _overrides(args.set)), "--set")
-    report = build_beat_stage(args.cv_dir, args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
+    report = build_beat_stage(args.cv_dir, args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
                               config, args.cv_only)
     print(format_beat_stage(report))
     print(f"reports in {args.report_dir}" if args.cv_only else f"wrote {args.out}; reports in {args.report_dir}")
@@ -169,7 +169,7 @@ def cmd_beat_stage_trials(args: argparse.Namespace) -> int:
     from train.config import BeatStageTrainConfig, apply_overrides
 
     config = validate_config(BeatStageTrainConfig, apply_overrides({}, _overrides(args.set)), "--set")
-    print(format_trials(run_trials(args.cv_dir, args.physionet_dir, args.lead, config, args.out, args.jobs)))
+    print(format_trials(run_trials(args.cv_dir, args.physionet_dir, args.leads, config, args.out, args.jobs)))
     print(f"report in {args.out}")
     return 0
 
@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
-    signals = load_signals(args.records, args.physionet_dir, args.lead)
+    signals = load_signals(args.records, args.physionet_dir, args.leads)
     client = _connect(args.broker, "ecgmon-replay", args.mqtt_protocol)
     plan = ReplayPlan(devices=args.devices or len(signals), window_s=args.window_s, speed=args.speed,
                       duration_s=args.duration_s, encoding=args.encoding, offset_step_s=args.offset_step_s,
@@ -230,6 +230,12 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.tools.bench import run_bench, write_report
 
+    if args.leads:
+        from pipeline.tools.bench import run_leads_bench, write_leads_report
+
+        leads = run_leads_bench(args.records, args.physionet_dir, args.core_devices)
+        print(write_leads_report(leads, args.out, "ecgmon " + " ".join(sys.argv[1:])))
+        return 0
     if args.cluster:
         from pipeline.tools.bench_cluster import checkpoint_cost, run_cluster_bench, write_cluster_report
 
@@ -312,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="db/record, mitdb/DS1, mitdb/DS2 or db/all (default mitdb/DS2)")
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
                    help="folder of WFDB databases; missing records are downloaded")
-    p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+    p.add_argument("--leads", nargs="+", help="leads to use, names (MLII) or 1-based numbers (2), those a record has "
+                   "(default: every ECG lead of each record)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
     p.add_argument("--annotator", default="ecgm", help="WFDB annotator name of the written annotations")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
@@ -324,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", nargs="+", default=["mitdb/DS2"], help="db/record, mitdb/DS2, ... (default DS2)")
     p.add_argument("--noise", nargs="+", default=["em"], choices=["bw", "em", "ma"], help="nstdb noise records")
     p.add_argument("--snr", nargs="+", type=float, default=[24.0, 18.0, 12.0, 6.0, 0.0], help="SNRs (dB)")
+    p.add_argument("--noisy-leads", nargs="+", type=int, help="1-based numbers of the leads that get the noise "
+                   "(default: every lead)")
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
                    help="folder of WFDB databases; missing records are downloaded")
-    p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+    p.add_argument("--leads", nargs="+", help="leads to use, names (MLII) or 1-based numbers (2), those a record has "
+                   "(default: every ECG lead of each record)")
     p.add_argument("--out", type=Path, default=Path("runs/noise"), help="output folder (noise-<name>.json)")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
 
@@ -338,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="daemon config YAML whose `alarms` section to use (default: built-in)")
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
                    help="folder of WFDB databases; missing records are downloaded")
-    p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+    p.add_argument("--leads", nargs="+", help="leads to use, names (MLII) or 1-based numbers (2), those a record has "
+                   "(default: every ECG lead of each record)")
     p.add_argument("--out", type=Path, default=Path("runs/alarms"), help="output folder (alarms.json, timelines/, "
                    "strips/)")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
@@ -401,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
     p.add_argument("--report-dir", type=Path, default=Path("docs/model/beat-stage"), help="cv.json and ds2/")
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
-    p.add_argument("--lead", default="MLII")
+    p.add_argument("--leads", nargs="+", help="leads to use, names (MLII) or 1-based numbers (2), those a record has "
+                   "(default: every ECG lead of each record)")
     p.add_argument("--cv-only", action="store_true", help="cross-validate only: no model written, DS2 not scored")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting, e.g. --set epochs=10 or model.hidden_size=16")
@@ -412,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs/model/beat-stage/feature-trials.json"))
     p.add_argument("--jobs", type=int, default=2, help="trials run at once, each in a process of its own")
     p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR)
-    p.add_argument("--lead", default="MLII")
+    p.add_argument("--leads", nargs="+", help="leads to use, names (MLII) or 1-based numbers (2), those a record has "
+                   "(default: every ECG lead of each record)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
 
     p = add("compare-cells", cmd_compare_cells, "Train rnn, gru and lstm for the same epochs; compare DS2 scores and "
@@ -443,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_records(p, ["mitdb/200"])
     p.add_argument("--devices", type=int, help="number of devices (default: one per record)")
     p.add_argument("--window-s", type=float, default=1.0, help="window length (s), 0.25-10")
-    p.add_argument("--lead", default="MLII")
+    p.add_argument("--leads", nargs="+", help="leads to send, names (MLII) or 1-based numbers (2), those a record "
+                   "has (default: every ECG lead)")
     p.add_argument("--offset-step-s", type=float, default=0.0, help="start offset between devices (s)")
     p.add_argument("--qos", type=int, choices=[0, 1], default=1, help="MQTT QoS of the ECG windows")
 
@@ -464,13 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--cluster", action="store_true", help="instead: --devices over 1, 2 and 3 daemons on a local "
                    "3-node RabbitMQ cluster, and one daemon killed (its section of --out only)")
+    p.add_argument("--leads", action="store_true", help="instead: the daemon core with 1 and with 2 leads per "
+                   "device, --core-devices devices, the first of --records (its section of --out only)")
 
     p = add("rabbit-cluster", cmd_rabbit_cluster, "Start a local RabbitMQ cluster on loopback ports (Debian's "
             "rabbitmq-server, MQTT and consistent-hash plugins) for trying daemons on it; runs until Ctrl-C.")
     p.add_argument("--nodes", type=int, default=3)
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + replayed PhysioNet records (ventricular "
-            "ectopy, ventricular fibrillation, atrial fibrillation), one device each; prints alarms.")
+            "ectopy, ventricular fibrillation, atrial fibrillation), one device each with every lead, the second "
+            "lead coming off for 30 s; prints alarms.")
     add_records(p, ["mitdb/200", "cudb/cu01", "mitdb/201"])
     p.set_defaults(speed=10.0, duration_s=300.0, default_log_level="WARNING")  # the alarm lines are the output
     return parser

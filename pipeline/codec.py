@@ -1,19 +1,33 @@
 """ECG window messages: decoding (JSON and compact binary) with clear reasons for rejection.
 
-A window is a run of consecutive samples of one lead of one device. JSON, for
-interoperability::
+A window is a run of consecutive samples of 1 to MAX_LEADS (12) leads of one device, sampled
+together: one rate, the same number of samples in every lead. Samples are converted to mV as
+(sample - baseline) / gain, per lead (WFDB's adc_gain and baseline; gain 1 and baseline 0, the
+defaults, mean the samples are already in mV). The encoders write version 2; version 1 (one
+lead) is still decoded, into a one-lead window.
 
-    {"v": 1, "seq": 17, "t0": 1764500000.25, "fs": 360, "lead": "MLII",
-     "gain": 200, "baseline": 1024, "samples": [995, 1001, ...]}
+JSON, for interoperability; version 2 ("v" required, "gain" and "baseline" optional per lead)::
 
-Samples are converted to mV as (sample - baseline) / gain (WFDB's adc_gain and baseline;
-gain 1 and baseline 0, the defaults, mean the samples are already in mV).
+    {"v": 2, "seq": 17, "t0": 1764500000.25, "fs": 360,
+     "leads": [{"lead": "MLII", "gain": 200, "baseline": 1024, "samples": [995, 1001, ...]},
+               {"lead": "V1", "gain": 200, "baseline": 1024, "samples": [1012, 1010, ...]}]}
 
-Binary, for throughput (little-endian): a 32-byte header then int16 samples::
+version 1 ("v", "lead", "gain" and "baseline" optional)::
 
-    magic b"ECGW" | version u8 = 1 | lead length u8 | reserved u16 | seq u32 |
-    t0 f64 (s, Unix time of the first sample) | fs f32 (Hz) | gain f32 (ADC units per mV) |
-    baseline i16 | reserved u16 | lead (ASCII, lead-length bytes) | samples i16 * n
+    {"v": 1, "seq": 17, "t0": 1764500000.25, "fs": 360, "lead": "MLII", "gain": 200, "baseline": 1024, "samples": [...]}
+
+Binary, for throughput (little-endian, int16 samples). Version 2: a 28-byte header, a lead
+table, then the samples lead-major (lead 0's n_samples samples, then lead 1's, ...)::
+
+    magic b"ECGW" | version u8 = 2 | n_leads u8 | reserved u16 | seq u32 |
+    t0 f64 (s, Unix time of the first sample) | fs f32 (Hz) | n_samples u32 (per lead) |
+    n_leads * (name length u8 | name ASCII | gain f32 (ADC units per mV) | baseline i16) |
+    samples i16 * n_leads * n_samples
+
+version 1: a 32-byte header then one lead::
+
+    magic b"ECGW" | version u8 = 1 | lead length u8 | reserved u16 | seq u32 | t0 f64 | fs f32 |
+    gain f32 | baseline i16 | reserved u16 | lead (ASCII, lead-length bytes) | samples i16 * n
 
 The docs/asyncapi.yaml document is the reference for both.
 """
@@ -24,7 +38,9 @@ import json
 import math
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,8 +48,12 @@ from numpy.typing import NDArray
 from pipeline.dsp import MAX_FS_HZ, MIN_FS_HZ
 
 BINARY_MAGIC = b"ECGW"
-BINARY_HEADER = struct.Struct("<4sBBHIdffhH")
-FORMAT_VERSION = 1
+BINARY_HEADER_V1 = struct.Struct("<4sBBHIdffhH")
+BINARY_HEADER_V2 = struct.Struct("<4sBBHIdfI")
+BINARY_LEAD_V2 = struct.Struct("<fh")  # a lead table entry after its name: gain, baseline
+FORMAT_VERSION = 2  # what the encoders write; version 1 is still decoded
+MAX_LEADS = 12
+MAX_LEAD_NAME = 32  # characters
 MIN_WINDOW_S = 0.25
 MAX_WINDOW_S = 10.0
 MAX_ABS_MV = 1000.0  # no electrode potential, offset included, comes near 1 V: larger samples are garbage (mV)
@@ -43,7 +63,8 @@ MAX_CLOCK_AHEAD_S = 86_400.0  # a t0 more than a day ahead of the daemon's clock
 
 # Why a payload is not a valid ECG window (docs/daemon.md explains each, docs/asyncapi.yaml lists them).
 DECODE_REASONS = ("too_large", "bad_format", "bad_json", "missing_field", "bad_field", "bad_version", "truncated",
-                  "bad_seq", "bad_t0", "bad_fs", "bad_gain", "empty", "non_finite", "out_of_range", "bad_length")
+                  "lead_count", "lead_lengths", "duplicate_lead", "bad_seq", "bad_t0", "bad_fs", "bad_gain", "empty",
+                  "non_finite", "out_of_range", "bad_length")
 
 
 class DecodeError(ValueError):
@@ -57,29 +78,31 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Window:
-    """One decoded ECG window.
+    """One decoded ECG window: 1 to MAX_LEADS leads of one device, sampled together.
 
     Attributes:
         seq: sequence number of the window (0 .. 2**32 - 1), +1 per window.
         t0: time of the first sample (s, Unix time).
-        fs: sampling rate (Hz).
-        lead: lead name, e.g. "MLII".
-        samples_mv: the samples in mV, float64.
-        adc_gain: ADC units per mV the samples came in (1: they came in mV).
-        adc_baseline: ADC value of 0 mV.
+        fs: sampling rate of every lead (Hz).
+        leads: lead names, e.g. ("MLII", "V1"), unique; ("",) for the single unnamed lead of a
+            version-1 message without one.
+        samples_mv: the samples, shape (n_leads, n_samples), float64 (mV).
+        adc_gain: per lead, ADC units per mV the samples came in (1: they came in mV).
+        adc_baseline: per lead, ADC value of 0 mV.
     """
 
     seq: int
     t0: float
     fs: float
-    lead: str
+    leads: tuple[str, ...]
     samples_mv: NDArray[np.float64]
-    adc_gain: float = 1.0
-    adc_baseline: float = 0.0
+    adc_gain: tuple[float, ...]
+    adc_baseline: tuple[float, ...]
 
     @property
     def duration_s(self) -> float:
-        return len(self.samples_mv) / self.fs
+        """Length of the window (s)."""
+        return int(self.samples_mv.shape[1]) / self.fs
 
 
 def decode_window(payload: bytes, max_bytes: int, now: float | None = None) -> Window:
@@ -106,20 +129,48 @@ def decode_window(payload: bytes, max_bytes: int, now: float | None = None) -> W
 
 
 def _decode_binary(payload: bytes, latest_t0: float) -> Window:
-    if len(payload) < BINARY_HEADER.size:
-        raise DecodeError("truncated", f"{len(payload)} bytes < header {BINARY_HEADER.size}")
-    _, version, lead_len, _, seq, t0, fs, gain, baseline, _ = BINARY_HEADER.unpack_from(payload)
-    if version != FORMAT_VERSION:
-        raise DecodeError("bad_version", f"format version {version}, expected {FORMAT_VERSION}")
-    body = payload[BINARY_HEADER.size:]
+    if len(payload) <= len(BINARY_MAGIC):
+        raise DecodeError("truncated", "no format version after the magic")
+    version = payload[len(BINARY_MAGIC)]
+    if version == 1:
+        return _decode_binary_v1(payload, latest_t0)
+    if version == 2:
+        return _decode_binary_v2(payload, latest_t0)
+    raise DecodeError("bad_version", f"format version {version}, expected 1 or 2")
+
+
+def _decode_binary_v1(payload: bytes, latest_t0: float) -> Window:
+    if len(payload) < BINARY_HEADER_V1.size:
+        raise DecodeError("truncated", f"{len(payload)} bytes < header {BINARY_HEADER_V1.size}")
+    _, _, lead_len, _, seq, t0, fs, gain, baseline, _ = BINARY_HEADER_V1.unpack_from(payload)
+    body = payload[BINARY_HEADER_V1.size:]
     if len(body) < lead_len or (len(body) - lead_len) % 2:
         raise DecodeError("truncated", "lead name or samples cut short")
-    try:
-        lead = body[:lead_len].decode("ascii")
-    except UnicodeDecodeError as err:
-        raise DecodeError("bad_field", "lead is not ASCII") from err
+    lead = _lead_name(body[:lead_len], 0, 1)
     samples = np.frombuffer(body[lead_len:], dtype="<i2")
-    return _checked(seq, t0, fs, lead, samples, gain, baseline, latest_t0)
+    return _checked(seq, t0, fs, [lead], [gain], [baseline], samples[None, :], latest_t0)
+
+
+def _decode_binary_v2(payload: bytes, latest_t0: float) -> Window:
+    if len(payload) < BINARY_HEADER_V2.size:
+        raise DecodeError("truncated", f"{len(payload)} bytes < header {BINARY_HEADER_V2.size}")
+    _, _, n_leads, _, seq, t0, fs, n_samples = BINARY_HEADER_V2.unpack_from(payload)
+    _check_lead_count(n_leads)
+    table, pos = [], BINARY_HEADER_V2.size
+    for i in range(n_leads):  # name length, name, gain, baseline
+        if pos >= len(payload) or pos + 1 + payload[pos] + BINARY_LEAD_V2.size > len(payload):
+            raise DecodeError("truncated", f"lead table cut short in lead {i}")
+        name_end = pos + 1 + payload[pos]
+        table.append((_lead_name(payload[pos + 1:name_end], i, 2), *BINARY_LEAD_V2.unpack_from(payload, name_end)))
+        pos = name_end + BINARY_LEAD_V2.size
+    size = pos + 2 * n_leads * n_samples
+    if len(payload) < size:
+        raise DecodeError("truncated", f"{len(payload)} bytes < {size} for {n_leads} leads of {n_samples} samples")
+    if len(payload) > size:
+        raise DecodeError("bad_field", f"{len(payload) - size} bytes after {n_leads} leads of {n_samples} samples")
+    names, gains, baselines = zip(*table, strict=True)
+    samples = np.frombuffer(payload, dtype="<i2", count=n_leads * n_samples, offset=pos)
+    return _checked(seq, t0, fs, names, gains, baselines, samples.reshape(n_leads, n_samples), latest_t0)
 
 
 def _decode_json(payload: bytes, latest_t0: float) -> Window:
@@ -131,31 +182,54 @@ def _decode_json(payload: bytes, latest_t0: float) -> Window:
         raise DecodeError("bad_json", str(err)[:200]) from err
     if not isinstance(doc, dict):
         raise DecodeError("bad_json", "top level is not an object")
-    version = doc.get("v", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise DecodeError("bad_version", f"format version {version!r}, expected {FORMAT_VERSION}")
-    for key in ("seq", "t0", "fs", "samples"):
+    version = doc.get("v", 1)
+    if isinstance(version, bool) or version not in (1, 2):
+        raise DecodeError("bad_version", f"format version {version!r:.40}, expected 1 or 2")
+    for key in ("seq", "t0", "fs", "samples" if version == 1 else "leads"):
         if key not in doc:
             raise DecodeError("missing_field", key)
     seq, t0, fs = doc["seq"], doc["t0"], doc["fs"]
-    gain, baseline, lead = doc.get("gain", 1.0), doc.get("baseline", 0.0), doc.get("lead", "")
-    if not isinstance(seq, int) or isinstance(seq, bool):
+    if type(seq) is not int:  # json.loads makes exact types: bool is not int here
         raise DecodeError("bad_field", "seq must be an integer")
-    for name, value in (("t0", t0), ("fs", fs), ("gain", gain), ("baseline", baseline)):
-        if not isinstance(value, int | float) or isinstance(value, bool):
+    for name, value in (("t0", t0), ("fs", fs)):
+        if type(value) not in (int, float):
             raise DecodeError("bad_field", f"{name} must be a number")
+    entries = [doc] if version == 1 else doc["leads"]  # a version-1 document is its own single lead
+    if not isinstance(entries, list):
+        raise DecodeError("bad_field", "leads must be a list")
+    _check_lead_count(len(entries))
+    names, gains, baselines, samples = zip(*(_json_lead(entry, i, version) for i, entry in enumerate(entries)),
+                                           strict=True)
+    for i, lead in enumerate(samples):
+        if len(lead) != len(samples[0]):
+            raise DecodeError("lead_lengths", f"{_label(i, names[i])} has {len(lead)} samples, "
+                                              f"{_label(0, names[0])} {len(samples[0])}")
+    return _checked(seq, _float(t0, "t0"), _float(fs, "fs"), names, gains, baselines, np.stack(samples), latest_t0)
+
+
+def _json_lead(entry: Any, i: int, version: int) -> tuple[str, float, float, NDArray[np.float64]]:
+    """Name, gain, baseline and samples (ADC units) of the JSON lead `entry`, the i-th."""
+    where = f"leads[{i}]" if version > 1 else "lead"
+    if not isinstance(entry, dict):
+        raise DecodeError("bad_field", f"{where} is not an object")
+    for key in ("lead", "samples") if version > 1 else ("samples",):
+        if key not in entry:
+            raise DecodeError("missing_field", f"{where}.{key}" if version > 1 else key)
+    lead, samples = entry.get("lead", ""), entry["samples"]
+    gain, baseline = entry.get("gain", 1.0), entry.get("baseline", 0.0)
     if not isinstance(lead, str):
-        raise DecodeError("bad_field", "lead must be a string")
-    samples = doc["samples"]
-    if not isinstance(samples, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in samples):
-        raise DecodeError("bad_field", "samples must be a list of numbers")
+        raise DecodeError("bad_field", f"{where} name must be a string")
+    label = _label(i, _lead_name(lead, i, version))
+    for name, value in (("gain", gain), ("baseline", baseline)):
+        if type(value) not in (int, float):
+            raise DecodeError("bad_field", f"{label}: {name} must be a number")
+    if not isinstance(samples, list) or not set(map(type, samples)) <= {int, float}:
+        raise DecodeError("bad_field", f"{label}: samples must be a list of numbers")
     try:
         values = np.asarray(samples, dtype=np.float64)
     except OverflowError as err:  # an integer beyond float64
-        raise DecodeError("out_of_range", "a sample is beyond any float") from err
-    return _checked(seq, _float(t0, "t0"), _float(fs, "fs"), lead, values, _float(gain, "gain"),
-                    _float(baseline, "baseline"), latest_t0)
+        raise DecodeError("out_of_range", f"{label}: a sample is beyond any float") from err
+    return lead, _float(gain, f"{label}: gain"), _float(baseline, f"{label}: baseline"), values
 
 
 def _float(value: float, name: str) -> float:
@@ -165,9 +239,31 @@ def _float(value: float, name: str) -> float:
         raise DecodeError("out_of_range", f"{name} is beyond any float") from err
 
 
-def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.float64] | NDArray[np.int16],
-             gain: float, baseline: float, latest_t0: float) -> Window:
-    """The window, or DecodeError naming what is wrong; `samples` are ADC units, int16 (binary) or float (JSON)."""
+def _lead_name(name: str | bytes, i: int, version: int) -> str:
+    """The i-th lead's name (bytes: ASCII), checked: 0 (version 1) or 1 to MAX_LEAD_NAME printable characters."""
+    try:
+        text = name.decode("ascii") if isinstance(name, bytes) else name
+    except UnicodeDecodeError as err:
+        raise DecodeError("bad_field", f"lead {i}: name is not ASCII") from err
+    if len(text) > MAX_LEAD_NAME or not text.isprintable() or (version > 1 and not text):
+        raise DecodeError("bad_field", f"lead {i}: name must be {int(version > 1)} to {MAX_LEAD_NAME} printable "
+                                       "characters")
+    return text
+
+
+def _label(i: int, name: str) -> str:
+    """How a detail names a lead (its name already checked)."""
+    return f"lead {i} ({name})" if name else f"lead {i}"
+
+
+def _check_lead_count(n_leads: int) -> None:
+    if not 1 <= n_leads <= MAX_LEADS:
+        raise DecodeError("lead_count", f"{n_leads} leads, expected 1 to {MAX_LEADS}")
+
+
+def _checked(seq: int, t0: float, fs: float, names: Sequence[str], gains: Sequence[float], baselines: Sequence[float],
+             samples: NDArray[np.float64] | NDArray[np.int16], latest_t0: float) -> Window:
+    """The window, or DecodeError naming what is wrong; `samples` (n_leads, n) are ADC units, int16 or float."""
     if not 0 <= seq < 2**32:
         raise DecodeError("bad_seq", f"seq {seq} outside 0 .. 2**32-1")
     if not (math.isfinite(t0) and MIN_T0 <= t0 <= latest_t0):
@@ -175,38 +271,60 @@ def _checked(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floa
                                     f"({MIN_T0:.0f} .. {latest_t0:.0f} s, Unix time)")
     if not (math.isfinite(fs) and MIN_FS_HZ <= fs <= MAX_FS_HZ):
         raise DecodeError("bad_fs", f"fs {fs} Hz outside {MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz")
-    if not (math.isfinite(gain) and gain > 0):
-        raise DecodeError("bad_gain", f"gain {gain} ADC units per mV is not a positive finite number")
-    if not math.isfinite(baseline):
-        raise DecodeError("bad_field", f"baseline {baseline} is not finite")
-    if len(lead) > 32 or not lead.isprintable():
-        raise DecodeError("bad_field", "lead must be at most 32 printable characters")
-    if samples.size == 0:
+    for i, (name, gain, baseline) in enumerate(zip(names, gains, baselines, strict=True)):
+        if not (math.isfinite(gain) and gain > 0):
+            raise DecodeError("bad_gain", f"{_label(i, name)}: gain {gain} ADC units per mV is not a positive "
+                                          "finite number")
+        if not math.isfinite(baseline):
+            raise DecodeError("bad_field", f"{_label(i, name)}: baseline {baseline} is not finite")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise DecodeError("duplicate_lead", f"lead {i} repeats the name of {_label(names.index(name), name)}")
+    if samples.shape[1] == 0:
         raise DecodeError("empty", "no samples")
-    if samples.dtype.kind == "f" and not np.isfinite(samples).all():
-        raise DecodeError("non_finite", "samples contain NaN or Inf")
-    duration = samples.size / fs
+    bad = np.flatnonzero(~np.isfinite(samples).all(axis=1))  # int16 samples always are
+    if bad.size:
+        i = int(bad[0])
+        raise DecodeError("non_finite", f"{_label(i, names[i])}: samples contain NaN or Inf")
+    duration = samples.shape[1] / fs
     one_sample = 1.0 / fs  # 0.25 s is not a whole number of samples at every rate (62.5 at 250 Hz)
     if not MIN_WINDOW_S - one_sample <= duration <= MAX_WINDOW_S + one_sample:
         raise DecodeError("bad_length", f"window of {duration:.3f} s outside {MIN_WINDOW_S}-{MAX_WINDOW_S} s")
     with np.errstate(over="ignore"):
-        largest = max(abs(float(samples.min()) - baseline), abs(float(samples.max()) - baseline)) / gain
-        samples_mv = (samples.astype(np.float64) - baseline) / gain
-    if not largest <= MAX_ABS_MV:  # also catches overflow to inf
-        raise DecodeError("out_of_range", f"a sample of {largest:.3g} mV is beyond ±{MAX_ABS_MV:g} mV")
-    return Window(seq=seq, t0=t0, fs=fs, lead=lead, samples_mv=samples_mv, adc_gain=gain, adc_baseline=baseline)
+        samples_mv = (samples - np.array(baselines, float)[:, None]) / np.array(gains, float)[:, None]
+    largest = np.abs(samples_mv).max(axis=1)
+    bad = np.flatnonzero(~(largest <= MAX_ABS_MV))  # also catches overflow to inf
+    if bad.size:
+        i = int(bad[0])
+        raise DecodeError("out_of_range", f"{_label(i, names[i])}: a sample of {largest[i]:.3g} mV is beyond "
+                                          f"±{MAX_ABS_MV:g} mV")
+    return Window(seq=seq, t0=t0, fs=fs, leads=tuple(names), samples_mv=samples_mv,
+                  adc_gain=tuple(float(g) for g in gains), adc_baseline=tuple(float(b) for b in baselines))
 
 
-def encode_binary(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.int16], gain: float,
-                  baseline: int = 0) -> bytes:
-    """A binary window of int16 ADC samples (mV = (sample - baseline) / gain)."""
-    lead_bytes = lead.encode("ascii")
-    header = BINARY_HEADER.pack(BINARY_MAGIC, FORMAT_VERSION, len(lead_bytes), 0, seq, t0, fs, gain, baseline, 0)
-    return header + lead_bytes + np.asarray(samples, dtype="<i2").tobytes()
+def _by_lead(samples: NDArray[Any], leads: Sequence[str]) -> NDArray[Any]:
+    """`samples` as an array of shape (len(leads), n), or ValueError."""
+    array = np.asarray(samples)
+    if array.ndim != 2 or array.shape[0] != len(leads):
+        raise ValueError(f"samples of shape {array.shape} for {len(leads)} leads: expected ({len(leads)}, n)")
+    return array
 
 
-def encode_json(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.floating] | NDArray[np.integer],
-                gain: float = 1.0, baseline: float = 0.0) -> bytes:
-    """A JSON window."""
-    return json.dumps({"v": FORMAT_VERSION, "seq": seq, "t0": t0, "fs": fs, "lead": lead, "gain": gain,
-                       "baseline": baseline, "samples": np.asarray(samples).tolist()}).encode()
+def encode_binary(seq: int, t0: float, fs: float, leads: Sequence[str], samples: NDArray[np.int16],
+                  gain: Sequence[float], baseline: Sequence[int]) -> bytes:
+    """A version-2 binary window: int16 ADC samples of shape (n_leads, n); mV = (sample - baseline) / gain per lead."""
+    adc = _by_lead(samples, leads).astype("<i2")
+    parts = [BINARY_HEADER_V2.pack(BINARY_MAGIC, FORMAT_VERSION, len(leads), 0, seq, t0, fs, adc.shape[1])]
+    for lead, lead_gain, lead_baseline in zip(leads, gain, baseline, strict=True):
+        name = lead.encode("ascii")
+        parts += [bytes([len(name)]), name, BINARY_LEAD_V2.pack(lead_gain, lead_baseline)]
+    return b"".join([*parts, adc.tobytes()])
+
+
+def encode_json(seq: int, t0: float, fs: float, leads: Sequence[str], samples: NDArray[np.floating] |
+                NDArray[np.integer], gain: Sequence[float], baseline: Sequence[float]) -> bytes:
+    """A version-2 JSON window: samples of shape (n_leads, n); mV = (sample - baseline) / gain per lead."""
+    rows = _by_lead(samples, leads)
+    return json.dumps({"v": FORMAT_VERSION, "seq": seq, "t0": t0, "fs": fs, "leads": [
+        {"lead": lead, "gain": float(lead_gain), "baseline": float(lead_baseline), "samples": row.tolist()}
+        for lead, lead_gain, lead_baseline, row in zip(leads, gain, baseline, rows, strict=True)]}).encode()

@@ -151,6 +151,12 @@ class PreprocessorBank:
         if doc["resampler"] is not None:
             self._resamplers[slot].set_state(doc["resampler"])
 
+    def follow(self, slot: int, source: int) -> None:
+        """Open `slot` cold (its filter seeded by its next sample) on the framing phase of `source` (may be `slot`
+        itself): from here on a window gives both slots the same number of frames, at the same times."""
+        doc = self.save_slot(source)
+        self.load_slot(slot, {**doc, "seeded": False, "rest": [0.0] * len(doc["rest"])})
+
     def __call__(self, slots: list[int], windows: list[NDArray[np.floating[Any]]]) -> list[FloatArray]:
         """Process the next window (mV at the slot's rate) of each slot; return each one's new frames.
 

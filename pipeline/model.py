@@ -36,7 +36,7 @@ FEATURES_INPUT = "features"
 BEAT_STATE_INPUT = "h"
 BEAT_STAGE_KEY = "beat_stage_onnx"
 # Parts a model may lack.
-OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector", "quality_detector"})
+OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector", "quality_detector", "lead_fusion"})
 # What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
 ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                    ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
@@ -78,6 +78,9 @@ class ModelInfo(ModelConfig):
                                                          "null when the model has none")
     beat_stage: BeatStageInfo | None = Field(None, description="the beat-sequence stage, null when the frame stage "
                                              "decides the classes alone")
+    lead_fusion: str | None = Field(None, description="the rule the network was trained to have a device's leads "
+                                    "fused by (`pipeline.beats.LEAD_FUSION`), null when it was trained on one lead "
+                                    "at a time")
 
     @property
     def decision(self) -> Decision:

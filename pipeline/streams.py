@@ -1,12 +1,13 @@
-"""Many ECG streams through one beat model, window by window with carried state.
+"""Many ECG devices, each with 1 to 12 leads, through one beat model, window by window with carried state.
 
-Each stream owns a slot: its DSP state (filter, resampler, framer), its recurrent state, its
-beat-picking carry-over, for a model with a beat stage its rhythm context and beat-stage
-state, and its last seconds of signal with the VF and signal-quality detectors' verdicts on them. Windows from many
-streams are batched into one model run (one run per distinct frame count), state gathered
-from and scattered back to the slots; the beat stage then steps once per beat, the k-th
-beats of all streams in one batch. `ecgmon evaluate` and the daemon both go through this
-class.
+Every lead of every device owns a lead slot: its DSP state (filter, resampler, framer), its recurrent state, its last
+seconds of signal with the VF and signal-quality detectors' verdicts on them. Every device owns a device slot: its
+beat-picking carry-over and, for a model with a beat stage, its rhythm context and beat-stage state. The leads of all
+devices are batched into one model run (one run per distinct frame count); each device's per-frame probabilities are
+the mean over its usable leads (`pipeline.beats.fuse_leads`: a lead that is flat, unreadable or still warming up is
+left out), and its beats are picked from them. The beat stage then steps once per beat, the k-th beats of all devices
+in one batch, its beat shape read from the device's primary lead (its first usable lead). `ecgmon evaluate` and the
+daemon both go through this class.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from numpy.typing import NDArray
 
 from pipeline.aami import AAMI_CLASSES
 from pipeline.beat_context import BeatContext, SignalWindow, rank_in_row
-from pipeline.beats import BeatPickerState, PickedBeats, pick_beats, r_peak_time_s
+from pipeline.beats import BeatPickerState, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
 from pipeline.config import FLAT_MV
 from pipeline.dsp import PreprocessorBank
 from pipeline.model import BeatModel
@@ -28,14 +29,18 @@ from pipeline.quality import quality_extra_features
 from pipeline.recent import RecentSignal, spectrum
 from pipeline.vf import vf_features
 
+LEAD_WARMUP_S = 5.0  # a lead joins the decision once its filter and network have seen this much of it (s)
+# One device's window: (device id, lead names, samples (n_leads, n_samples) in mV at the device's fs).
+DeviceWindow = tuple[str, Sequence[str], NDArray[np.floating[Any]]]
+
 
 @dataclass(frozen=True)
 class Beat:
     """One detected beat.
 
     Attributes:
-        stream_id: the stream it belongs to.
-        time_s: R-peak time (s) since the stream's first sample.
+        stream_id: the device it belongs to.
+        time_s: R-peak time (s) since the device's first sample.
         class_name: AAMI class ("N", "S", "V", "F", "Q").
         confidence: probability of that class (0-1): the beat stage's, or the frame stage's share of the beat
             probability in a model without one.
@@ -47,92 +52,187 @@ class Beat:
     confidence: float
 
 
+class _Slots:
+    """Keys to array slots; freed slots are reused, and the arrays double when all are taken."""
+
+    def __init__(self, capacity: int) -> None:
+        self.of: dict[Any, int] = {}
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def take(self, key: Any) -> tuple[int, bool]:
+        """The slot of `key`, taken if new, and whether the arrays must grow to `capacity` first."""
+        if key in self.of:
+            return self.of[key], False
+        grew = not self._free
+        if grew:
+            self._free.extend(range(2 * self.capacity - 1, self.capacity - 1, -1))
+            self.capacity *= 2
+        self.of[key] = self._free.pop()
+        return self.of[key], grew
+
+    def release(self, key: Any) -> None:
+        self._free.append(self.of.pop(key))
+
+
+def _grown(array: NDArray[Any], capacity: int, axis: int = 0) -> NDArray[Any]:
+    """`array` extended with zeros along `axis` to `capacity` entries."""
+    shape = list(array.shape)
+    shape[axis] = capacity - shape[axis]
+    return np.concatenate([array, np.zeros(shape, dtype=array.dtype)], axis=axis)
+
+
 class BeatStreams:
-    """Per-stream state in slots, batched inference across streams."""
+    """Per-device and per-lead state in slots, batched inference across every lead of every device."""
 
     def __init__(self, model: BeatModel, capacity: int = 64, flat_mv: float = FLAT_MV) -> None:
-        """`flat_mv`: a window whose peak-to-peak is below this (mV) is a flat line (leads off, or a monitor
-        switched on before its electrodes): the first window with signal after one restarts the slot cold."""
+        """`capacity`: slots allocated at first (they grow by doubling). `flat_mv`: a lead whose window's
+        peak-to-peak is below this (mV) is flat (off, or not yet on the patient): it is left out, and the first
+        window with signal after one restarts that lead cold; a device whose every lead was flat restarts cold."""
         self.model = model
         self.info = model.info
         self.flat_mv = flat_mv
-        self._slot_of: dict[str, int] = {}
-        self._free = list(range(capacity - 1, -1, -1))
-        self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
-        self._state = model.initial_state(capacity)
+        # Device slots: beat picking, beat context and beat-stage state, the time line (the sampling rate (Hz),
+        # the signal seen since the device started (s), where its analysis last restarted after a flat line (s since
+        # it started), whether its last window was flat in every lead), its leads in order and its primary lead.
+        self._devices = _Slots(capacity)
         self._picker = BeatPickerState(capacity, len(self.info.class_names))
-        # With a beat stage: each slot's beat context and beat-stage state.
         self._context = BeatContext(capacity, self.info.fs, self.info.frame_size) if model.beat_stage else None
         self._beat_state = model.beat_stage.initial_state(capacity) if model.beat_stage else None
-        # Each slot's last seconds of signal, whether they look like VF and whether they are unreadable.
-        self._recent = RecentSignal(capacity, self.info.fs)
-        self._vf_found = np.zeros(capacity, dtype=bool)
-        self._unreadable = np.zeros(capacity, dtype=bool)
-        # Each slot's time line: its sampling rate (Hz), the signal seen since the stream started (s), where its
-        # analysis last restarted after a flat line (s since the stream started), and whether its last window was flat.
         self._fs = np.zeros(capacity)
         self._seen_s = np.zeros(capacity)
         self._restart_s = np.zeros(capacity)
         self._flat = np.zeros(capacity, dtype=bool)
-        self._capacity = capacity
+        self._leads: dict[str, list[str]] = {}
+        self._primary: dict[str, str] = {}
+        # Lead slots, keyed (device, lead): DSP and recurrent state, the last seconds of signal with the VF and
+        # signal-quality verdicts on them, whether the lead's last window was flat, its signal seen since it
+        # (re)started (s).
+        self._lead_slots = _Slots(capacity)
+        self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
+        self._state = model.initial_state(capacity)
+        self._recent = RecentSignal(capacity, self.info.fs)
+        self._vf_found = np.zeros(capacity, dtype=bool)
+        self._unreadable = np.zeros(capacity, dtype=bool)
+        self._lead_flat = np.zeros(capacity, dtype=bool)
+        self._lead_age_s = np.zeros(capacity)
 
+    # --- devices and leads ------------------------------------------------------------------
     def open(self, stream_id: str, fs: float) -> None:
-        """Start (or restart from cold) `stream_id`, sampled at `fs` (Hz)."""
-        if stream_id not in self._slot_of:
-            if not self._free:
-                self._grow()
-            self._slot_of[stream_id] = self._free.pop()
-        slot = self._slot_of[stream_id]
-        self._relearn(slot, fs)
+        """Start (or restart from cold) device `stream_id`, sampled at `fs` (Hz); its leads open with its first
+        window."""
+        if self.is_open(stream_id):
+            self.close(stream_id)
+        slot, grew = self._devices.take(stream_id)
+        if grew:
+            self._grow_devices()
+        self._fs[slot] = fs
+        self._reset_device(slot)
         self._seen_s[slot] = self._restart_s[slot] = 0.0
         self._flat[slot] = False
+        self._leads[stream_id] = []
 
-    def _relearn(self, slot: int, fs: float) -> None:
-        """Forget everything the slot learnt of its signal (filters, network, beats, rhythm and beat shape)."""
-        self._fs[slot] = fs
-        self._dsp.open(slot, fs)
-        for array in self._state:
-            array[:, slot] = 0.0
+    def _reset_device(self, slot: int) -> None:
+        """Forget the device's beats, rhythm and beat shape."""
         self._picker.reset(np.array([slot]))
         if self._context is not None and self._beat_state is not None:
             self._context.reset(np.array([slot]))
             self._beat_state[:, slot] = 0.0
-        self._recent.reset(np.array([slot]))
-        self._vf_found[slot] = self._unreadable[slot] = False
 
+    def _open_lead(self, stream_id: str, lead: str) -> int:
+        """A lead slot for `lead` of the device, cold, on the framing phase of the device's other leads."""
+        slot, grew = self._lead_slots.take((stream_id, lead))
+        if grew:
+            self._grow_leads()
+        siblings = [self._lead_slots.of[(stream_id, name)] for name in self._leads[stream_id]]
+        if siblings:
+            self._dsp.follow(slot, siblings[0])
+        else:
+            self._dsp.open(slot, float(self._fs[self._devices.of[stream_id]]))
+        self._reset_lead(slot)
+        self._leads[stream_id].append(lead)
+        return slot
+
+    def _reset_lead(self, slot: int) -> None:
+        """Forget what the lead slot learnt of its signal (network state, recent signal, verdicts)."""
+        for array in self._state:
+            array[:, slot] = 0.0
+        self._recent.reset(np.array([slot]))
+        self._vf_found[slot] = self._unreadable[slot] = self._lead_flat[slot] = False
+        self._lead_age_s[slot] = 0.0
+
+    def _set_leads(self, stream_id: str, leads: Sequence[str]) -> list[int]:
+        """The lead slots of the device's window, in its order: leads no longer sent are forgotten, new ones open."""
+        for gone in [name for name in self._leads[stream_id] if name not in leads]:
+            self._lead_slots.release((stream_id, gone))
+            self._leads[stream_id].remove(gone)
+        slots = [self._lead_slots.of[(stream_id, name)] if name in self._leads[stream_id]
+                 else self._open_lead(stream_id, name) for name in leads]
+        self._leads[stream_id] = list(leads)
+        return slots
+
+    def close(self, stream_id: str) -> None:
+        """Forget `stream_id` and free its slots."""
+        for lead in self._leads.pop(stream_id):
+            self._lead_slots.release((stream_id, lead))
+        self._primary.pop(stream_id, None)
+        self._devices.release(stream_id)
+
+    def is_open(self, stream_id: str) -> bool:
+        return stream_id in self._devices.of
+
+    @property
+    def capacity(self) -> int:
+        """Device slots allocated (they grow by doubling and are reused after `close`)."""
+        return self._devices.capacity
+
+    # --- save and restore --------------------------------------------------------------------
     def save(self, stream_id: str) -> dict[str, Any]:
-        """Everything `stream_id` carries (DSP, recurrent state, beat picking) as JSON-able values."""
-        slot = self._slot_of[stream_id]
-        doc = {"dsp": self._dsp.save_slot(slot), "recurrent": [a[:, slot].tolist() for a in self._state],
-               "picker": self._picker.save_slot(slot)}
+        """Everything `stream_id` carries (per lead: DSP, recurrent state, recent signal; per device: beat
+        picking, beat context, time line) as JSON-able values."""
+        slot = self._devices.of[stream_id]
+        doc: dict[str, Any] = {"fs": float(self._fs[slot]), "picker": self._picker.save_slot(slot),
+                               "timeline": [float(self._seen_s[slot]), float(self._restart_s[slot]),
+                                            bool(self._flat[slot])],
+                               "primary": self._primary.get(stream_id)}
         if self._context is not None and self._beat_state is not None:
             doc["context"] = self._context.save_slot(slot)
             doc["beat_stage"] = self._beat_state[:, slot].tolist()
-        doc["recent"] = {**self._recent.save_slot(slot), "vf_found": bool(self._vf_found[slot]),
-                         "unreadable": bool(self._unreadable[slot])}
-        doc["timeline"] = [float(self._seen_s[slot]), float(self._restart_s[slot]), bool(self._flat[slot])]
+        doc["leads"] = []
+        for lead in self._leads[stream_id]:
+            s = self._lead_slots.of[(stream_id, lead)]
+            doc["leads"].append({"lead": lead, "dsp": self._dsp.save_slot(s),
+                                 "recurrent": [a[:, s].tolist() for a in self._state],
+                                 "recent": self._recent.save_slot(s), "vf_found": bool(self._vf_found[s]),
+                                 "unreadable": bool(self._unreadable[s]), "flat": bool(self._lead_flat[s]),
+                                 "age_s": float(self._lead_age_s[s])})
         return doc
 
     def restore(self, stream_id: str, doc: dict[str, Any]) -> None:
         """Open `stream_id` with state saved by `save` (raises KeyError/ValueError on a malformed doc)."""
-        self.open(stream_id, float(doc["dsp"]["fs"]))
-        slot = self._slot_of[stream_id]
-        self._dsp.load_slot(slot, doc["dsp"])
-        for array, saved in zip(self._state, doc["recurrent"], strict=True):
-            array[:, slot] = np.asarray(saved, dtype=np.float32).reshape(array[:, slot].shape)
+        self.open(stream_id, float(doc["fs"]))
+        slot = self._devices.of[stream_id]
         self._picker.load_slot(slot, doc["picker"])
         if self._context is not None and self._beat_state is not None:
             self._context.load_slot(slot, doc["context"])
             self._beat_state[:, slot] = np.asarray(doc["beat_stage"], dtype=np.float32).reshape(
                 self._beat_state[:, slot].shape)
-        self._recent.load_slot(slot, doc["recent"])
-        self._vf_found[slot] = bool(doc["recent"]["vf_found"])
-        self._unreadable[slot] = bool(doc["recent"]["unreadable"])
         seen, restart, flat = doc["timeline"]
         self._seen_s[slot], self._restart_s[slot], self._flat[slot] = float(seen), float(restart), bool(flat)
+        if doc["primary"] is not None:
+            self._primary[stream_id] = str(doc["primary"])
+        for saved in doc["leads"]:
+            s = self._open_lead(stream_id, str(saved["lead"]))
+            self._dsp.load_slot(s, saved["dsp"])
+            for array, state in zip(self._state, saved["recurrent"], strict=True):
+                array[:, s] = np.asarray(state, dtype=np.float32).reshape(array[:, s].shape)
+            self._recent.load_slot(s, saved["recent"])
+            self._vf_found[s], self._unreadable[s] = bool(saved["vf_found"]), bool(saved["unreadable"])
+            self._lead_flat[s], self._lead_age_s[s] = bool(saved["flat"]), float(saved["age_s"])
 
+    # --- what the analysis says ---------------------------------------------------------------
     def analysed_until_s(self, stream_id: str) -> float:
-        """Time (s since the stream's first sample) up to which every beat of `stream_id` has been returned.
+        """Time (s since the device's first sample) up to which every beat of `stream_id` has been returned.
 
         The model outputs a beat `output_delay_frames` after its R peak, and the picker returns it when
         its run of beat frames ends; a run still open holds back a beat at or after its current peak.
@@ -140,80 +240,115 @@ class BeatStreams:
         return self.analysed_until_many([stream_id])[0]
 
     def analysed_until_many(self, stream_ids: list[str]) -> list[float]:
-        """`analysed_until_s` of each stream, computed together."""
-        slots = np.array([self._slot_of[i] for i in stream_ids], dtype=np.int64)
+        """`analysed_until_s` of each device, computed together."""
+        slots = np.array([self._devices.of[i] for i in stream_ids], dtype=np.int64)
         p = self._picker
         frames = np.where(p.in_run[slots], p.peak_frame[slots], p.frames_seen[slots])
         until: list[float] = (self._restart_s[slots] + r_peak_time_s(frames, self.info)).tolist()
         return until
 
+    def _lead_array(self, stream_id: str) -> NDArray[np.int64]:
+        return np.array([self._lead_slots.of[(stream_id, lead)] for lead in self._leads[stream_id]], dtype=np.int64)
+
+    def _usable(self, lead_slots: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which leads take part in the decision: not flat, not unreadable, warmed up."""
+        usable: NDArray[np.bool_] = (~self._lead_flat[lead_slots] & ~self._unreadable[lead_slots]
+                                     & (self._lead_age_s[lead_slots] >= LEAD_WARMUP_S))
+        return usable
+
     def vf_found(self, stream_id: str) -> bool:
         """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, look like
-        ventricular fibrillation (always False for a model without a VF detector)."""
-        return bool(self._vf_found[self._slot_of[stream_id]])
+        ventricular fibrillation in every usable lead (in every lead with signal when none is usable); always False
+        for a model without a VF detector."""
+        slots = self._lead_array(stream_id)
+        judged = slots[self._usable(slots)]
+        if not len(judged):
+            judged = slots[~self._lead_flat[slots]]
+        return bool(len(judged) and self._vf_found[judged].all())
+
+    def unreadable_leads(self, stream_id: str) -> list[str]:
+        """The leads of `stream_id` with signal that the signal-quality detector judges unreadable."""
+        return [lead for lead, s in zip(self._leads[stream_id], self._lead_array(stream_id), strict=True)
+                if self._unreadable[s] and not self._lead_flat[s]]
+
+    def primary_lead(self, stream_id: str) -> str | None:
+        """The lead the beat stage reads the beat shape from (None before the first window)."""
+        return self._primary.get(stream_id)
 
     def recent_signal(self, stream_id: str) -> NDArray[np.float32] | None:
-        """The last `pipeline.recent.RECENT_S` of `stream_id` as the detectors judge it (mV at 90 Hz, a copy), or None
-        before a whole one has been seen."""
-        slot = self._slot_of[stream_id]
+        """The last `pipeline.recent.RECENT_S` of the primary lead of `stream_id` as the detectors judge it (mV at
+        90 Hz, a copy), or None before a whole one has been seen."""
+        lead = self._primary.get(stream_id)
+        if lead is None:
+            return None
+        slot = self._lead_slots.of[(stream_id, lead)]
         return self._recent.history[slot].copy() if self._recent.ready(np.array([slot]))[0] else None
 
-    def unreadable(self, stream_id: str) -> bool:
-        """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, are too noisy for
-        its beats to be trusted (always False for a model without a signal-quality detector)."""
-        return bool(self._unreadable[self._slot_of[stream_id]])
+    # --- analysis ---------------------------------------------------------------------------
+    def process(self, windows: Sequence[DeviceWindow]) -> list[Beat]:
+        """Run one window (every lead's samples in mV at the device's fs) of each listed open device.
 
-    @property
-    def capacity(self) -> int:
-        """Slots allocated (they grow by doubling and are reused after `close`)."""
-        return self._capacity
-
-    def is_open(self, stream_id: str) -> bool:
-        return stream_id in self._slot_of
-
-    def close(self, stream_id: str) -> None:
-        """Forget `stream_id` and free its slot."""
-        self._free.append(self._slot_of.pop(stream_id))
-
-    def process(self, windows: Sequence[tuple[str, NDArray[np.floating]]]) -> list[Beat]:
-        """Run one window (samples in mV at the stream's fs) of each listed open stream.
-
-        A stream appears at most once per call. Returns the beats completed by these windows.
+        A device appears at most once per call; its leads may differ from its last window's (a lead that is no
+        longer sent is forgotten, a new one starts cold and joins the decision once warmed up). Returns the beats
+        completed by these windows.
         """
-        ids = [stream_id for stream_id, _ in windows]
-        slots = [self._slot_of[i] for i in ids]
-        self._follow_flat_lines(slots, [samples for _, samples in windows])
-        frames_of = self._dsp(slots, [samples for _, samples in windows])
-        by_length: dict[int, list[tuple[str, NDArray[np.float32]]]] = {}
-        for stream_id, frames in zip(ids, frames_of, strict=True):
-            if len(frames):
-                by_length.setdefault(len(frames), []).append((stream_id, frames))
+        work: dict[int, list[tuple[str, NDArray[np.int64], NDArray[np.float32]]]] = {}
+        for stream_id, leads, samples in windows:
+            lead_slots = self._set_leads(stream_id, leads)
+            self._follow_flat_lines(stream_id, lead_slots, samples)
+            frames = self._dsp(lead_slots, list(samples))
+            n = {len(f) for f in frames}
+            if n != {0}:
+                assert len(n) == 1, "the leads of a device are framed in step"
+                work.setdefault(n.pop(), []).append((stream_id, np.array(lead_slots), np.stack(frames)))
         beats: list[Beat] = []
-        for group in by_length.values():
+        for group in work.values():
             beats.extend(self._run_group(group))
         return beats
 
-    def _follow_flat_lines(self, slots: list[int], windows: list[NDArray[np.floating]]) -> None:
-        """Advance each slot's time line by its window; a slot whose window brings signal after a flat line
-        restarts cold from that window, so that its beat context learns the patient, not the flat line, before
-        it calls beats ectopic (the same as a stream that starts there)."""
-        for slot, samples in zip(slots, windows, strict=True):
-            flat = len(samples) == 0 or float(samples.max() - samples.min()) < self.flat_mv
-            if self._flat[slot] and not flat:
-                self._relearn(slot, float(self._fs[slot]))
-                self._restart_s[slot] = self._seen_s[slot]
-            self._flat[slot] = flat
-            self._seen_s[slot] += len(samples) / self._fs[slot]
+    def _follow_flat_lines(self, stream_id: str, lead_slots: list[int], samples: NDArray[np.floating[Any]]) -> None:
+        """Advance the time lines by the window. A lead whose window brings signal after a flat line restarts cold
+        (it joins the decision once warmed up); a device whose every lead was flat restarts cold from that window,
+        so that its beat context learns the patient, not the flat line, before it calls beats ectopic (the same as
+        a device that starts there)."""
+        device = self._devices.of[stream_id]
+        n = samples.shape[1]
+        flat = [n == 0 or float(x.max() - x.min()) < self.flat_mv for x in samples]
+        if self._flat[device] and not all(flat):
+            for slot in lead_slots:
+                self._dsp.open(slot, float(self._fs[device]))
+                self._reset_lead(slot)
+            self._reset_device(device)
+            self._restart_s[device] = self._seen_s[device]
+        for slot, lead_flat in zip(lead_slots, flat, strict=True):
+            if self._lead_flat[slot] and not lead_flat:
+                self._dsp.follow(slot, slot)
+                self._reset_lead(slot)
+            self._lead_flat[slot] = lead_flat
+            self._lead_age_s[slot] += n / self._fs[device]
+        self._flat[device] = all(flat)
+        self._seen_s[device] += n / self._fs[device]
 
-    def _run_group(self, group: list[tuple[str, NDArray[np.float32]]]) -> list[Beat]:
-        ids = [stream_id for stream_id, _ in group]
-        slots = np.array([self._slot_of[stream_id] for stream_id in ids], dtype=np.int64)
-        frames = np.stack([f for _, f in group])
-        probs, new_state = self.model.run(frames, [array[:, slots] for array in self._state])
+    def _run_group(self, group: list[tuple[str, NDArray[np.int64], NDArray[np.float32]]]) -> list[Beat]:
+        """Devices whose windows gave the same number of frames: every lead through the model in one batch, then
+        each device's leads fused and its beats picked."""
+        ids = [stream_id for stream_id, _, _ in group]
+        lead_slots = np.concatenate([s for _, s, _ in group])
+        frames = np.concatenate([f for _, _, f in group])
+        probs, new_state = self.model.run(frames, [array[:, lead_slots] for array in self._state])
         for array, new in zip(self._state, new_state, strict=True):
-            array[:, slots] = new
-        self._judge_signal(slots, frames)
-        picked = pick_beats(probs, self._picker, slots, self.info.decision)
+            array[:, lead_slots] = new
+        self._judge_signal(lead_slots, frames)
+        fused, primary_frames, at = [], [], 0
+        for stream_id, slots, _ in group:
+            rows = slice(at, at + len(slots))
+            usable = self._usable(slots)
+            fused.append(fuse_leads(probs[rows], usable.astype(np.float32)))
+            primary = self._pick_primary(stream_id, usable)
+            primary_frames.append(frames[at + self._leads[stream_id].index(primary)])
+            at += len(slots)
+        device_slots = np.array([self._devices.of[i] for i in ids], dtype=np.int64)
+        picked = pick_beats(np.stack(fused), self._picker, device_slots, self.info.decision)
         time_s = r_peak_time_s(picked.frame, self.info)
         real = time_s >= 0  # a "beat" before the first sample is a cold-start artefact
         row, time_s = picked.row[real], time_s[real]
@@ -221,14 +356,23 @@ class BeatStreams:
             names = np.array(self.info.class_names)[picked.class_index[real]]
             confidence = picked.confidence[real]
         else:
-            signal = self._context.window(slots, frames)
-            names, confidence = self._beat_stage(slots[row], row, time_s, picked, real, signal)
-        time_s = time_s + self._restart_s[slots[row]]  # since the stream's first sample, not the slot's restart
+            signal = self._context.window(device_slots, np.stack(primary_frames))
+            names, confidence = self._beat_stage(device_slots[row], row, time_s, picked, real, signal)
+        time_s = time_s + self._restart_s[device_slots[row]]  # since the device's first sample, not its restart
         return [Beat(ids[r], float(t), str(c), float(p)) for r, t, c, p in zip(row, time_s, names, confidence,
                                                                               strict=True)]
 
+    def _pick_primary(self, stream_id: str, usable: NDArray[np.bool_]) -> str:
+        """The device's primary lead: kept while usable and sent, else its first usable lead, else its first."""
+        leads = self._leads[stream_id]
+        current = self._primary.get(stream_id)
+        if current not in leads or not usable[leads.index(current)]:
+            current = leads[int(np.argmax(usable))] if usable.any() else leads[0]
+            self._primary[stream_id] = current
+        return current
+
     def _judge_signal(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> None:
-        """Take the frames into each slot's recent signal; the VF and signal-quality detectors judge it once a
+        """Take the frames into each lead's recent signal; the VF and signal-quality detectors judge it once a
         whole `RECENT_S` has been seen."""
         self._recent.update(slots, frames)
         vf, quality = self.info.vf_detector, self.info.quality_detector
@@ -247,7 +391,7 @@ class BeatStreams:
     def _beat_stage(self, beat_slots: NDArray[np.int64], row: NDArray[np.int64], time_s: NDArray[np.float64],
                     picked: PickedBeats, real: NDArray[np.bool_], signal: SignalWindow
                     ) -> tuple[NDArray[np.str_], NDArray[np.float32]]:
-        """AAMI class and probability of each beat from the beat stage, stepping the k-th beats of all streams
+        """AAMI class and probability of each beat from the beat stage, stepping the k-th beats of all devices
         together (beats sorted by row, then time)."""
         assert self.model.beat_stage is not None and self._context is not None and self._beat_state is not None
         class_sum, end_frame = picked.class_sum[real], picked.end_frame[real]
@@ -262,19 +406,20 @@ class BeatStreams:
         best = probs.argmax(axis=1)
         return np.array(AAMI_CLASSES)[best], probs[np.arange(len(best)), best]
 
-    def _grow(self) -> None:
-        old = self._capacity
-        self._capacity *= 2
-        self._state = [np.concatenate([a, np.zeros_like(a)], axis=1) for a in self._state]
-        self._picker.grow(self._capacity)
+    # --- growth -----------------------------------------------------------------------------
+    def _grow_devices(self) -> None:
+        capacity = self._devices.capacity
+        self._picker.grow(capacity)
         if self._context is not None and self._beat_state is not None:
-            self._context.grow(self._capacity)
-            self._beat_state = np.concatenate([self._beat_state, np.zeros_like(self._beat_state)], axis=1)
-        self._dsp.grow(self._capacity)
-        self._fs, self._seen_s, self._restart_s = (np.concatenate([a, np.zeros(old)])
-                                                   for a in (self._fs, self._seen_s, self._restart_s))
-        self._flat = np.concatenate([self._flat, np.zeros(old, dtype=bool)])
-        self._vf_found = np.concatenate([self._vf_found, np.zeros(old, dtype=bool)])
-        self._unreadable = np.concatenate([self._unreadable, np.zeros(old, dtype=bool)])
-        self._recent.grow(self._capacity)
-        self._free.extend(range(self._capacity - 1, old - 1, -1))
+            self._context.grow(capacity)
+            self._beat_state = _grown(self._beat_state, capacity, axis=1)
+        self._fs, self._seen_s, self._restart_s, self._flat = (
+            _grown(a, capacity) for a in (self._fs, self._seen_s, self._restart_s, self._flat))
+
+    def _grow_leads(self) -> None:
+        capacity = self._lead_slots.capacity
+        self._state = [_grown(a, capacity, axis=1) for a in self._state]
+        self._dsp.grow(capacity)
+        self._recent.grow(capacity)
+        self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s = (
+            _grown(a, capacity) for a in (self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s))

@@ -44,11 +44,12 @@ def tiny_cv(physionet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("cv")
-    settings = {"name": "tiny", "data.physionet_dir": physionet, "model.hidden_size": 8, "model.encoder_dim": 8,
+    settings = {"name": "tiny", "data.physionet_dir": physionet, "model.hidden_size": 16, "model.encoder_dim": 16,
                 "data.train_records": "[mitdb/101, mitdb/106, mitdb/108, mitdb/112, mitdb/115, mitdb/116, mitdb/119, "
                                       "mitdb/122, mitdb/124]",
-                "data.val_records": "[]", "optim.epochs": 1, "optim.segment_s": 30, "optim.chunk_s": 10,
-                "optim.batch_streams": 4, "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01}
+                "data.val_records": "[]", "optim.epochs": 5, "optim.segment_s": 30, "optim.chunk_s": 10,
+                "optim.batch_streams": 4, "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01,
+                "optim.amplitude_scale_fraction": 0, "optim.lead_dropout": 0}
     code = main(["--log-level", "WARNING", "cross-validate", "--config", str(REPO / "configs" / "train-lstm.yaml"),
                  "--folds", "3", "--seeds", "0", "--jobs", "3", "--out", str(out),
                  *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, stream_live, wait_online
 from tests.tcp_proxy import TcpProxy
+from tests.wire import binary_v1
 
 TOPICS = Topics("ecgmon")
 
@@ -29,7 +29,7 @@ def window(x_mv: np.ndarray, seq: int, t0: float = T0, fs: float = 360.0) -> byt
     """The `seq`-th 1 s binary window of `x_mv` (200 ADC units per mV)."""
     n = int(fs)
     adc = np.round(x_mv[seq * n:(seq + 1) * n] * 200).astype(np.int16)
-    return encode_binary(seq, t0 + seq, fs, "MLII", adc, 200.0)
+    return binary_v1(seq, t0 + seq, fs, "MLII", adc, 200.0)
 
 
 @pytest.mark.parametrize(("record", "flat_s"), [("113", 15), ("122", 3)])

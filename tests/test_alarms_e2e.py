@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.records import EcgRecord, load_record
 from tests.conftest import T0, Collector, validate
 from tests.ecg_synth import FS, beat_templates, synthesize
+from tests.wire import binary_v1, json_v1
 
 TOPICS = Topics("ecgmon")
 
@@ -36,7 +36,7 @@ def send(publisher: MqttClient, device: str, x: np.ndarray, first_seq: int = 0) 
     n = int(len(x) // FS)
     for k in range(n):
         seq = first_seq + k
-        publisher.publish(TOPICS.ecg(device), encode_json(seq, T0 + seq, FS, "MLII",
+        publisher.publish(TOPICS.ecg(device), json_v1(seq, T0 + seq, FS, "MLII",
                                                           x[int(k * FS):int((k + 1) * FS)]), qos=1)
     return first_seq + n
 
@@ -69,7 +69,7 @@ def alarms_of(publisher: MqttClient, alarms: Collector, device: str) -> list[dic
     another device, after the device's. Its alarm comes out after every alarm of the device, from the same daemon
     on the same QoS, so it reaches `alarms` after them."""
     barrier = f"{device}-barrier"
-    saturated = encode_binary(0, T0, FS, "MLII", np.concatenate([np.zeros(300), np.full(60, 1400)]).astype(np.int16),
+    saturated = binary_v1(0, T0, FS, "MLII", np.concatenate([np.zeros(300), np.full(60, 1400)]).astype(np.int16),
                               200.0)
     publisher.publish(TOPICS.ecg(barrier), saturated, qos=1)
     alarms.wait_for(lambda d: any(a["device"] == barrier for a in d), timeout=60)
@@ -179,11 +179,11 @@ def test_data_gap(templates: dict[str, list[np.ndarray]], publisher: MqttClient,
 
 def replay_record(publisher: MqttClient, beats: Collector, record: EcgRecord, device: str) -> None:
     """The whole record as 1 s binary windows, as fast as the broker takes them; returns once all are answered."""
-    adc = np.round(record.signal_mv * record.adc_gain).astype(np.int16)
+    adc = np.round(record.signal_mv * record.adc_gains[0]).astype(np.int16)
     n = len(adc) // 360
     for seq in range(n):
-        publisher.publish(TOPICS.ecg(device), encode_binary(seq, T0 + seq, 360.0, "MLII",
-                                                            adc[seq * 360:(seq + 1) * 360], record.adc_gain), qos=1)
+        publisher.publish(TOPICS.ecg(device), binary_v1(seq, T0 + seq, 360.0, "MLII",
+                                                            adc[seq * 360:(seq + 1) * 360], record.adc_gains[0]), qos=1)
     beats.wait_for(lambda d: len(d) == n, timeout=180)
 
 

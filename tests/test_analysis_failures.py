@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.serve import EXIT_ANALYSIS_FAILED, serve
 from tests.conftest import T0, Collector
 from tests.seam import MemorySink, MemorySource
+from tests.wire import binary_v1
 
 TOPICS = Topics("ecgmon")
 NESTED = b'{"a":' * 1000 + b"1" + b"}" * 1000  # 6 KB: deeper than Python's recursion limit
@@ -23,7 +23,7 @@ NESTED = b'{"a":' * 1000 + b"1" + b"}" * 1000  # 6 KB: deeper than Python's recu
 
 def window(seq: int) -> bytes:
     adc = np.round(np.random.default_rng(seq).normal(0, 0.05, 360) * 200).astype(np.int16)
-    return encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
+    return binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
 
 
 def test_deeply_nested_json_is_rejected_and_analysis_goes_on(publisher: MqttClient,

@@ -13,20 +13,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, wait_until
+from tests.wire import binary_v1, json_v1
 
 TOPICS = Topics("ecgmon")
 
 
 def bad_payloads(x: np.ndarray) -> list[tuple[str, bytes]]:
-    good = json.loads(encode_json(0, T0, 360.0, "MLII", x))
+    good = json.loads(json_v1(0, T0, 360.0, "MLII", x))
     def variant(**changes: object) -> bytes:
         return json.dumps({**good, **changes}).encode()
-    binary = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    binary = binary_v1(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     return [
         ("bad_format", b"\x89PNG garbage"),
         ("bad_json", b"{\"seq\": 1,"),
@@ -59,7 +59,7 @@ def test_mixed_garbage_and_good_windows(physionet: Path, publisher: MqttClient, 
     expected: Counter[str] = Counter()
     for seq in range(10):
         for d in range(3):
-            publisher.publish(TOPICS.ecg(f"good-{d}"), encode_binary(
+            publisher.publish(TOPICS.ecg(f"good-{d}"), binary_v1(
                 seq, T0 + seq, 360.0, "MLII", np.round(x[seq * 360:(seq + 1) * 360] * 200).astype(np.int16), 200.0),
                 qos=1)
         reason, payload = bad[seq % len(bad)]
@@ -68,7 +68,7 @@ def test_mixed_garbage_and_good_windows(physionet: Path, publisher: MqttClient, 
     for reason, payload in bad[10:]:
         publisher.publish(TOPICS.ecg("evil"), payload, qos=1)
         expected[reason] += 1
-    publisher.publish("ecgmon/ecg/bad$device", encode_json(0, T0, 360.0, "MLII", x[:360]), qos=1)
+    publisher.publish("ecgmon/ecg/bad$device", json_v1(0, T0, 360.0, "MLII", x[:360]), qos=1)
     expected["bad_device_id"] += 1
 
     docs = beats.wait_for(lambda d: len({(b["device"], b["seq"]) for b in d}) == 30)
@@ -102,7 +102,7 @@ def test_sequence_numbers_wrap_without_a_gap(publisher: MqttClient, start_daemon
     beats = collect(TOPICS.beats())
     adc = (np.random.default_rng(1).normal(0, 0.1, 360) * 200).astype(np.int16)
     for k, seq in enumerate([2**32 - 2, 2**32 - 1, 0, 1]):
-        publisher.publish(TOPICS.ecg("wrap"), encode_binary(seq, T0 + k, 360.0, "MLII", adc, 200.0), qos=1)
+        publisher.publish(TOPICS.ecg("wrap"), binary_v1(seq, T0 + k, 360.0, "MLII", adc, 200.0), qos=1)
     beats.wait_for(lambda d: len(d) == 4)
     assert daemon.stats().get("gaps", 0) == 0
 
@@ -136,7 +136,7 @@ def test_fuzzed_payloads_never_stop_a_good_stream(payload: bytes, device: str, p
     """The whole daemon, not only the decoder: after each fuzzed message a good device's window is answered."""
     seq = good_stream["seq"]
     publisher.publish(TOPICS.ecg(device), payload, qos=1)
-    publisher.publish(TOPICS.ecg("good"), encode_json(seq, T0 + seq, 360.0, "MLII", np.zeros(360), 200.0), qos=1)
+    publisher.publish(TOPICS.ecg("good"), json_v1(seq, T0 + seq, 360.0, "MLII", np.zeros(360), 200.0), qos=1)
     good_stream["beats"].wait_for(lambda d: len(d) == seq + 1, timeout=10)
     good_stream["seq"] = seq + 1
     assert good_stream["daemon"].analysis_alive

@@ -148,13 +148,13 @@ def test_beat_stage_classes_reach_the_stream(with_beat_stage: tuple[Path, Path],
     """Beats streamed in 1 s windows have the frame stage's times and the beat stage's classes, stepped beat by
     beat over the one-pass features of the same record."""
     out, frame_model = with_beat_stage
-    record = load_record(physionet / "mitdb", "119")
-    record = dataclasses.replace(record, signal_mv=record.signal_mv[: 360 * 300])
+    record = load_record(physionet / "mitdb", "119", ["MLII"])
+    record = dataclasses.replace(record, signals_mv=record.signals_mv[:, : 360 * 300])
     model = BeatModel(out / "model.onnx")
     streams = BeatStreams(model)
     streams.open("r", record.fs)
     x = record.signal_mv
-    beats = [b for a in range(0, len(x), 360) for b in streams.process([("r", x[a:a + 360])])]
+    beats = [b for a in range(0, len(x), 360) for b in streams.process([("r", ("MLII",), x[None, a:a + 360])])]
     sequence = beat_sequence(BeatModel(frame_model), "mitdb/119", record, 0, 0)
     assert [b.time_s for b in beats] == sequence.time_s.tolist() and len(beats) > 200
     assert model.beat_stage is not None
@@ -186,6 +186,26 @@ def test_beat_stage_torch_and_onnx_agree(tiny_cv: Path, physionet: Path) -> None
     assert (np.array(["N", "S", "V", "F", "Q"])[np.argmax(probs, axis=1)] == classify(net, sequence)).all()
 
 
+def test_beat_sequences_fuse_every_lead_and_take_the_beat_shape_from_the_first(tiny_cv: Path,
+                                                                                 physionet: Path) -> None:
+    model = BeatModel(fold_model(tiny_cv, 3, 1, 0))
+    record = load_record(physionet / "mitdb", "119")
+    assert record.sig_names == ("MLII", "V1")
+    both = beat_sequence(model, "mitdb/119", record, 1, 0)
+    swapped = beat_sequence(model, "mitdb/119", record.only([1, 0]), 1, 0)
+    assert len(both.time_s) > 100
+    np.testing.assert_array_equal(swapped.time_s, both.time_s)  # the fusion treats every lead alike...
+    shape = [COLUMN["qrs_pp_over_running"], COLUMN["qrs_width_s"], COLUMN["template_correlation"]]
+    rhythm = [i for i in range(len(FEATURE_NAMES)) if i not in shape]  # RR features and summed class probabilities
+    np.testing.assert_allclose(swapped.features[:, rhythm], both.features[:, rhythm], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(swapped.features[:, shape], both.features[:, shape])  # ... but the shape is lead 1's
+    one = beat_sequence(model, "mitdb/119", record.only([0]), 1, 0)
+    twice = beat_sequence(model, "mitdb/119", record.only([0, 0]), 1, 0)
+    np.testing.assert_array_equal(twice.time_s, one.time_s)  # a lead fused with itself is that lead
+    np.testing.assert_allclose(twice.features, one.features, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(one.time_s, both.time_s) or not np.allclose(one.features, both.features)
+
+
 def test_folds_naming_ds2_are_refused(tiny_cv: Path, tmp_path: Path, physionet: Path) -> None:
     cv = json.loads((tiny_cv / "cv.json").read_text())
     cv["folds"][0] = [*cv["folds"][0], "mitdb/232"]
@@ -193,7 +213,7 @@ def test_folds_naming_ds2_are_refused(tiny_cv: Path, tmp_path: Path, physionet: 
     from train.beat_stage import out_of_fold_sequences
 
     with pytest.raises(DataLeakError, match="DS2"):
-        out_of_fold_sequences(tmp_path, physionet, "MLII")
+        out_of_fold_sequences(tmp_path, physionet, None)
 
 
 @pytest.mark.parametrize(("damage", "message"), [

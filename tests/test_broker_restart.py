@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker, free_port
 from pipeline.tools.records import load_record
 from tests.conftest import T0, wait_until
+from tests.wire import binary_v1
 
 TOPICS = Topics("ecgmon")
 
@@ -42,7 +42,7 @@ def test_a_device_silent_across_a_broker_restart_is_alarmed_once_the_daemon_can_
 
     def send(seqs: range) -> None:
         for seq in seqs:
-            sensor.publish(TOPICS.ecg("bed"), encode_binary(seq, T0 + seq, 360.0, "MLII",
+            sensor.publish(TOPICS.ecg("bed"), binary_v1(seq, T0 + seq, 360.0, "MLII",
                                                             adc[seq * 360:(seq + 1) * 360], 200.0), qos=1)
 
     def signal_loss_raised() -> float | None:  # counted by the daemon when raised, delivered or not

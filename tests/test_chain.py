@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, physionet: Path) -> Path:
     settings = {"name": "tiny", "out_dir": out, "data.physionet_dir": physionet,
                 "data.train_records": "[mitdb/101, mitdb/208]", "data.val_records": "[mitdb/118]",
                 "optim.epochs": 2, "optim.segment_s": 60, "optim.chunk_s": 10, "optim.batch_streams": 8,
-                "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01}
+                "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01, "data.leads": "[MLII]"}
     code = main(["--log-level", "WARNING", "train", "--config", str(REPO / "configs" / "train-lstm.yaml"),
                  *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])
     assert code == 0
@@ -86,7 +86,7 @@ def test_onnx_metadata(tiny_onnx: Path, tiny_run: Path) -> None:
 def test_torch_and_onnx_runtime_agree(tiny_run: Path, tiny_onnx: Path, physionet: Path, name: str) -> None:
     net, config, _ = load_model(tiny_run / "best.pt")
     record = load_record(physionet / "mitdb", name)
-    frames = frame_record(record, config.model, config.filter, 3).frames[:1800]
+    frames = frame_record(record, config.model, config.filter, 3).frames[0, :1800]
     with torch.no_grad():
         logits, h, c = net(torch.from_numpy(frames)[None], *net.initial_state(1))
     model = BeatModel(tiny_onnx)
@@ -129,21 +129,66 @@ def test_onnx_windows_equal_one_pass(tiny_onnx: Path, physionet: Path) -> None:
 
 
 def test_beats_stream_equal_one_pass(physionet: Path) -> None:
-    """Beats of the shipped model: 1 s windows batched with other streams vs one pass."""
+    """Beats of the shipped model from one lead: 1 s windows batched with other devices (two and three leads) vs
+    one pass."""
     model = BeatModel(SHIPPED_MODEL)
     record = load_record(physionet / "mitdb", "208")
-    x = record.signal_mv[: 360 * 120]
+    x = record.signals_mv[:, : 360 * 120]
     streams = BeatStreams(model, capacity=2)  # grows to 4 slots on the way
     for sid in ("one-pass", "windows", "other-a", "other-b"):
         streams.open(sid, record.fs)
-    one_pass = streams.process([("one-pass", x)])
+    one_pass = streams.process([("one-pass", ("MLII",), x[:1])])
     windowed = []
-    for a in range(0, len(x), 360):
-        windowed += streams.process([("windows", x[a:a + 360]), ("other-a", x[a:a + 360] * 0.5),
-                                     ("other-b", np.zeros(360))])
+    for a in range(0, x.shape[1], 360):
+        windowed += streams.process([("windows", ("MLII",), x[:1, a:a + 360]),
+                                     ("other-a", record.sig_names, x[:, a:a + 360] * 0.5),
+                                     ("other-b", ("I", "II", "III"), np.zeros((3, 360)))])
     mine = [(round(b.time_s, 6), b.class_name) for b in windowed if b.stream_id == "windows"]
     assert mine == [(round(b.time_s, 6), b.class_name) for b in one_pass]
     assert len(mine) > 100
+
+
+def test_two_leads_batched_equal_alone(physionet: Path) -> None:
+    """Two leads in 1 s windows give the same beats alone as batched with devices of one and three leads (which
+    leads take part is decided once per window, so with several leads the windows, not the batch, set the beats)."""
+    model = BeatModel(SHIPPED_MODEL)
+    record = load_record(physionet / "mitdb", "208")
+    x = record.signals_mv[:, : 360 * 120]
+    alone, batched = BeatStreams(model), BeatStreams(model, capacity=1)
+    alone.open("bed", record.fs)
+    for sid in ("other-a", "bed", "other-b"):
+        batched.open(sid, record.fs)
+    a_beats, b_beats = [], []
+    for a in range(0, x.shape[1], 360):
+        a_beats += alone.process([("bed", record.sig_names, x[:, a:a + 360])])
+        b_beats += [b for b in batched.process([("other-a", ("II",), x[1:, a:a + 360] * 2),
+                                                ("bed", record.sig_names, x[:, a:a + 360]),
+                                                ("other-b", ("I", "II", "III"), np.zeros((3, 360)))])
+                    if b.stream_id == "bed"]
+    assert [(b.time_s, b.class_name) for b in a_beats] == [(b.time_s, b.class_name) for b in b_beats]
+    assert len(a_beats) > 100
+
+
+def test_a_lead_dropped_mid_stream_leaves_the_beats_to_the_other(physionet: Path) -> None:
+    """Two leads, then only the first from 60 s on, then both again: the beats go on from the first lead (every
+    reference beat after the change is still found), and the returning lead starts cold without a gap."""
+    model = BeatModel(SHIPPED_MODEL)
+    record = load_record(physionet / "mitdb", "100")
+    x = record.signals_mv[:, : 360 * 180]
+    streams = BeatStreams(model)
+    streams.open("bed", record.fs)
+    found = []
+    for k in range(180):
+        both = k < 60 or k >= 120
+        leads, samples = (record.sig_names, x[:, k * 360:(k + 1) * 360]) if both else (
+            record.sig_names[:1], x[:1, k * 360:(k + 1) * 360])
+        found += streams.process([("bed", leads, samples)])
+    det = np.array([b.time_s for b in found])
+    ref = record.beat_samples[record.beat_samples < 180 * 360] / record.fs
+    ref = ref[(ref > 5) & (ref < 175)]
+    missed = [t for t in ref if np.abs(det - t).min() > 0.15]
+    assert not missed and len(det) >= len(ref)
+    assert streams.primary_lead("bed") == record.sig_names[0]
 
 
 def test_evaluate_writes_annotations_report_and_plots(tiny_onnx: Path, tiny_run: Path, physionet: Path,

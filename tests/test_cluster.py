@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
@@ -28,6 +27,7 @@ from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, serve_command, wait_until
 from tests.ecg_synth import beat_templates, synthesize
+from tests.wire import binary_v1
 from train.evaluate import stream_records
 
 PARTITIONS = 12
@@ -92,7 +92,7 @@ def send(client: MqttClient, topics: Topics, x: np.ndarray, devices: int, seqs: 
     for seq in seqs:
         for d in range(devices):
             a = (stagger_s * d + seq) * 360
-            client.publish(topics.ecg(f"bed-{d}"), encode_binary(seq, T0 + seq, 360.0, "MLII",
+            client.publish(topics.ecg(f"bed-{d}"), binary_v1(seq, T0 + seq, 360.0, "MLII",
                                                                  np.round(x[a:a + 360] * 200).astype(np.int16), 200.0),
                            qos=1)
 
@@ -199,7 +199,7 @@ def test_each_window_is_analysed_once_by_one_daemon_as_a_single_daemon_would(
     assert sum(daemon.stats()["active_streams"] for daemon in daemons) == devices
     record = load_record(physionet / "mitdb", "100")
     for d in range(devices):  # the beats a single daemon finds in the same signal
-        part = dataclasses.replace(record, signal_mv=x[3 * d * 360:(3 * d + windows) * 360])
+        part = dataclasses.replace(record.only([0]), signals_mv=x[None, 3 * d * 360:(3 * d + windows) * 360])
         samples, classes = stream_records(daemons[0].model, [part], 1.0)[0]
         online = [b for doc in sorted((doc for doc in docs if doc["device"] == f"bed-{d}"), key=lambda doc: doc["seq"])
                   for b in doc["beats"]]
@@ -291,8 +291,8 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
     docs = answered(ward.beats, expected, daemons, timeout=90)
     assert sum(partitioned(d).restored for d in daemons) > 0  # some devices were the victim's
     record = load_record(physionet / "mitdb", "100")
-    samples, classes = stream_records(daemons[0].model, [dataclasses.replace(record, signal_mv=x[:windows * 360])],
-                                      1.0)[0]
+    part = dataclasses.replace(record.only([0]), signals_mv=x[None, :windows * 360])
+    samples, classes = stream_records(daemons[0].model, [part], 1.0)[0]
     for d in range(devices):
         online = [b for doc in by_seq(docs, f"bed-{d}") for b in doc["beats"]]
         assert [b["class"] for b in online] == classes.tolist()

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
 from tests.conftest import T0, Collector, validate, wait_until
+from tests.wire import binary_v1, json_v1
 from train.ec57 import Ec57Stats, confusion
 from train.evaluate import stream_records
 
@@ -31,7 +31,7 @@ def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBro
     """A whole record through mosquitto and the daemon gives the beats of `ecgmon evaluate`."""
     daemon = start_daemon()
     beats = collect(TOPICS.beats())
-    signals = load_signals([spec], physionet, "MLII")
+    signals = load_signals([spec], physionet, ["MLII"])
     t0 = 1_700_000_000.0
     sent = replay(publisher, TOPICS, signals, ReplayPlan(speed=1e6, encoding=encoding, t0=t0))
     docs = beats.wait_for(lambda d: len(d) == sent, timeout=120)
@@ -40,7 +40,7 @@ def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBro
     online = [(b["time"] - t0, b["class"]) for d in sorted(docs, key=lambda d: d["seq"]) for b in d["beats"]]
 
     db, name = spec.split("/")
-    record = load_record(physionet / db, name)
+    record = load_record(physionet / db, name, ["MLII"])
     samples, classes = stream_records(daemon.model, [record], 1.0)[0]
     offline_s = samples / record.fs
     online_s = np.array([t for t, _ in online])
@@ -56,8 +56,8 @@ def test_replay_through_broker_equals_evaluate(physionet: Path, broker: LocalBro
 
 def window(seq: int, t0: float, x: np.ndarray, encoding: str = "json") -> bytes:
     if encoding == "json":
-        return encode_json(seq, t0, 360.0, "MLII", x)
-    return encode_binary(seq, t0, 360.0, "MLII", np.round(x * 200).astype(np.int16), 200.0)
+        return json_v1(seq, t0, 360.0, "MLII", x)
+    return binary_v1(seq, t0, 360.0, "MLII", np.round(x * 200).astype(np.int16), 200.0)
 
 
 def test_status_stats_gap_duplicate_and_rejections(physionet: Path, publisher: MqttClient,
@@ -170,13 +170,14 @@ def test_variable_window_lengths_give_the_same_beats(physionet: Path, publisher:
         n = min(int(rng.uniform(0.25, 10.0) * 360), len(x) - start)
         if n < 90:
             break
-        publisher.publish(TOPICS.ecg("vary"), encode_json(seq, T0 + start / 360, 360.0, "MLII", x[start:start + n]),
+        publisher.publish(TOPICS.ecg("vary"), json_v1(seq, T0 + start / 360, 360.0, "MLII", x[start:start + n]),
                           qos=1)
         seq, start = seq + 1, start + n
     docs = beats.wait_for(lambda d: len(d) == seq)
     online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
-    samples, classes = stream_records(daemon.model, [dataclasses.replace(record, signal_mv=x[:start])], 1.0)[0]
+    part = dataclasses.replace(record.only([0]), signals_mv=x[None, :start])
+    samples, classes = stream_records(daemon.model, [part], 1.0)[0]
     assert [c for _, c in online] == classes.tolist() and len(online) > 150
     np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)
 
@@ -189,12 +190,12 @@ def test_beats_gathered_at_a_cadence_are_the_beats_of_every_window(physionet: Pa
     beats = collect(TOPICS.beats())
     per_window = start_daemon()
     for k in range(32):
-        publisher.publish(TOPICS.ecg("each"), encode_json(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]), qos=1)
+        publisher.publish(TOPICS.ecg("each"), json_v1(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]), qos=1)
     each = beats.wait_for(lambda d: len(d) == 32)
     per_window.stop()
     gathered = start_daemon(output={"beats_every_s": 5.0}, mqtt={"client_id": "gathering"})
     for k in range(32):
-        publisher.publish(TOPICS.ecg("gathered"), encode_json(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]),
+        publisher.publish(TOPICS.ecg("gathered"), json_v1(k, T0 + k, 360.0, "MLII", x[k * 360:(k + 1) * 360]),
                           qos=1)
     docs = beats.wait_for(lambda d: sum(b["device"] == "gathered" for b in d) == 6)  # 6 x 5 s; 2 s still held
     gathered.stop()  # ... and published at shutdown

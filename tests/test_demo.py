@@ -22,6 +22,11 @@ def test_demo_prints_alarms(physionet: Path) -> None:
     # cu01 falls into ventricular fibrillation at 214 s; 201 starts in atrial fibrillation
     assert any("raised" in line and "cudb-cu01" in line and "fibrillation" in line.lower() for line in lines), lines
     assert any("raised" in line and "mitdb-201" in line and "atrial" in line.lower() for line in lines), lines
+    # the second lead of 200 and 201 comes off from 40 to 70 s: its lead_fault is raised and cleared, and the
+    # first lead carries on (the ectopy above is found throughout)
+    for device in ("mitdb-200", "mitdb-201"):
+        assert [s for line in lines if device in line and "lead fault" in line.lower()
+                for s in ("raised", "cleared") if s in line] == ["raised", "cleared"], lines
     assert lines[-1].startswith("demo finished:")
 
 

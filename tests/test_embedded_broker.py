@@ -43,7 +43,7 @@ def test_daemon_replay_and_alarms_over_the_embedded_broker(embedded: EmbeddedBro
     beats: list[bytes] = []
     watcher.subscribe(TOPICS.beats(), lambda t, p: beats.append(p), qos=0)  # returns on the SUBACK
     publisher = client(embedded, "publisher")
-    sent = replay(publisher, TOPICS, load_signals(["mitdb/200"], physionet, "MLII"),
+    sent = replay(publisher, TOPICS, load_signals(["mitdb/200"], physionet, ["MLII"]),
                   ReplayPlan(speed=1e6, duration_s=120))
     wait_until(lambda: len(beats) >= sent)
     assert len(beats) == sent == 120

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from tests.conftest import T0, Collector, wait_online, wait_until
+from tests.wire import binary_v1
 
 TOPICS = Topics("ecgmon")
 
@@ -31,7 +31,7 @@ def test_overload_publishes_degraded_status_and_technical_alarms(publisher: Mqtt
     adc = (np.random.default_rng(0).normal(0, 0.1, 360) * 200).astype(np.int16)
     for seq in range(30):
         for device in range(40):
-            publisher.publish(TOPICS.ecg(f"bed-{device}"), encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0),
+            publisher.publish(TOPICS.ecg(f"bed-{device}"), binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0),
                               qos=0)
     messages.wait_for(lambda d: any(s.get("degraded") is True for s in d), "status")
     raised = messages.wait_for(lambda d: any(a["type"] == "windows_dropped" for a in d), "alarms")
@@ -50,7 +50,7 @@ def test_idle_eviction_keeps_memory_flat_under_churn(publisher: MqttClient, star
                                                      collect: Callable[[str], Collector]) -> None:
     collect(TOPICS.beats())  # a subscriber takes the beats, as in service
     daemon = start_daemon(streams={"idle_evict_s": 1.0}, alarms={"signal_loss_s": 0.9}, output={"beats": True})
-    window = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    window = binary_v1(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     capacities = []
     for round_ in range(3):  # 2,000 devices appear once and vanish, three times over
         for device in range(2000):
@@ -91,7 +91,7 @@ def test_a_sustained_overload_loses_no_alarm_silently_and_leaves_the_open_alarms
         while time.monotonic() < end:  # 200 devices as fast as the broker takes them
             for device in range(200):
                 publisher.publish_tracked(TOPICS.ecg(f"bed-{device}"),
-                                          encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0))
+                                          binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0))
             seq += 1
             publisher.wait_acknowledged(30)
     finally:

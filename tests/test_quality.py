@@ -34,9 +34,9 @@ def unreadable_share(record: EcgRecord, seconds: int) -> float:
     fs = int(record.fs)
     verdicts = []
     for k in range(seconds):
-        streams.process([("r", record.signal_mv[k * fs:(k + 1) * fs])])
+        streams.process([("r", record.sig_names[:1], record.signals_mv[:1, k * fs:(k + 1) * fs])])
         if k >= 4:
-            verdicts.append(streams.unreadable("r"))
+            verdicts.append(bool(streams.unreadable_leads("r")))
     return float(np.mean(verdicts))
 
 

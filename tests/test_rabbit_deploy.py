@@ -13,7 +13,6 @@ import pika
 import pika.exceptions
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import ConnectError, MqttClient, Topics
@@ -22,6 +21,7 @@ from pipeline.tools.rabbit_cluster import RabbitCluster
 from pipeline.tools.records import load_record
 from tests.conftest import REPO, T0, Collector, wait_until
 from tests.test_security import make_certs
+from tests.wire import binary_v1
 
 DEPLOY = REPO / "deploy" / "rabbitmq"
 TOPICS = Topics("ecgmon")
@@ -73,7 +73,7 @@ def device(node: RabbitCluster, certs: Path, login: str) -> MqttClient:
 
 
 def window(x: np.ndarray, seq: int) -> bytes:
-    return encode_binary(seq, T0 + seq, 360.0, "MLII", np.round(x[seq * 360:(seq + 1) * 360] * 200).astype(np.int16),
+    return binary_v1(seq, T0 + seq, 360.0, "MLII", np.round(x[seq * 360:(seq + 1) * 360] * 200).astype(np.int16),
                          200.0)
 
 

@@ -13,20 +13,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector, stream_live, wait_online, wait_until
 from tests.tcp_proxy import TcpProxy
+from tests.wire import binary_v1
 
 TOPICS = Topics("ecgmon")
 
 
 def window(x_mv: np.ndarray, seq: int) -> bytes:
     adc = np.round(x_mv[seq * 360:(seq + 1) * 360] * 200).astype(np.int16)
-    return encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
+    return binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
 
 
 @pytest.fixture()
@@ -68,7 +68,7 @@ def test_restore_does_not_clear_the_signal_loss_of_a_silent_device(tmp_path: Pat
 
 def saturated(seq: int) -> bytes:
     adc = np.concatenate([np.zeros(300), np.full(60, 1400)]).astype(np.int16)  # 7 mV for 1/6 s
-    return encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
+    return binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0)
 
 
 def clean(seq: int) -> bytes:

@@ -14,11 +14,11 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig, load_config
 from pipeline.daemon import Daemon
 from pipeline.mqtt import ConnectError, MqttClient, Topics
 from pipeline.tools.broker import LocalBroker, free_port
+from tests.wire import binary_v1
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
@@ -124,7 +124,7 @@ class Inbox:
 
 
 def window(seq: int) -> bytes:
-    return encode_binary(seq, T0 + seq, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    return binary_v1(seq, T0 + seq, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
 
 
 def published(info: paho.MQTTMessageInfo) -> None:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.codec import encode_binary, encode_json
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.tools.broker import LocalBroker, free_port
 from tests.conftest import T0, Collector, serve_command, wait_for_log, wait_online, write_config
+from tests.wire import binary_v1, json_v1
 
 TOPICS = Topics("ecgmon")
 
@@ -100,7 +100,7 @@ def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable
     wait_online(status)
     rng = np.random.default_rng(0)
     for seq in range(20):
-        publisher.publish(TOPICS.ecg("bed"), encode_json(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
+        publisher.publish(TOPICS.ecg("bed"), json_v1(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
                           qos=1)
     beats.wait_for(lambda d: len(d) >= 1)
     proc.send_signal(signal.SIGTERM)
@@ -119,7 +119,7 @@ def test_second_signal_cuts_the_drain_short_and_still_tears_down(
     proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60,
                          state={"path": str(tmp_path / "state.json.gz")})
     wait_online(status)
-    window = encode_binary(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
+    window = binary_v1(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     for device in range(4000):
         publisher.publish(TOPICS.ecg(f"bed-{device}"), window, qos=0)
     beats.wait_for(lambda d: len(d) >= 100)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.state import STATE_FORMAT
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
+from tests.wire import binary_v1
 from train.evaluate import stream_records
 
 TOPICS = Topics("ecgmon")
@@ -26,7 +26,7 @@ TOPICS = Topics("ecgmon")
 def send(publisher: MqttClient, x: np.ndarray, seqs: range) -> None:
     for seq in seqs:
         adc = np.round(x[seq * 360:(seq + 1) * 360] * 200 + 1024).astype(np.int16)
-        publisher.publish(TOPICS.ecg("bed-9"), encode_binary(seq, T0 + seq, 360.0, "MLII", adc, 200.0, 1024), qos=1)
+        publisher.publish(TOPICS.ecg("bed-9"), binary_v1(seq, T0 + seq, 360.0, "MLII", adc, 200.0, 1024), qos=1)
 
 
 def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Path, publisher: MqttClient,
@@ -47,7 +47,7 @@ def test_restart_resumes_exactly_where_it_stopped(physionet: Path, tmp_path: Pat
     docs = beats.wait_for(lambda d: len(d) == 120)
     online = [(round(b["time"] - T0, 4), b["class"]) for d in sorted(docs, key=lambda d: d["seq"])
               for b in d["beats"]]
-    samples, classes = stream_records(second.model, [dataclasses.replace(record, signal_mv=x)], 1.0)[0]
+    samples, classes = stream_records(second.model, [dataclasses.replace(record.only([0]), signals_mv=x[None])], 1.0)[0]
     assert [c for _, c in online] == classes.tolist() and len(online) > 100
     np.testing.assert_allclose([t for t, _ in online], samples / 360.0, atol=1.5 / 360)
 

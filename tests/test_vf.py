@@ -66,12 +66,12 @@ def test_vf_found_survives_save_and_restore(physionet: Path) -> None:
     a, b = BeatStreams(model, 2), BeatStreams(model, 2)
     a.open("cu01", record.fs)
     for k in range(30):
-        a.process([("cu01", record.signal_mv[k * fs:(k + 1) * fs])])
+        a.process([("cu01", record.sig_names, record.signals_mv[:, k * fs:(k + 1) * fs])])
     b.restore("cu01", json.loads(json.dumps(a.save("cu01"))))
     for k in range(30, 300):
-        window = record.signal_mv[k * fs:(k + 1) * fs]
-        a.process([("cu01", window)])
-        b.process([("cu01", window)])
+        window = record.signals_mv[:, k * fs:(k + 1) * fs]
+        a.process([("cu01", record.sig_names, window)])
+        b.process([("cu01", record.sig_names, window)])
         assert a.vf_found("cu01") == b.vf_found("cu01")
 
 

@@ -106,8 +106,8 @@ def train_af(model_path: Path, out: Path, report_dir: Path, physionet_dir: Path,
     """Cross-validate on the Challenge set and DS1, choose the threshold, fit on all, attach to `out`."""
     labels = challenge_labels(physionet_dir / CHALLENGE)
     names = sorted(labels)[:challenge_limit]
-    challenge = load_records([f"{CHALLENGE}/{n}" for n in names], physionet_dir, lead)
-    mitdb, rhythm_of = load_alarm_records(["mitdb/DS1"], physionet_dir, lead)
+    challenge = load_records([f"{CHALLENGE}/{n}" for n in names], physionet_dir, [lead])
+    mitdb, rhythm_of = load_alarm_records(["mitdb/DS1"], physionet_dir, [lead])
     log.info("detecting beats in %d Challenge recordings and %d MIT-BIH records", len(challenge), len(mitdb))
     with without_detector(model_path, "af_detector") as base:
         beats = detect_beats(BeatModel(base), [r for _, r in challenge + mitdb], config)

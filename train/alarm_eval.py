@@ -85,9 +85,10 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
         live = [i for i, r in enumerate(records) if k < r.window_count(window_s)]
         windows = [records[i].window(k, window_s) for i in live]
         beats_of: dict[str, list[tuple[float, str]]] = {records[i].name: [] for i in live}
-        for beat in streams.process([(records[i].name, w.samples_mv) for i, w in zip(live, windows, strict=True)]):
+        for beat in streams.process([(records[i].name, w.leads, w.samples_mv)
+                                     for i, w in zip(live, windows, strict=True)]):
             beats_of[beat.stream_id].append((beat.time_s, beat.class_name))
-        unreadable = [streams.unreadable(records[i].name) for i in live]
+        unreadable = [streams.unreadable_leads(records[i].name) for i in live]
         for i, window, check in zip(live, windows, SignalCheck.batch(windows, unreadable, config), strict=True):
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
@@ -129,10 +130,10 @@ def reference_events(record: EcgRecord, config: AlarmConfig, rhythm: list[Episod
     return [e for e in derived if not any(v.start <= e.start <= v.end for v in lethal)]
 
 
-def load_alarm_records(specs: list[str], physionet_dir: Path, lead: str
+def load_alarm_records(specs: list[str], physionet_dir: Path, leads: list[str] | None
                        ) -> tuple[list[tuple[str, EcgRecord]], dict[str, list[Episode]]]:
     """("db/record", record) for every record named by `specs`, and each one's rhythm episodes."""
-    named = load_records(specs, physionet_dir, lead)
+    named = load_records(specs, physionet_dir, leads)
     rhythm_of = {}
     for name, record in named:
         db, _, record_name = name.rpartition("/")
@@ -187,13 +188,13 @@ def score(results: list[RecordAlarms]) -> dict[str, Any]:
     }
 
 
-def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, config: AlarmConfig,
-                    out_dir: Path, window_s: float = 1.0, pictures: bool = True,
+def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None,
+                    config: AlarmConfig, out_dir: Path, window_s: float = 1.0, pictures: bool = True,
                     noise: tuple[str, float] | None = None) -> dict[str, Any]:
     """Score the daemon's alarms on `specs`, with `noise` (nstdb record, SNR dB: its evaluation half, added as
     `ecgmon evaluate-noise` adds it) when given; write alarms.json (and timelines and strips) to `out_dir`."""
     model = BeatModel(model_path)
-    named, rhythm_of = load_alarm_records(specs, physionet_dir, lead)
+    named, rhythm_of = load_alarm_records(specs, physionet_dir, leads)
     if noise is not None:
         from train.noise import add_noise, load_noise
 
@@ -202,7 +203,7 @@ def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lea
                  for k, (name, r) in enumerate(named)]
     results = collect_records(model, named, rhythm_of, config, window_s)
     report = {"model": str(model_path), "model_version": model.info.version, "records": [r.name for r in results],
-              "lead": lead, "window_s": window_s,
+              "leads": leads, "window_s": window_s,
               "noise": None if noise is None else {"record": f"nstdb/{noise[0]}", "part": "evaluation half",
                                                    "snr_db": noise[1]},
               **score(results)}

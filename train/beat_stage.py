@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from models.network import BeatSequenceNet
 from pipeline.aami import AAMI_CLASSES
 from pipeline.beat_context import record_features
-from pipeline.beats import BeatPickerState, pick_beats, r_peak_time_s
+from pipeline.beats import BeatPickerState, fuse_leads, pick_beats, r_peak_time_s
 from pipeline.dsp import Preprocessor
 from pipeline.model import BEAT_STATE_INPUT, FEATURES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, BeatModel, BeatStageInfo
 from pipeline.tools.records import EcgRecord, load_records
@@ -71,11 +71,14 @@ class BeatSequence:
 
 
 def beat_sequence(model: BeatModel, name: str, record: EcgRecord, fold: int, seed: int) -> BeatSequence:
-    """Run the frame stage of `model` over a whole record in one pass and describe its beats."""
+    """Run the frame stage of `model` over every lead of a whole record in one pass, fuse the leads (weight 1
+    each, `pipeline.beats.fuse_leads`) and describe the beats picked from them; the beats' shape features come
+    from the first lead."""
     info = model.info
-    frames = Preprocessor(info.filter, record.fs, info.fs, info.frame_size)(record.signal_mv)
-    probs, _ = model.run(frames[None], model.initial_state(1))
-    picked = pick_beats(probs, BeatPickerState(1, len(info.class_names)), np.zeros(1, dtype=np.int64),
+    frames = np.stack([Preprocessor(info.filter, record.fs, info.fs, info.frame_size)(x) for x in record.signals_mv])
+    probs, _ = model.run(frames, model.initial_state(len(frames)))
+    fused = fuse_leads(probs, np.ones(len(frames)))[None]
+    picked = pick_beats(fused, BeatPickerState(1, len(info.class_names)), np.zeros(1, dtype=np.int64),
                         info.decision)
     time_s = r_peak_time_s(picked.frame, info)
     real = time_s >= 0  # as BeatStreams: a "beat" before the first sample is a cold-start artefact
@@ -85,7 +88,7 @@ def beat_sequence(model: BeatModel, name: str, record: EcgRecord, fold: int, see
     labels = np.full(len(time_s), NO_REFERENCE, dtype=np.int64)
     labels[match[match >= 0]] = [AAMI_CLASSES.index(c) for c in record.beat_classes[match >= 0]]
     frame_classes = np.array(info.class_names)[picked.class_index[real]]
-    return BeatSequence(name, fold, seed, time_s, record_features(frames, time_s, end_frame, class_sum, info.fs),
+    return BeatSequence(name, fold, seed, time_s, record_features(frames[0], time_s, end_frame, class_sum, info.fs),
                         labels, frame_classes, ref_s, record.beat_classes)
 
 
@@ -98,13 +101,15 @@ def fold_model(cv_dir: Path, k: int, fold: int, seed: int) -> Path:
     return found[0]
 
 
-def out_of_fold_sequences(cv_dir: Path, physionet_dir: Path, lead: str) -> tuple[list[BeatSequence], dict[str, Any]]:
-    """Every cross-validation record through each seed's fold model that did not train on it; and cv.json."""
+def out_of_fold_sequences(cv_dir: Path, physionet_dir: Path, leads: list[str] | None
+                          ) -> tuple[list[BeatSequence], dict[str, Any]]:
+    """Every cross-validation record (its `leads`; None: every ECG lead) through each seed's fold model that did not
+    train on it; and cv.json."""
     cv = json.loads((cv_dir / "cv.json").read_text())
     check_not_ds2([name for fold in cv["folds"] for name in fold], f"the folds of {cv_dir / 'cv.json'}")
     sequences = []
     for fold, names in enumerate(cv["folds"]):
-        records = load_records(names, physionet_dir, lead)
+        records = load_records(names, physionet_dir, leads)
         for seed in cv["seeds"]:
             model = BeatModel(fold_model(cv_dir, cv["k"], fold, seed))
             sequences += [beat_sequence(model, name, record, fold, seed) for name, record in records]
@@ -239,11 +244,12 @@ def attach_beat_stage(model_path: Path, out: Path, net: BeatSequenceNet, trainin
     return BeatModel(out)
 
 
-def build_beat_stage(cv_dir: Path, model_path: Path, out: Path, report_dir: Path, physionet_dir: Path, lead: str,
-                     config: BeatStageTrainConfig, cv_only: bool = False) -> dict[str, Any]:
+def build_beat_stage(cv_dir: Path, model_path: Path, out: Path, report_dir: Path, physionet_dir: Path,
+                     leads: list[str] | None, config: BeatStageTrainConfig, cv_only: bool = False) -> dict[str, Any]:
     """Cross-validate the beat stage; unless `cv_only`, train it on every out-of-fold beat, attach it to
-    `model_path` as `out`, score the result on DS2 once and embed those figures. Reports go to `report_dir`."""
-    sequences, cv = out_of_fold_sequences(cv_dir, physionet_dir, lead)
+    `model_path` as `out`, score the result on DS2 once and embed those figures. Reports go to `report_dir`.
+    `leads`: those read from each record (None: every ECG lead)."""
+    sequences, cv = out_of_fold_sequences(cv_dir, physionet_dir, leads)
     report = cross_validate_beat_stage(sequences, config, cv["seeds"])
     report.update({"k": cv["k"], "folds": cv["folds"], "config": config.model_dump(mode="json"),
                    "rules": cv["rules"], "frame_models": f"{cv_dir}/runs (`ecgmon cross-validate`)"})
@@ -255,7 +261,7 @@ def build_beat_stage(cv_dir: Path, model_path: Path, out: Path, report_dir: Path
     training_data = (f"out-of-fold beats of {', '.join(sorted({s.record for s in sequences}))} from the "
                      f"{cv['k']}-fold models of seeds {cv['seeds']}")
     model = attach_beat_stage(model_path, out, net, training_data, report["mean_std"]["both_stages"])
-    ds2 = evaluate(out, ["mitdb/DS2"], physionet_dir, lead, report_dir / "ds2")
+    ds2 = evaluate(out, ["mitdb/DS2"], physionet_dir, leads, report_dir / "ds2")
     write_metadata(out, model.info.model_copy(update={"ds2_metrics": {k: v for k, v in ds2["gross"].items()
                                                                       if k != "matrix"}}))
     report["ds2"] = ds2["gross"]

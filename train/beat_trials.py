@@ -78,12 +78,12 @@ def _run_trial(name: str, config: BeatStageTrainConfig, seeds: list[int]) -> dic
     return figures
 
 
-def run_trials(cv_dir: Path, physionet_dir: Path, lead: str, config: BeatStageTrainConfig, out: Path, jobs: int = 1
-               ) -> dict[str, Any]:
+def run_trials(cv_dir: Path, physionet_dir: Path, leads: list[str] | None, config: BeatStageTrainConfig, out: Path,
+               jobs: int = 1) -> dict[str, Any]:
     """Cross-validate the beat stage with each trial's features added, `jobs` trials at a time (processes); write
-    and return the mean ± sd figures."""
+    and return the mean ± sd figures. `leads`: those read from each record (None: every ECG lead)."""
     global _sequences
-    _sequences, cv = out_of_fold_sequences(cv_dir, physionet_dir, lead)
+    _sequences, cv = out_of_fold_sequences(cv_dir, physionet_dir, leads)
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         figures = pool.starmap(_run_trial, [(name, config, cv["seeds"]) for name in TRIALS])
     report = {"k": cv["k"], "seeds": cv["seeds"], "folds": cv["folds"], "rules": cv["rules"],

@@ -24,7 +24,7 @@ def build_model(config_path: Path, out: Path, report_dir: Path) -> dict[str, Any
     config = load_train_config(config_path)
     run_dir = train(config)
     export_onnx(run_dir / "best.pt", out)
-    report = evaluate(out, config.data.test_records, config.data.physionet_dir, config.data.lead,
+    report = evaluate(out, config.data.test_records, config.data.physionet_dir, config.data.leads,
                       report_dir, history=run_dir / "history.json")
     metrics = {k: v for k, v in report["gross"].items() if k != "matrix"}
     export_onnx(run_dir / "best.pt", out, metrics)

@@ -59,15 +59,15 @@ def compare_cells(config_path: Path, cells: list[str], out: Path, epochs: int) -
         run_dir = train(config, resume=True)  # a finished run is reused, not retrained
         model_path = run_dir / "model.onnx"
         export_onnx(run_dir / "best.pt", model_path)
-        report = evaluate(model_path, config.data.test_records, config.data.physionet_dir, config.data.lead,
+        report = evaluate(model_path, config.data.test_records, config.data.physionet_dir, config.data.leads,
                           run_dir / "eval")
         histories[cell] = json.loads((run_dir / "history.json").read_text())
         net, _, _ = load_model(run_dir / "best.pt")
-        val = load_framed(config.data.val_records[:1], config.data.physionet_dir, config.data.lead,
-                          config.model, config.filter, 1)[0]
+        val = load_framed(config.data.val_records[:1], config.data.physionet_dir, config.data.leads,
+                          config.model, config.filter, 1)[0].frames[0]  # the first lead
         chunk = round(config.optim.chunk_s * config.model.fs / config.model.frame_size)
-        starts = np.linspace(0, len(val.frames) - chunk, 32).astype(int)
-        frames = torch.from_numpy(np.stack([val.frames[s:s + chunk] for s in starts]))
+        starts = np.linspace(0, len(val) - chunk, 32).astype(int)
+        frames = torch.from_numpy(np.stack([val[s:s + chunk] for s in starts]))
         depth_curves[cell] = gradient_norm_by_depth(net, frames)
         fps = config.model.fs / config.model.frame_size
         g = report["gross"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from models.config import BeatStageConfig, ModelConfig
 from pipeline.config import ConfigError, Strict, validate_config
@@ -22,7 +22,9 @@ class DataConfig(Strict):
     """Which records train, validate and test the model."""
 
     physionet_dir: Path = DEFAULT_PHYSIONET_DIR
-    lead: str = "MLII"
+    leads: list[str] | None = Field(None, min_length=1, description="leads read from each record, names "
+                                    "('MLII') or 1-based signal numbers ('2'), those a record has, else its first "
+                                    "ECG lead; null: every ECG lead (MIT-BIH and svdb: 2)")
     train_records: list[str] = Field(default_factory=lambda: ["mitdb/DS1"],
                                      description="'db/record', or 'mitdb/DS1' and 'svdb/all' for whole sets")
     val_records: list[str] = Field(default_factory=lambda: ["106", "118", "201", "223"],
@@ -45,14 +47,28 @@ class OptimConfig(Strict):
     loss_weight_power: float = Field(0.5, ge=0, description="loss weight of class c = (n_N / n_c) ** power")
     loss_weight_max: float = Field(10.0, ge=1, description="cap on a class's loss weight")
     label_width_frames: int = Field(3, ge=1, description="frames labelled per beat, centred")
-    amplitude_jitter: float = Field(0.2, ge=0, description="random gain 1 +- this per segment")
-    noise_fraction: float = Field(0.0, ge=0, le=1, description="share of segments with recorded noise added (the "
-                                  "training half of nstdb bw/em/ma)")
+    amplitude_jitter: float = Field(0.2, ge=0, description="random gain 1 +- this per lead of a segment, where "
+                                    "its amplitude is not rescaled")
+    amplitude_scale_fraction: float = Field(0.5, ge=0, le=1, description="share of leads rescaled so that their "
+                                            "median QRS peak-to-peak lands in qrs_mv_range")
+    qrs_mv_range: tuple[float, float] = Field((0.1, 5.0), description="range of that rescaled QRS peak-to-peak "
+                                              "(mV), log-uniform")
+    noise_fraction: float = Field(0.0, ge=0, le=1, description="share of leads with recorded noise added (the "
+                                  "training half of nstdb bw/em/ma), drawn for each lead of a segment alone")
     noise_snr_db: tuple[float, float] = Field((0.0, 24.0), description="SNR range of that noise (dB), uniform")
+    lead_dropout: float = Field(0.3, ge=0, lt=1, description="chance that a lead of a multi-lead segment is left "
+                                "out of it (one lead is always kept)")
     threads: int = Field(2, ge=1)
     seed: int = 0
     patience: int | None = Field(6, ge=1, description="stop after this many epochs without a better val score")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (min)")
+
+    @field_validator("qrs_mv_range")
+    @classmethod
+    def _qrs_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"QRS amplitudes {list(value)}: need 0 < low <= high (mV)")
+        return value
 
 
 class DecisionConfig(Strict):

@@ -90,8 +90,8 @@ def run_fold(config: TrainConfig, folds: list[list[str]], i: int, seed: int, out
 
 
 def score(model_path: Path, records: list[str], config: TrainConfig) -> Any:
-    """EC57 matrix of `model_path` on `records`, streamed in 1 s windows."""
-    loaded = [r for _, r in load_records(records, config.data.physionet_dir, config.data.lead)]
+    """EC57 matrix of `model_path` on `records` (the config's `data.leads` of each), streamed in 1 s windows."""
+    loaded = [r for _, r in load_records(records, config.data.physionet_dir, config.data.leads)]
     matrix = empty_matrix()
     for record, (det_samples, det_classes) in zip(loaded, stream_records(BeatModel(model_path), loaded, 1.0),
                                                   strict=True):

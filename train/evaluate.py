@@ -49,19 +49,15 @@ def stream_records(model: BeatModel, records: list[EcgRecord], window_s: float
     for record in records:
         streams.open(record.name, record.fs)
     found: dict[str, list[tuple[float, str]]] = {r.name: [] for r in records}
-    duration_s = max(len(r.signal_mv) / r.fs for r in records)
-    for k in range(int(np.ceil(duration_s / window_s))):
-        windows = []
-        for r in records:
-            a, b = round(k * window_s * r.fs), round((k + 1) * window_s * r.fs)
-            if a < len(r.signal_mv):
-                windows.append((r.name, r.signal_mv[a:b]))
+    for k in range(max(r.window_count(window_s) for r in records)):
+        windows = [(r.name, r.sig_names, r.window(k, window_s).samples_mv) for r in records
+                   if k < r.window_count(window_s)]
         for beat in streams.process(windows):
             found[beat.stream_id].append((beat.time_s, beat.class_name))
     out = []
     for r in records:
         times = np.array([t for t, _ in found[r.name]])
-        samples = np.clip(np.round(times * r.fs).astype(np.int64), 0, len(r.signal_mv) - 1)
+        samples = np.clip(np.round(times * r.fs).astype(np.int64), 0, r.signals_mv.shape[1] - 1)
         out.append((samples, np.array([c for _, c in found[r.name]], dtype=np.str_)))
     return out
 
@@ -76,10 +72,11 @@ def write_annotations(result: RecordResult, fs: float, out_dir: Path, annotator:
                symbol=[SYMBOL_OF_CLASS[c] for c in result.det_classes], fs=fs, write_dir=str(out_dir))
 
 
-def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, out_dir: Path,
+def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None, out_dir: Path,
              annotator: str = "ecgm", window_s: float = 1.0, history: Path | None = None) -> dict[str, Any]:
-    """Score `model_path` on the records named by `specs`; write annotations, report.json and plots."""
-    named = load_records(specs, physionet_dir, lead)
+    """Score `model_path` on the records named by `specs` (`leads`: as `load_records`, None: every ECG lead); write
+    annotations, report.json and plots."""
+    named = load_records(specs, physionet_dir, leads)
     records = [record for _, record in named]
     model = BeatModel(model_path)
     started = time.perf_counter()
@@ -96,8 +93,8 @@ def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, lead: str,
     gross = Ec57Stats(total)
     report: dict[str, Any] = {
         "model": str(model_path), "model_version": model.info.version, "records": [name for name, _ in named],
-        "lead": lead, "window_s": window_s, "rules": RULES, "annotator": annotator,
-        "streaming_seconds": elapsed, "ecg_hours": sum(len(r.signal_mv) / r.fs for r in records) / 3600,
+        "leads": leads or "every ECG lead", "window_s": window_s, "rules": RULES, "annotator": annotator,
+        "streaming_seconds": elapsed, "ecg_hours": sum(r.signals_mv.shape[1] / r.fs for r in records) / 3600,
         "gross": gross.summary(),
         "per_record": [{"record": r.name, **{k: v for k, v in Ec57Stats(r.matrix).summary().items()
                                              if k != "matrix"}, "matrix": r.matrix.tolist()} for r in results],

@@ -1,4 +1,7 @@
-"""Export a checkpoint to ONNX with explicit recurrent-state inputs/outputs and daemon metadata (ModelInfo)."""
+"""Export a checkpoint to ONNX with explicit recurrent-state inputs/outputs and daemon metadata (ModelInfo).
+
+The graph reads one lead (frames in, probabilities out); a device's leads are separate batch rows, fused
+afterwards by `pipeline.beats.fuse_leads`, the rule training used (metadata `lead_fusion`)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 
 from models.network import BeatNet
 from pipeline.aami import MODEL_CLASSES
-from pipeline.beats import Decision
+from pipeline.beats import LEAD_FUSION, Decision
 from pipeline.model import BEAT_STAGE_KEY, FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
 from train.config import TrainConfig
 from train.trainer import load_model, neutral_decision
@@ -54,13 +57,14 @@ def export_recurrent(module: nn.Module, args: tuple[Tensor, ...], out: Path, inp
 def model_info(config: TrainConfig, decision: Decision, ds2_metrics: dict[str, Any]) -> ModelInfo:
     """The metadata of a model trained per `config`: its network config, filter, decision rule and provenance."""
     config_hash = config.hash()
+    leads = "every ECG lead" if config.data.leads is None else ", ".join(config.data.leads)
     training_data = (f"train: {', '.join(config.data.train_records)}; val (early stopping): "
-                     f"{', '.join(config.data.val_records)}; lead {config.data.lead}")
+                     f"{', '.join(config.data.val_records)}; leads: {leads}, fused as the {LEAD_FUSION}")
     version = f"{package_version('ecgmon')}+{config.model.cell}.{config_hash}"
     return ModelInfo(**config.model.model_dump(), version=version, class_names=MODEL_CLASSES,
                      beat_threshold=decision.beat_threshold, decision_weights=decision.decision_weights,
                      filter=config.filter, config_hash=config_hash, training_data=training_data,
-                     ds2_metrics=ds2_metrics)
+                     ds2_metrics=ds2_metrics, lead_fusion=LEAD_FUSION)
 
 
 def versioned(version: str, part: str, digest: str) -> str:

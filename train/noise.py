@@ -76,29 +76,38 @@ def framed_training_noise(physionet_dir: Path, config: ModelConfig, spec: Filter
     return out
 
 
-def qrs_amplitude_mv(record: EcgRecord) -> float:
-    """Median peak-to-peak amplitude (mV) of the record's reference QRS complexes."""
+def qrs_amplitude_mv(record: EcgRecord, lead: int = 0) -> float:
+    """Median peak-to-peak amplitude (mV) of the record's reference QRS complexes in lead `lead` (index)."""
     half = round(QRS_HALF_WIDTH_S * record.fs)
-    x = record.signal_mv
+    x = record.signals_mv[lead]
     amplitudes = [np.ptp(x[max(0, s - half):s + half + 1]) for s in record.beat_samples]
     return float(np.median(amplitudes))
 
 
+NOISE_LEAD_OFFSET_S = 37.0  # each further noisy lead gets the noise from this much later (s): leads pick up their own
+
+
 def add_noise(record: EcgRecord, noise: NDArray[np.float64], noise_fs: float, snr_db: float,
-              offset_s: float = 0.0) -> EcgRecord:
-    """`record` with `noise` (mV at `noise_fs` Hz, from `offset_s` on, repeated as needed) added at `snr_db`."""
-    n = len(record.signal_mv)
-    t = (offset_s + np.arange(n) / record.fs) * noise_fs % len(noise)  # noise sample of each record sample
-    resampled = np.interp(t, np.arange(len(noise)), noise)
-    resampled -= resampled.mean()
-    signal_power = qrs_amplitude_mv(record) ** 2 / 8
-    gain = np.sqrt(signal_power / (np.mean(resampled**2) * 10 ** (snr_db / 10)))
-    return dataclasses.replace(record, signal_mv=record.signal_mv + gain * resampled)
+              offset_s: float = 0.0, leads: list[int] | None = None) -> EcgRecord:
+    """`record` with `noise` (mV at `noise_fs` Hz, from `offset_s` on, repeated as needed) added at `snr_db` to
+    each lead of `leads` (indices; None: every lead), at that lead's own QRS amplitude."""
+    n = record.signals_mv.shape[1]
+    signals = record.signals_mv.copy()
+    for k, lead in enumerate(range(len(signals)) if leads is None else leads):
+        start = offset_s + k * NOISE_LEAD_OFFSET_S
+        t = (start + np.arange(n) / record.fs) * noise_fs % len(noise)  # noise sample of each record sample
+        resampled = np.interp(t, np.arange(len(noise)), noise)
+        resampled -= resampled.mean()
+        signal_power = qrs_amplitude_mv(record, lead) ** 2 / 8
+        signals[lead] += np.sqrt(signal_power / (np.mean(resampled**2) * 10 ** (snr_db / 10))) * resampled
+    return dataclasses.replace(record, signals_mv=signals)
 
 
-def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead: str, noise_name: str,
-                   snrs_db: list[float], out_dir: Path, window_s: float = 1.0) -> dict[str, Any]:
-    """Score `model_path` on the records with evaluation noise added at each SNR; write noise.json to `out_dir`.
+def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None,
+                   noise_name: str, snrs_db: list[float], out_dir: Path, window_s: float = 1.0,
+                   noisy_leads: list[int] | None = None) -> dict[str, Any]:
+    """Score `model_path` on the records (`leads`: as `load_records`) with evaluation noise added at each SNR to
+    the leads `noisy_leads` (0-based indices; None: every lead); write noise-<name>.json to `out_dir`.
 
     Per SNR: EC57 gross statistics over everything, the share of windows the daemon's signal check
     flags as unreadable (flat, saturated, or judged unreadable by the model's signal-quality detector
@@ -107,13 +116,15 @@ def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead
     """
     from train.alarm_eval import analyse_records  # the daemon's code path
 
-    records = [record for _, record in load_records(specs, physionet_dir, lead)]
+    records = [record for _, record in load_records(specs, physionet_dir, leads)]
     noise, noise_fs = load_noise(physionet_dir, noise_name, "eval")
     model = BeatModel(model_path)
     config = AlarmConfig()
     levels = []
     for snr in snrs_db:
-        noisy = [add_noise(r, noise, noise_fs, snr, offset_s=60.0 * k) for k, r in enumerate(records)]
+        noisy = [add_noise(r, noise, noise_fs, snr, offset_s=60.0 * k,
+                           leads=None if noisy_leads is None else [i for i in noisy_leads if i < len(r.sig_names)])
+                 for k, r in enumerate(records)]
         found: list[list[tuple[float, str]]] = [[] for _ in noisy]
         flags: list[list[bool]] = [[] for _ in noisy]
         for w in analyse_records(model, noisy, config, window_s):
@@ -140,8 +151,9 @@ def evaluate_noise(model_path: Path, specs: list[str], physionet_dir: Path, lead
                  level["readable"]["qrs_ppv"])
         levels.append(level)
     report: dict[str, Any] = {
-        "model": str(model_path), "model_version": model.info.version, "records": specs, "lead": lead,
-        "noise": noise_name, "noise_part": f"second half of nstdb/{noise_name} (never used for training)",
+        "model": str(model_path), "model_version": model.info.version, "records": specs, "leads": leads,
+        "noisy_leads": "every lead" if noisy_leads is None else [i + 1 for i in noisy_leads], "noise": noise_name,
+        "noise_part": f"second half of nstdb/{noise_name} (never used for training)",
         "snr_definition": "S = (median reference QRS peak-to-peak amplitude)^2 / 8, N = mean square of the added "
                           "noise", "window_s": window_s, "levels": levels}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +168,8 @@ def _in_flagged(times_s: NDArray[np.floating[Any]], flagged: NDArray[np.bool_], 
 
 def format_noise(report: dict[str, Any]) -> str:
     """The noise report as a small table for the terminal."""
-    lines = [f"{report['noise']} noise on {', '.join(report['records'])} ({report['noise_part']})",
+    lines = [f"{report['noise']} noise on {', '.join(report['records'])}, leads {report['noisy_leads']} "
+             f"({report['noise_part']})",
              "SNR dB | QRS Se % | QRS +P % | V F1 | S F1 | windows flagged % | readable QRS +P %"]
     for lv in report["levels"]:
         a, r = lv["all"], lv["readable"]

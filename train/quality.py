@@ -80,7 +80,7 @@ def run_condition(model_path: Path, specs: tuple[str, ...], physionet_dir: Path,
                   condition: Condition) -> list[RunRows]:
     """Every record of `specs` through the daemon's analysis under `condition`: rows of the windows whose recent
     signal is whole."""
-    named = load_records(list(specs), physionet_dir, lead)
+    named = load_records(list(specs), physionet_dir, [lead])
     records = [r for _, r in named]
     if condition is not None:
         noise, noise_fs = load_noise(physionet_dir, condition[0], "train")

@@ -4,6 +4,12 @@ Each epoch cuts every training record into segments (random start offset), runs
 `batch_streams` segments side by side, chunk by chunk, carrying the recurrent state
 (detached) from one chunk to the next. Checkpoints carry the full config, so a model can be
 rebuilt from the checkpoint alone, and a run can resume from its last checkpoint.
+
+The network reads one lead (frames in, per-frame class probabilities out, the same weights
+for every lead); the daemon runs each lead of a device through it and fuses the leads'
+probabilities frame by frame (`pipeline.beats.fuse_leads`). Training does the same: every
+lead of a segment is a row of the batch, augmented alone (amplitude, noise, left out), and
+the loss is taken on the mean of the kept leads' probabilities.
 """
 
 from __future__ import annotations
@@ -13,20 +19,22 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.network import BeatNet, count_parameters
 from pipeline.aami import AAMI_CLASSES, BACKGROUND, DS2, MODEL_CLASSES
-from pipeline.beats import BeatPickerState, Decision, PickedBeats, pick_beats, r_peak_time_s
+from pipeline.beats import BeatPickerState, Decision, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
 from pipeline.tools.records import resolve_records
-from train.config import TrainConfig
+from train.config import OptimConfig, TrainConfig
 from train.dataset import FramedRecord, load_framed
 from train.ec57 import Ec57Stats, confusion, empty_matrix, match_beats
 from train.noise import FramedNoise, framed_training_noise
@@ -72,45 +80,100 @@ def neutral_decision(beat_threshold: float) -> Decision:
     return Decision(beat_threshold, (1.0,) * len(AAMI_CLASSES))
 
 
-def segment_batches(records: list[FramedRecord], segment: int, batch: int, jitter: float,
-                    rng: np.random.Generator, noise: list[FramedNoise] | None = None, noise_fraction: float = 0.0,
-                    noise_snr_db: tuple[float, float] = (0.0, 24.0)) -> list[tuple[Tensor, Tensor]]:
-    """One epoch of batches: segments of `segment` frames from random offsets, a random gain each, and in
-    `noise_fraction` of them a random stretch of a random noise record at a random SNR (dB); shuffled."""
-    frames, labels = [], []
-    for record in records:
-        start = int(rng.integers(0, segment)) if len(record.frames) > 2 * segment else 0
-        for s in range(start, len(record.frames) - segment + 1, segment):
-            gain = 1.0 + rng.uniform(-jitter, jitter)
-            x = record.frames[s:s + segment] * gain
-            if noise and rng.random() < noise_fraction:
-                n = noise[int(rng.integers(len(noise)))]
-                at = int(rng.integers(0, len(n.frames) - len(x) + 1))
-                snr = rng.uniform(*noise_snr_db)
-                x = x + np.sqrt(record.qrs_power_mv2 * gain**2 / (n.power_mv2 * 10 ** (snr / 10))) * n.frames[
-                    at:at + len(x)]
-            frames.append(x)
-            labels.append(record.labels[s:s + segment])
-    order = rng.permutation(len(frames))
-    return [(torch.from_numpy(np.stack([frames[i] for i in idx]).astype(np.float32)),
-             torch.from_numpy(np.stack([labels[i] for i in idx])))
-            for idx in np.array_split(order, max(1, len(order) // batch))]
+Batch = tuple[Tensor, Tensor, Tensor]  # frames (segments, leads, frames, frame_size) mV, labels, lead mask
+
+
+def segment_plan(records: list[FramedRecord], segment: int, batch: int, rng: np.random.Generator
+                 ) -> list[NDArray[np.int64]]:
+    """One epoch's segments of `segment` frames, each record cut from a random offset, shuffled and dealt into
+    batches of about `batch`: one (n, 2) array (record index, first frame) per batch."""
+    starts = []
+    for i, record in enumerate(records):
+        n_frames = record.frames.shape[1]
+        first = int(rng.integers(0, segment)) if n_frames > 2 * segment else 0
+        starts += [(i, s) for s in range(first, n_frames - segment + 1, segment)]
+    plan = np.array(starts, dtype=np.int64).reshape(-1, 2)[rng.permutation(len(starts))]
+    return np.array_split(plan, max(1, len(plan) // batch))
+
+
+def lead_gain(qrs_mv: float, optim: OptimConfig, rng: np.random.Generator) -> float:
+    """Gain of one lead of a segment: in `amplitude_scale_fraction` of the draws the one that puts its median QRS
+    peak-to-peak (`qrs_mv`, mV) at a log-uniform amplitude in `qrs_mv_range`, else 1 ± `amplitude_jitter`."""
+    if rng.random() < optim.amplitude_scale_fraction and qrs_mv > 0:
+        low, high = np.log(optim.qrs_mv_range)
+        return float(np.exp(rng.uniform(low, high)) / qrs_mv)
+    return 1.0 + rng.uniform(-optim.amplitude_jitter, optim.amplitude_jitter)
+
+
+def kept_leads(n_leads: int, dropout: float, rng: np.random.Generator) -> NDArray[np.bool_]:
+    """Which leads of a segment stay in it: each is left out with probability `dropout`, but one random lead
+    stays when all would go (so each of n leads is left out with probability dropout - dropout**n / n)."""
+    keep = rng.random(n_leads) >= dropout
+    if not keep.any():
+        keep[rng.integers(n_leads)] = True
+    return keep
+
+
+def augmented_segment(record: FramedRecord, start: int, segment: int, optim: OptimConfig,
+                      rng: np.random.Generator, noise: list[FramedNoise] | None
+                      ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Frames (n_leads, segment, frame_size) of a record from frame `start`, each lead with its own gain
+    (`lead_gain`) and, in `noise_fraction` of the leads, a random stretch of a random noise record at a random
+    SNR (dB) of its own; and the leads kept (`kept_leads`, multi-lead records only)."""
+    x = record.frames[:, start:start + segment].copy()
+    for lead in range(len(x)):
+        gain = lead_gain(float(record.qrs_mv[lead]), optim, rng)
+        x[lead] *= gain
+        if noise and rng.random() < optim.noise_fraction:
+            n = noise[int(rng.integers(len(noise)))]
+            at = int(rng.integers(0, len(n.frames) - segment + 1))
+            snr = rng.uniform(*optim.noise_snr_db)
+            x[lead] += np.sqrt(record.qrs_power_mv2[lead] * gain**2 / (n.power_mv2 * 10 ** (snr / 10))) * n.frames[
+                at:at + segment]
+    keep = kept_leads(len(x), optim.lead_dropout, rng) if len(x) > 1 else np.ones(1, dtype=bool)
+    return x, keep
+
+
+def segment_batches(records: list[FramedRecord], plan: list[NDArray[np.int64]], segment: int, optim: OptimConfig,
+                    rng: np.random.Generator, noise: list[FramedNoise] | None = None) -> Iterator[Batch]:
+    """The batches of `plan` (`segment_plan`), each made when it is reached: frames (segments, leads, segment,
+    frame_size) mV (`augmented_segment`; records with fewer leads than the batch's most padded with zeros),
+    labels (segments, segment) and the lead mask (segments, leads), 1 where a lead is kept."""
+    for rows in plan:
+        parts = [augmented_segment(records[i], s, segment, optim, rng, noise) for i, s in rows]
+        n_leads = max(len(x) for x, _ in parts)
+        frames = np.zeros((len(parts), n_leads, *parts[0][0].shape[1:]), dtype=np.float32)
+        mask = np.zeros((len(parts), n_leads), dtype=np.float32)
+        for row, (x, keep) in enumerate(parts):
+            frames[row, :len(x)], mask[row, :len(x)] = x, keep
+        labels = np.stack([records[i].labels[s:s + segment] for i, s in rows])
+        yield torch.from_numpy(frames), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
+def fuse_rows(probs: Tensor, segment_of_row: Tensor, n_segments: int) -> Tensor:
+    """Per-segment mean (segments, frames, classes) of the probabilities of its rows (rows, frames, classes): the
+    rule of `pipeline.beats.fuse_leads` with weight 1 for each lead run and 0 for those left out."""
+    total = probs.new_zeros((n_segments, *probs.shape[1:])).index_add(0, segment_of_row, probs)
+    count = torch.bincount(segment_of_row, minlength=n_segments).clamp(min=1).to(probs.dtype)
+    return total / count[:, None, None]
 
 
 @torch.no_grad()
-def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[np.ndarray]:
-    """Per-frame class probabilities of whole records, one pass each."""
+def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[NDArray[np.float32]]:
+    """Per-frame class probabilities (n_frames, classes) of whole records, one pass each: every lead run alone,
+    then fused with weight 1 each (`pipeline.beats.fuse_leads`), as the daemon fuses usable leads."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for record in records:
-        logits, *_ = model(torch.from_numpy(record.frames)[None].to(device), *model.initial_state(1))
-        out.append(torch.softmax(logits, -1)[0].cpu().numpy())
+        n_leads = len(record.frames)
+        logits, *_ = model(torch.from_numpy(record.frames).to(device), *model.initial_state(n_leads))
+        out.append(fuse_leads(torch.softmax(logits, -1).cpu().numpy(), np.ones(n_leads)))
     return out
 
 
 def pick_records(model: BeatNet, records: list[FramedRecord], decision: Decision) -> list[PickedBeats]:
-    """Beats picked from one pass of `model` over each record."""
+    """Beats picked from one pass of `model` over each record, its leads fused."""
     return [pick_beats(probs[None], BeatPickerState(1, len(MODEL_CLASSES)), np.array([0]), decision)
             for probs in predict_probs(model, records)]
 
@@ -196,18 +259,20 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     mc, oc, data = config.model, config.optim, config.data
 
     def load(specs: list[str]) -> list[FramedRecord]:
-        return load_framed(specs, data.physionet_dir, data.lead, mc, config.filter, oc.label_width_frames)
+        return load_framed(specs, data.physionet_dir, data.leads, mc, config.filter, oc.label_width_frames)
 
     train_records, val_records = load(data.train_records), load(data.val_records)
     noise = framed_training_noise(data.physionet_dir, mc, config.filter) if oc.noise_fraction > 0 else None
-    log.info("training on %d records, validating on %d", len(train_records), len(val_records))
+    log.info("training on %d records (%d leads), validating on %d (%d leads)", len(train_records),
+             sum(len(r.leads) for r in train_records), len(val_records), sum(len(r.leads) for r in val_records))
     device = torch.device(config.device)
     model = BeatNet(mc).to(device)
     ema = BeatNet(mc).to(device)  # exponential moving average of the weights: what is validated and shipped
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=loss_weights(train_records, oc.loss_weight_power, oc.loss_weight_max)
-                                  .to(device), reduction="none")
+    # class-weighted NLL of the fused leads' log probabilities
+    loss_fn = nn.NLLLoss(weight=loss_weights(train_records, oc.loss_weight_power, oc.loss_weight_max).to(device),
+                         reduction="none")
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     if resume and (run_dir / "last.pt").exists():
@@ -227,24 +292,28 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     started = time.monotonic()
     for epoch in range(start_epoch, total_epochs):
         rng = np.random.default_rng(oc.seed + epoch)
-        batches = segment_batches(train_records, segment, oc.batch_streams, oc.amplitude_jitter, rng, noise,
-                                  oc.noise_fraction, oc.noise_snr_db)
+        plan = segment_plan(train_records, segment, oc.batch_streams, rng)
         lr = oc.lr * 0.5 * (1 + math.cos(math.pi * epoch / total_epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         losses, grad_norms = [], []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
-        for frames_cpu, labels_cpu in bar:
-            frames, labels = frames_cpu.to(device), labels_cpu.to(device)
-            state = model.initial_state(frames.shape[0])
+        bar = tqdm(segment_batches(train_records, plan, segment, oc, rng, noise), total=len(plan),
+                   desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", leave=False)
+        for frames_cpu, labels_cpu, kept_cpu in bar:
+            n_segments, n_leads = kept_cpu.shape
+            rows = kept_cpu.reshape(-1).nonzero().squeeze(1)  # the kept leads, each a row of the network's batch
+            frames = frames_cpu.reshape(n_segments * n_leads, *frames_cpu.shape[2:])[rows].to(device)
+            segment_of_row, labels = (rows // n_leads).to(device), labels_cpu.to(device)
+            state = model.initial_state(len(rows))
             for t0 in range(0, frames.shape[1], chunk):
                 logits, *state_list = model(frames[:, t0:t0 + chunk], *state)
                 state = tuple(s.detach() for s in state_list)
-                per_frame = loss_fn(logits.reshape(-1, logits.shape[-1]), labels[:, t0:t0 + chunk].reshape(-1))
-                mask = (torch.arange(t0, t0 + logits.shape[1], device=device) >= warmup).float().repeat(
-                    frames.shape[0])
-                loss = (per_frame * mask).sum() / mask.sum().clamp(min=1)
+                fused = fuse_rows(torch.softmax(logits, -1), segment_of_row, n_segments)
+                per_frame = loss_fn(torch.log(fused + 1e-7).reshape(-1, fused.shape[-1]),
+                                    labels[:, t0:t0 + chunk].reshape(-1))
+                scored = (torch.arange(t0, t0 + fused.shape[1], device=device) >= warmup).float().repeat(n_segments)
+                loss = (per_frame * scored).sum() / scored.sum().clamp(min=1)
                 optimizer.zero_grad()
                 loss.backward()
                 max_norm = oc.grad_clip if oc.grad_clip is not None else math.inf

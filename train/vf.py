@@ -65,7 +65,7 @@ def record_rows(name: str, record: EcgRecord, rhythm: list[Episode], info: Model
     rows, ends = [], []
     for k in range(record.window_count(1.0)):
         window = record.window(k, 1.0)
-        frames = pre(window.samples_mv)
+        frames = pre(window.samples_mv[0])
         if len(frames):
             recent.update(slot, frames[None])
         if recent.ready(slot)[0]:
@@ -131,7 +131,7 @@ def train_vf(model_path: Path, out: Path, report_dir: Path, physionet_dir: Path,
              k: int = 5, max_false_per_hour: float = 0.1, specs: tuple[str, ...] = VF_RECORDS) -> dict[str, Any]:
     """Cross-validate on `specs`, choose the threshold, fit on every record and attach the detector to `out`."""
     check_not_ds2(list(specs), "VF detector training")
-    named, rhythm_of = load_alarm_records(list(specs), physionet_dir, lead)
+    named, rhythm_of = load_alarm_records(list(specs), physionet_dir, [lead])
     info = read_metadata(model_path)
     rows = {name: record_rows(name, record, rhythm_of[name], info) for name, record in named}
     report = cross_validate_vf(model_path, named, rhythm_of, rows, k, config)

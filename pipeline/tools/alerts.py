@@ -21,6 +21,8 @@ def format_alarm(doc: dict[str, Any]) -> str:
     for key in ("seconds_without_qrs", "seconds_without_data", "v_beats_last_minute", "reason"):
         if key in evidence:
             details.append(f"{key.replace('_', ' ')}: {evidence[key]}")
+    if isinstance(evidence.get("leads"), dict):  # lead_fault: each faulty lead and its fault
+        details.append("leads: " + ", ".join(f"{lead} {fault}" for lead, fault in evidence["leads"].items()))
     return (f"{when}  {doc.get('priority', '?').upper():<6} {doc.get('state', '?'):<8} {doc.get('device', '?'):<16} "
             f"{doc.get('message', doc.get('type', '?'))}{'  (' + ', '.join(details) + ')' if details else ''}"
             f"  [{doc.get('alarm_id', '?')}]")

@@ -41,7 +41,10 @@ from pipeline.tools.broker import LocalBroker, free_port
 log = logging.getLogger(__name__)
 
 P99_LIMIT_S = 0.250
+LEADS_HEADING = "## One lead and two"  # written by `ecgmon bench --leads`
 CLUSTER_HEADING = "## Many daemons on a RabbitMQ cluster"  # the last section, written by `ecgmon bench --cluster`
+# Sections after the main report, in this order; each is written by its own command and kept by the others.
+EXTRA_SECTIONS = (LEADS_HEADING, CLUSTER_HEADING)
 TOPICS = Topics("ecgmon")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -180,20 +183,21 @@ def _wait_for_metrics(port: int, daemon: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("daemon did not come up")
 
 
-def analysis_ceiling(model_path: Path, batch: int, signal_mv: np.ndarray, fs: float, seconds: float = 5.0
+def analysis_ceiling(model_path: Path, batch: int, signals_mv: np.ndarray, fs: float, seconds: float = 5.0
                      ) -> float:
     """Device-seconds of ECG analysed per CPU-second by the analysis alone, no MQTT: `BeatStreams` with `batch`
-    devices in 1 s windows of a real record (devices offset by 37 s), all of DSP, the frame stage, beat picking
-    and the beat stage; 1 ONNX Runtime thread."""
+    devices in 1 s windows of a real record's leads (`signals_mv`, (n_leads, n_samples) mV; devices offset by
+    37 s), all of DSP, the frame stage, beat picking and the beat stage; 1 ONNX Runtime thread."""
     streams = BeatStreams(BeatModel(model_path, intra_op_threads=1), capacity=batch)
-    window = round(fs)
-    starts = [(37 * i * window) % (len(signal_mv) - window) for i in range(batch)]
+    window, n = round(fs), signals_mv.shape[1]
+    leads = tuple(f"L{k + 1}" for k in range(len(signals_mv)))
+    starts = [(37 * i * window) % (n - window) for i in range(batch)]
     for i in range(batch):
         streams.open(str(i), fs)
     windows_run, begin = 0, time.process_time()
     while time.process_time() - begin < seconds:
-        at = [(s + windows_run * window) % (len(signal_mv) - window) for s in starts]
-        streams.process([(str(i), signal_mv[a:a + window]) for i, a in enumerate(at)])
+        at = [(s + windows_run * window) % (n - window) for s in starts]
+        streams.process([(str(i), leads, signals_mv[:, a:a + window]) for i, a in enumerate(at)])
         windows_run += 1
     return windows_run * batch / (time.process_time() - begin)
 
@@ -249,9 +253,9 @@ def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[floa
                 for d in ("batched", "naive")}
     from pipeline.tools.records import load_records  # wfdb, only for the ceiling's real ECG
 
-    record = load_records(records[:1], physionet_dir, "MLII")[0][1]
-    ceiling = {str(b): analysis_ceiling(model, b, record.signal_mv, record.fs) for b in (1, 256, 1024)}
-    core = [asdict(run_core(core_devices, record.signal_mv, record.fs, beats_every_s=every, model=model))
+    record = load_records(records[:1], physionet_dir, ["MLII"])[0][1]
+    ceiling = {str(b): analysis_ceiling(model, b, record.signals_mv, record.fs) for b in (1, 256, 1024)}
+    core = [asdict(run_core(core_devices, record.signals_mv, record.fs, beats_every_s=every, model=model))
             for every in (0.0, 5.0)]
     return {"points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity, "core": core,
             "mqtt_us": mqtt_costs(), "batch_memory_mb": {str(b): batch_memory_mb(model, b) for b in (256, 4096)},
@@ -379,10 +383,75 @@ has its 33 beats, so its CPU per device-second reads lower than the steady state
 
 {points_table(points)}
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept = out.read_text().partition(CLUSTER_HEADING)[2] if out.exists() else ""  # `ecgmon bench --cluster`'s
-    out.write_text(text + (f"\n{CLUSTER_HEADING}{kept}" if kept else ""))
+    write_section(out, None, text)
     (out.with_suffix(".json")).write_text(json.dumps(figures, indent=2))
+    return text
+
+
+def write_section(out: Path, heading: str | None, text: str) -> None:
+    """Put `text` into docs/benchmarks.md as the section `heading` (one of EXTRA_SECTIONS; None: the main report,
+    everything before them), keeping the others."""
+    old = out.read_text() if out.exists() else "# Benchmarks\n"
+    parts: dict[str | None, str] = {}
+    for name in reversed(EXTRA_SECTIONS):
+        old, found, body = old.partition(name)
+        if found:
+            parts[name] = (name + body).strip()
+    parts[None] = old.strip()
+    parts[heading] = text.strip()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(parts[h] for h in (None, *EXTRA_SECTIONS) if parts.get(h)) + "\n")
+
+
+def run_leads_bench(records: list[str], physionet_dir: Path, devices: int, model: Path = SHIPPED_MODEL
+                    ) -> dict[str, Any]:
+    """Daemon CPU per device-second with 1 and with 2 leads per device (the daemon core, `run_core`, and the
+    analysis alone at batch 256): what the second lead costs."""
+    from pipeline.tools.records import load_records  # wfdb, only for real ECG
+
+    record = load_records(records[:1], physionet_dir, None)[0][1]
+    out: dict[str, Any] = {"record": records[0], "leads": list(record.sig_names), "devices": devices}
+    for n in (1, 2):
+        x = record.signals_mv[:n]
+        core = run_core(devices, x, record.fs, model=model)
+        out[str(n)] = {"core_us_per_device_s": core.us_per_device_s,
+                       "stages_us_per_device_s": core.stages_us_per_device_s,
+                       "analysis_device_s_per_cpu_s": analysis_ceiling(model, 256, x, record.fs)}
+        log.info("%d lead(s): %.0f µs per device-second", n, core.us_per_device_s)
+    return out
+
+
+def write_leads_report(figures: dict[str, Any], out: Path, command: str) -> str:
+    """The leads section of docs/benchmarks.md (and benchmarks-leads.json); returns the section."""
+    one, two = figures["1"], figures["2"]
+    stages = sorted(set(one["stages_us_per_device_s"]) | set(two["stages_us_per_device_s"]))
+    rows = "\n".join(f"| {s} | {one['stages_us_per_device_s'].get(s, 0.0):.1f} | "
+                     f"{two['stages_us_per_device_s'].get(s, 0.0):.1f} |" for s in stages)
+    first, second = one["core_us_per_device_s"], two["core_us_per_device_s"] - one["core_us_per_device_s"]
+    text = f"""{LEADS_HEADING}
+
+Generated by `{command}` (one run). The daemon core as in the stage table above
+(`pipeline/tools/bench_core.py`: {figures['devices']} devices, binary 1 s windows of {figures['record']}, default
+config, no MQTT client cost), once with every device sending its first lead ({figures['leads'][0]}) and once with
+two ({', '.join(figures['leads'][:2])}); and the analysis alone (`BeatStreams`, batch 256, 1 ONNX Runtime thread).
+Both leads of every device go through the network in one batch; a device's beats are picked once from the fused
+probabilities, so the beat stage, alarms and messages cost the same for any number of leads.
+
+| | 1 lead | 2 leads |
+|---|---|---|
+| daemon core, CPU µs per device-second | {first:.0f} | {two['core_us_per_device_s']:.0f} |
+| analysis alone, device-seconds per CPU-second | {one['analysis_device_s_per_cpu_s']:.0f} | \
+{two['analysis_device_s_per_cpu_s']:.0f} |
+
+The second lead costs {second:.0f} µs per device-second, {100 * second / first:.0f} % of the first lead's device.
+By stage (µs per device-second, sampled as above):
+
+| stage | 1 lead | 2 leads |
+|---|---|---|
+{rows}
+"""
+    write_section(out, LEADS_HEADING, text)
+    out.with_name("benchmarks-leads.json").write_text(json.dumps(figures, indent=2))
     return text
 
 

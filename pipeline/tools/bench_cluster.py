@@ -34,7 +34,7 @@ from pipeline.config import DaemonConfig
 from pipeline.daemon import Daemon
 from pipeline.mqtt import MqttClient, Topics
 from pipeline.rabbit import Partitions
-from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s
+from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s, write_section
 from pipeline.tools.bench_core import EncodingSink, HandSource
 from pipeline.tools.rabbit_cluster import RabbitCluster
 
@@ -201,7 +201,7 @@ def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250,
     analysed `seconds` of real ECG of `devices` devices (the cost a partitioned source adds per checkpoint)."""
     from pipeline.tools.records import load_records  # wfdb, only for real ECG
 
-    x = load_records(records[:1], physionet_dir, "MLII")[0][1].signal_mv
+    x = load_records(records[:1], physionet_dir, ["MLII"])[0][1].signal_mv
     source = HandSource()
     daemon = Daemon(DaemonConfig.model_validate({"metrics": {"port": None}, "log_level": "WARNING"}), source,
                     EncodingSink())
@@ -214,8 +214,8 @@ def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250,
         for i in range(devices):
             a = (offsets[i] + seq) * 360
             assert source.deliver is not None
-            source.deliver(f"d{i}", encode_binary(seq, t0 + seq, 360.0, "MLII",
-                                                  np.round(x[a:a + 360] * 200).astype(np.int16), 200.0),
+            source.deliver(f"d{i}", encode_binary(seq, t0 + seq, 360.0, ["MLII"],
+                                                  np.round(x[None, a:a + 360] * 200).astype(np.int16), [200.0], [0]),
                            time.monotonic(), finished.release)
     for _ in range(seconds * devices):
         finished.acquire(timeout=120)
@@ -324,8 +324,7 @@ measured): with one core per RabbitMQ node the cluster would carry about
 {p['devices_3_nodes_1_core_each']:,} devices, and each daemon core about {p['devices_per_daemon_core']:,}.
 {kill_line}
 """
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    out.write_text(text.partition(CLUSTER_HEADING)[0].rstrip() + "\n\n" + section)
+    write_section(out, CLUSTER_HEADING, section)
     out.with_name("benchmarks-cluster.json").write_text(json.dumps(
         {"points": [asdict(q) | {"lost": q.lost, "ok": q.ok} for q in points], "projection": p,
          "checkpoint": checkpoint}, indent=2))

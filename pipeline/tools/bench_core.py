@@ -76,7 +76,6 @@ LEVERS = {
 PAHO_LEVER = ("MQTT 3.1.1 (`mqtt.protocol`); beyond it paho's pure-Python packet handling: several devices' windows "
               "per message from a gateway, or a client in C")
 SAMPLE_S = 0.001
-WINDOW_BYTES = 32 + 4 + 2 * 360  # a binary 1 s window of lead "MLII" at 360 Hz
 
 
 class HandSource:
@@ -163,21 +162,24 @@ def _sample(worker: threading.Thread, stop: threading.Event, counts: dict[str, f
         last = now
 
 
-def run_core(devices: int, signal_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
+def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
              beats_every_s: float = 0.0, model: Path = SHIPPED_MODEL) -> CoreFigures:
-    """`devices` devices through the daemon core: `warmup_s` of signal, then `seconds` measured."""
+    """`devices` devices through the daemon core, each sending the leads of `signals_mv` ((n_leads, n_samples) mV at
+    `fs` Hz): `warmup_s` of signal, then `seconds` measured."""
     config = DaemonConfig.model_validate({
         "model": {"path": str(model)}, "metrics": {"port": None},
         "streams": {"queue_windows": devices * max(seconds, warmup_s) + 1, "idle_evict_s": 3600},
         "alarms": {"signal_loss_s": 3000}, "output": {"beats_every_s": beats_every_s}, "log_level": "WARNING"})
-    adc = np.round(signal_mv * 200).astype(np.int16)
-    window = round(fs)
+    adc = np.round(signals_mv * 200).astype(np.int16)
+    leads, gains, baselines = [f"L{k + 1}" for k in range(len(adc))], [200.0] * len(adc), [0] * len(adc)
+    window, n = round(fs), adc.shape[1]
     names = [f"bench-{i}" for i in range(devices)]
     assert all(DEVICE_ID.match(n) for n in names)
 
     def second(k: int) -> list[bytes]:
-        starts = [(37 * i + k) * window % (len(adc) - window) for i in range(devices)]
-        return [encode_binary(k, 1_700_000_000.0 + k, fs, "MLII", adc[a:a + window], 200.0) for a in starts]
+        starts = [(37 * i + k) * window % (n - window) for i in range(devices)]
+        return [encode_binary(k, 1_700_000_000.0 + k, fs, leads, adc[:, a:a + window], gains, baselines)
+                for a in starts]
 
     source, sink = HandSource(), EncodingSink()
     daemon = Daemon(config, source=source, sink=sink)

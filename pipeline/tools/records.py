@@ -1,4 +1,4 @@
-"""PhysioNet records (WFDB): names, download with wfdb, reading one lead and its AAMI beats.
+"""PhysioNet records (WFDB): names, download with wfdb, reading the ECG leads and the AAMI beats.
 
 The one place that reads WFDB files: training, evaluation and replay all go through it. Needs wfdb,
 never torch; the daemon itself does not import it.
@@ -6,6 +6,7 @@ never torch; the daemon itself does not import it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,39 +27,63 @@ PHYSIONET_INDEX_URL = "https://physionet.org/files/"
 DB_VERSIONS = {"mitdb": "1.0.0", "svdb": "1.0.0", "nstdb": "1.0.0", "cudb": "1.0.0", "challenge-2017": "1.0.0"}
 
 
+# Lead names ECG databases use (PhysioNet's MIT-BIH, svdb, cudb, Challenge 2015/2017); other signals (ABP, PLETH,
+# RESP...) are not ECG and are never read as leads.
+ECG_LEAD_NAMES = frozenset({"I", "II", "III", "aVR", "aVL", "aVF", "V", "V1", "V2", "V3", "V4", "V5", "V6", "MLI",
+                            "MLII", "MLIII", "MCL", "ECG", "ECG1", "ECG2", "ML5", "D3", "CM5", "CM2", "CM4"})
+
+
 @dataclass(frozen=True)
 class EcgRecord:
-    """One lead of a WFDB record with its reference beats.
+    """The ECG leads of a WFDB record, sampled together, with its reference beats.
 
     Attributes:
         name: record name, e.g. "100".
-        signal_mv: the chosen lead in mV, shape (n_samples,).
+        signals_mv: the leads in mV, shape (n_leads, n_samples).
         fs: sampling rate (Hz).
-        sig_name: the chosen lead's name, e.g. "MLII".
+        sig_names: each lead's name, e.g. ("MLII", "V1").
         beat_samples: reference beat positions (samples at fs), AAMI beats only.
         beat_classes: AAMI class letter of each reference beat ("N", "S", "V", "F", "Q").
-        adc_gain: ADC units per mV of the chosen lead.
-        baseline: ADC value of 0 mV of the chosen lead.
+        adc_gains: ADC units per mV of each lead.
+        baselines: ADC value of 0 mV of each lead.
     """
 
     name: str
-    signal_mv: NDArray[np.float64]
+    signals_mv: NDArray[np.float64]
     fs: float
-    sig_name: str
+    sig_names: tuple[str, ...]
     beat_samples: NDArray[np.int64]
     beat_classes: NDArray[np.str_]
-    adc_gain: float = 200.0
-    baseline: int = 0
+    adc_gains: tuple[float, ...] = (200.0,)
+    baselines: tuple[int, ...] = (0,)
+
+    @property
+    def signal_mv(self) -> NDArray[np.float64]:
+        """The first lead (mV): the one the single-lead detectors (VF, AF, signal quality) are trained on."""
+        first: NDArray[np.float64] = self.signals_mv[0]
+        return first
+
+    @property
+    def sig_name(self) -> str:
+        """The first lead's name."""
+        return self.sig_names[0]
+
+    def only(self, leads: list[int]) -> EcgRecord:
+        """The same record with only the leads at these indices (0-based), in this order."""
+        return dataclasses.replace(self, signals_mv=self.signals_mv[leads],
+                                   sig_names=tuple(self.sig_names[i] for i in leads),
+                                   adc_gains=tuple(self.adc_gains[i] for i in leads),
+                                   baselines=tuple(self.baselines[i] for i in leads))
 
     def window_count(self, window_s: float) -> int:
         """Windows of `window_s` (s) the record is streamed in, the last one possibly shorter."""
-        return int(np.ceil(len(self.signal_mv) / self.fs / window_s))
+        return int(np.ceil(self.signals_mv.shape[1] / self.fs / window_s))
 
     def window(self, k: int, window_s: float) -> Window:
         """The k-th window of `window_s` (s) as the daemon decodes it (t0: s since the record's start)."""
-        samples = self.signal_mv[round(k * window_s * self.fs):round((k + 1) * window_s * self.fs)]
-        return Window(seq=k, t0=k * window_s, fs=self.fs, lead=self.sig_name, samples_mv=samples,
-                      adc_gain=self.adc_gain, adc_baseline=self.baseline)
+        samples = self.signals_mv[:, round(k * window_s * self.fs):round((k + 1) * window_s * self.fs)]
+        return Window(seq=k, t0=k * window_s, fs=self.fs, leads=self.sig_names, samples_mv=samples,
+                      adc_gain=self.adc_gains, adc_baseline=tuple(float(b) for b in self.baselines))
 
 
 def download_records(db: str, records: list[str] | None, dest: Path,
@@ -106,28 +131,40 @@ def list_records(db_dir: Path) -> list[str]:
     return (db_dir / "RECORDS").read_text().split()
 
 
-def load_record(db_dir: Path, name: str, lead: str | None = "MLII") -> EcgRecord:
-    """Read one lead of a record and its AAMI beats (none for a record without an `atr` file).
+def pick_leads(sig_names: list[str], leads: list[str] | None) -> list[int]:
+    """Indices of the leads to read: every ECG lead (`leads` None), or those of `leads` the record has, in that
+    order, each a name ("MLII") or a 1-based signal number ("2"); the first ECG lead when it has none of them."""
+    ecg = [i for i, name in enumerate(sig_names) if name in ECG_LEAD_NAMES] or [0]
+    if leads is None:
+        return ecg
+    picked = [int(x) - 1 if x.isdigit() else sig_names.index(x) for x in leads
+              if (x.isdigit() and 1 <= int(x) <= len(sig_names)) or x in sig_names]
+    return list(dict.fromkeys(picked)) or ecg[:1]
+
+
+def load_record(db_dir: Path, name: str, leads: list[str] | None = None) -> EcgRecord:
+    """Read the ECG leads of a record and its AAMI beats (none for a record without an `atr` file).
 
     Args:
         db_dir: folder holding the WFDB files.
         name: record name.
-        lead: preferred lead name; the first lead is used when the record has no such lead.
+        leads: the leads to read (`pick_leads`): None for every ECG lead.
     """
     path = str(db_dir / name)
     rec = wfdb.rdrecord(path, physical=True)
-    channel = rec.sig_name.index(lead) if lead in rec.sig_name else 0
+    channels = pick_leads(list(rec.sig_name), leads)
     if (db_dir / f"{name}.atr").exists():
         ann = wfdb.rdann(path, "atr")
         symbols, samples = np.asarray(ann.symbol), np.asarray(ann.sample, dtype=np.int64)
-    else:  # a database without beat annotations (the Challenge 2017 set)
+    else:  # a database without beat annotations (the Challenge 2015 and 2017 sets)
         symbols, samples = np.array([], dtype=np.str_), np.array([], dtype=np.int64)
     is_beat = np.isin(symbols, list(AAMI_CLASS_OF_SYMBOL))
     classes = np.asarray([AAMI_CLASS_OF_SYMBOL[s] for s in symbols[is_beat]], dtype=np.str_)
-    signal_mv = np.nan_to_num(rec.p_signal[:, channel].astype(np.float64))
-    return EcgRecord(name=name, signal_mv=signal_mv, fs=float(rec.fs), sig_name=rec.sig_name[channel],
-                     beat_samples=samples[is_beat], beat_classes=classes,
-                     adc_gain=float(rec.adc_gain[channel]), baseline=int(rec.baseline[channel]))
+    signals_mv = np.nan_to_num(rec.p_signal[:, channels].T.astype(np.float64))
+    return EcgRecord(name=name, signals_mv=signals_mv, fs=float(rec.fs),
+                     sig_names=tuple(rec.sig_name[c] for c in channels), beat_samples=samples[is_beat],
+                     beat_classes=classes, adc_gains=tuple(float(rec.adc_gain[c]) for c in channels),
+                     baselines=tuple(int(rec.baseline[c]) for c in channels))
 
 
 def load_rhythm(db_dir: Path, name: str, fs: float) -> tuple[NDArray[np.float64], list[str], list[str]]:
@@ -177,10 +214,11 @@ def challenge_labels(db_dir: Path) -> dict[str, str]:
     return labels
 
 
-def load_records(specs: list[str], physionet_dir: Path, lead: str | None = "MLII") -> list[tuple[str, EcgRecord]]:
-    """("db/record", record) for every record named by `specs`, downloading the missing ones."""
+def load_records(specs: list[str], physionet_dir: Path, leads: list[str] | None = None) -> list[tuple[str, EcgRecord]]:
+    """("db/record", record) for every record named by `specs`, downloading the missing ones; `leads`: as
+    `load_record`."""
     out = []
     for db, name in expand_all(resolve_records(specs), physionet_dir):
         ensure_records(physionet_dir / db, [name], db)
-        out.append((f"{db}/{name}", load_record(physionet_dir / db, name, lead)))
+        out.append((f"{db}/{name}", load_record(physionet_dir / db, name, leads)))
     return out

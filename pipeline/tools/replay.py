@@ -28,24 +28,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplaySignal:
-    """One lead as ADC samples: mV = (adc - baseline) / gain."""
+    """A record's leads as ADC samples, (n_leads, n_samples): mV = (adc - baseline) / gain, per lead."""
 
     name: str
     fs: float
-    lead: str
+    leads: tuple[str, ...]
     adc: NDArray[np.int16]
-    gain: float
-    baseline: int
+    gain: tuple[float, ...]
+    baseline: tuple[int, ...]
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.adc.shape[1] / self.fs)
 
 
-def load_signals(specs: list[str], physionet_dir: Path, lead: str) -> list[ReplaySignal]:
-    """Read records ("db/record", "mitdb/DS2", ...) as ADC samples, downloading when missing."""
+def load_signals(specs: list[str], physionet_dir: Path, leads: list[str] | None) -> list[ReplaySignal]:
+    """Read records ("db/record", "mitdb/DS2", ...) as ADC samples, downloading when missing; `leads`: names or
+    1-based numbers, those a record has (None: every ECG lead)."""
     from pipeline.tools.records import load_records  # wfdb only here
 
     out = []
-    for name, r in load_records(specs, physionet_dir, lead):
-        adc = np.round(r.signal_mv * r.adc_gain + r.baseline).astype(np.int16)
-        out.append(ReplaySignal(name.replace("/", "-"), r.fs, r.sig_name, adc, r.adc_gain, r.baseline))
+    for name, r in load_records(specs, physionet_dir, leads):
+        adc = np.round(r.signals_mv * np.array(r.adc_gains)[:, None] + np.array(r.baselines)[:, None])
+        out.append(ReplaySignal(name.replace("/", "-"), r.fs, r.sig_names, adc.astype(np.int16), r.adc_gains,
+                                r.baselines))
     return out
 
 
@@ -79,8 +85,8 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     started = time.monotonic()
     phases = [plan.window_s * i / plan.devices for i in range(plan.devices)]  # s of signal time
     assigned = [signals[i % len(signals)] for i in range(plan.devices)]
-    offsets = [round(((i * plan.offset_step_s) % (len(s.adc) / s.fs)) * s.fs) for i, s in enumerate(assigned)]
-    longest = max(len(s.adc) / s.fs for s in assigned)
+    offsets = [round(((i * plan.offset_step_s) % s.duration_s) * s.fs) for i, s in enumerate(assigned)]
+    longest = max(s.duration_s for s in assigned)
     n_windows = int((plan.duration_s or longest) / plan.window_s)
     sent = 0
     lags: list[float] = []  # how late each window went out (s); the load generator's own delay
@@ -91,19 +97,15 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
         for device, signal, offset, phase in zip(ids, assigned, offsets, phases, strict=True):
             a = offset + round(k * plan.window_s * signal.fs)
             b = offset + round((k + 1) * plan.window_s * signal.fs)
-            if b > len(signal.adc):
+            if b > signal.adc.shape[1]:
                 continue
             t_first = t0 + phase + k * plan.window_s
             wait = started + (t_first - t0 + plan.window_s) / plan.speed - time.monotonic()
             if wait > 0.001:
                 time.sleep(wait)
             lags.append(-wait)
-            if plan.encoding == "binary":
-                payload = encode_binary(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
-                                        signal.baseline)
-            else:
-                payload = encode_json(k, t_first, signal.fs, signal.lead, signal.adc[a:b], signal.gain,
-                                      signal.baseline)
+            encode = encode_binary if plan.encoding == "binary" else encode_json
+            payload = encode(k, t_first, signal.fs, signal.leads, signal.adc[:, a:b], signal.gain, signal.baseline)
             unacknowledged.append(client.publish(topics.ecg(device), payload, qos=plan.qos))
             sent += 1
     if plan.qos:  # the broker has the windows (QoS 1) before the generator says it is done
