@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.aami import MODEL_CLASSES
-from pipeline.beat_context import FEATURE_NAMES
+from pipeline.analysis.aami import MODEL_CLASSES
+from pipeline.analysis.beat_context import FEATURE_NAMES
 
 
 class ModelConfig(BaseModel):
@@ -41,7 +41,7 @@ class ModelConfig(BaseModel):
 
 
 class BeatStageConfig(BaseModel):
-    """The beat-sequence network: a recurrent cell stepping once per detected beat over `pipeline.beat_context`
+    """The beat-sequence network: a recurrent cell stepping once per detected beat over `pipeline.analysis.beat_context`
     features, re-deciding each beat's AAMI class with the stream's rhythm in view."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import BeatStageConfig, ModelConfig
-from pipeline.aami import AAMI_CLASSES
+from pipeline.analysis.aami import AAMI_CLASSES
 
 State = tuple[Tensor, ...]
 
@@ -70,7 +70,7 @@ class BeatSequenceNet(nn.Module):
     """Per-beat features -> dense layer -> GRU, one step per beat -> AAMI class logits.
 
     The features are standardised inside the network (`feature_mean`, `feature_std`, set from the training
-    beats), so the exported graph takes the raw features of `pipeline.beat_context`.
+    beats), so the exported graph takes the raw features of `pipeline.analysis.beat_context`.
     """
 
     feature_mean: Tensor

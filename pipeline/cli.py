@@ -15,7 +15,7 @@ import yaml
 
 from models import SHIPPED_MODEL
 from pipeline.config import ConfigError
-from pipeline.mqtt import ConnectError, MqttClient, Topics
+from pipeline.io.mqtt import ConnectError, MqttClient, Topics
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
 
 
@@ -184,7 +184,7 @@ def cmd_compare_cells(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.serve import serve
+    from pipeline.process.serve import serve
 
     config = load_config(args.config)
     if args.check_config:

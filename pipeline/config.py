@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from models import SHIPPED_MODEL
 
 ENV_PREFIX = "ECGMON_"
-FLAT_MV = 0.01  # a window below this peak-to-peak (mV) is a flat line (AlarmConfig.flat_mv; pipeline/streams.py)
+FLAT_MV = 0.01  # a lead below this peak-to-peak (mV) in a window is flat (AlarmConfig.flat_mv; analysis/streams.py)
 
 
 class Strict(BaseModel):
@@ -159,8 +159,8 @@ class MetricsConfig(Strict):
 
 
 class RabbitConfig(Strict):
-    """The partitioned source and the AMQP sink on a RabbitMQ cluster (`source: rabbitmq`; pipeline/rabbit.py,
-    pipeline/rabbit_sink.py)."""
+    """The partitioned source and the AMQP sink on a RabbitMQ cluster (`source: rabbitmq`; pipeline/io/rabbit.py,
+    pipeline/io/rabbit_sink.py)."""
 
     nodes: list[str] = Field(["127.0.0.1:5672"], min_length=1, description="the cluster's nodes, host:port (AMQP); "
                              "the daemon uses the first that answers and moves on when it goes")

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient
+from pipeline.io.mqtt import MqttClient
+from pipeline.process.daemon import Daemon
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
 from pipeline.tools.broker import LocalBroker, free_port
 

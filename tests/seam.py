@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.io import Deliver
+from pipeline.io.sources import Deliver
 
 
 class MemorySource:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.admission import Admission
-from pipeline.codec import Window
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
+from pipeline.io.codec import Window
+from pipeline.process.admission import Admission
+from pipeline.process.daemon import Daemon
 from tests.conftest import T0
 from tests.seam import MemorySink, MemorySource
 from tests.wire import binary_v1

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from models import SHIPPED_MODEL
-from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_feature_rows, af_features
-from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
+from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
+from pipeline.analysis.model import BeatModel
 from pipeline.config import AlarmConfig
-from pipeline.model import BeatModel
+from pipeline.detectors.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_feature_rows, af_features
 from train.af import f1_scores, train_af
 
 CLEAN = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_mv=1.5)

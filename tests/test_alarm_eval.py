@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from models import SHIPPED_MODEL
+from pipeline.analysis.model import BeatModel
 from pipeline.config import AlarmConfig
-from pipeline.daemon import Daemon
-from pipeline.model import BeatModel
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
 from tests.wire import binary_v1

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck
-from pipeline.codec import Window
+from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck
 from pipeline.config import AlarmConfig
+from pipeline.io.codec import Window
 from pipeline.tools.records import load_record
 
 CONFIG = AlarmConfig()
@@ -326,8 +326,8 @@ def test_alarm_id_is_stable_across_updates() -> None:
 
 
 def test_reconcile_adopts_the_open_alarms_the_daemon_holds_no_state_for() -> None:
-    from pipeline.messages import alarm
-    from pipeline.reconcile import reconcile
+    from pipeline.alarms.reconcile import reconcile
+    from pipeline.io.messages import alarm
 
     held = DeviceAlarms("bed", CONFIG, "test", 0.0)
     kept = held.on_silence(20.0, 11.0)[0]  # signal_loss, open on the broker too: goes on

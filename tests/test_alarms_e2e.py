@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.records import EcgRecord, load_record
 from tests.conftest import T0, Collector, validate
 from tests.ecg_synth import FS, beat_templates, synthesize

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
-from pipeline.serve import EXIT_ANALYSIS_FAILED, serve
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
+from pipeline.process.serve import EXIT_ANALYSIS_FAILED, serve
 from tests.conftest import T0, Collector
 from tests.seam import MemorySink, MemorySource
 from tests.wire import binary_v1

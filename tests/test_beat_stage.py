@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from models import SHIPPED_MODEL
-from pipeline.aami import AAMI_CLASSES
-from pipeline.beat_context import DEFAULT_RR_S, FEATURE_NAMES, BeatContext, rank_in_row, record_features
+from pipeline.analysis.aami import AAMI_CLASSES
+from pipeline.analysis.beat_context import DEFAULT_RR_S, FEATURE_NAMES, BeatContext, rank_in_row, record_features
+from pipeline.analysis.model import BEAT_STAGE_KEY, BeatModel, ModelError
+from pipeline.analysis.streams import BeatStreams
 from pipeline.cli import main
-from pipeline.model import BEAT_STAGE_KEY, BeatModel, ModelError
-from pipeline.streams import BeatStreams
 from pipeline.tools.records import load_record
 from train.beat_stage import beat_sequence, beat_stage_onnx, classify, fold_model, train_beat_stage
 from train.config import BeatStageTrainConfig

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
-from pipeline.beats import BeatPickerState, Decision, pick_beats, r_peak_output_frame, r_peak_time_s
+from pipeline.analysis.beats import BeatPickerState, Decision, pick_beats, r_peak_output_frame, r_peak_time_s
 
 DECISION = Decision(0.5, (1.0,) * 5)
 

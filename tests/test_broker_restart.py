@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker, free_port
 from pipeline.tools.records import load_record
 from tests.conftest import T0, wait_until

@@ -17,10 +17,10 @@ import wfdb
 from models import SHIPPED_MODEL
 from models.config import ModelConfig
 from models.network import BeatNet
+from pipeline.analysis.dsp import FilterSpec, Preprocessor
+from pipeline.analysis.model import BeatModel, ModelInfo
+from pipeline.analysis.streams import BeatStreams
 from pipeline.cli import main
-from pipeline.dsp import FilterSpec, Preprocessor
-from pipeline.model import BeatModel, ModelInfo
-from pipeline.streams import BeatStreams
 from pipeline.tools.records import load_record
 from train.config import TrainConfig
 from train.dataset import frame_record

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
-from pipeline.rabbit import PartitionedSource, owners
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.io.rabbit import PartitionedSource, owners
+from pipeline.process.daemon import Daemon
 from pipeline.tools.bench_cluster import run_cluster_point
 from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record

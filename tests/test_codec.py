@@ -10,7 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from pipeline.codec import (
+from pipeline.io.codec import (
     BINARY_HEADER_V1,
     BINARY_HEADER_V2,
     BINARY_LEAD_V2,
@@ -288,7 +288,7 @@ def test_every_rejection_reason_is_documented() -> None:
 
     import yaml
 
-    from pipeline.daemon import DAEMON_REASONS
+    from pipeline.process.daemon import DAEMON_REASONS
 
     docs = Path(__file__).resolve().parent.parent / "docs"
     spec = yaml.safe_load((docs / "asyncapi.yaml").read_text())

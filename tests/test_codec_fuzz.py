@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import (
+from pipeline.io.codec import (
     BINARY_HEADER_V1,
     BINARY_HEADER_V2,
     BINARY_LEAD_V2,

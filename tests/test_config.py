@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dsp import FilterSpec
+from pipeline.analysis.dsp import FilterSpec
 from train.config import ConfigError, load_train_config
 from train.trainer import DataLeakError, check_split
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.beats import LEAD_FUSION, fuse_leads
-from pipeline.model import BeatModel
+from pipeline.analysis.beats import LEAD_FUSION, fuse_leads
+from pipeline.analysis.model import BeatModel
 from train.config import TrainConfig
 from train.crossval import patient_folds
 from train.dataset import load_framed

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.records import load_record
 from pipeline.tools.replay import ReplayPlan, load_signals, replay

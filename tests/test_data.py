@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from pipeline.aami import DS1, DS2, PACED
-from pipeline.beats import fuse_leads
-from pipeline.dsp import FilterSpec, Preprocessor
+from pipeline.analysis.aami import DS1, DS2, PACED
+from pipeline.analysis.beats import fuse_leads
+from pipeline.analysis.dsp import FilterSpec, Preprocessor
 from pipeline.tools.records import download_records, ensure_records, load_record
 from train.config import OptimConfig
 from train.dataset import FramedRecord, frame_record, load_framed

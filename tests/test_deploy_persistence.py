@@ -24,7 +24,7 @@ from types import TracebackType
 import pytest
 import yaml
 
-from pipeline.mqtt import MqttClient
+from pipeline.io.mqtt import MqttClient
 from pipeline.tools.broker import find_mosquitto, free_port
 from tests.test_security import DEPLOY, REPO, TOPICS, USERS, deploy_config, make_certs, published, write_broker_files
 

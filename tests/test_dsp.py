@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from pipeline.dsp import FilterSpec, LinearResampler, Preprocessor, check_fs
+from pipeline.analysis.dsp import FilterSpec, LinearResampler, Preprocessor, check_fs
 
 
 def chunks(x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.alerts import AlarmPrinter
 from pipeline.tools.embedded_broker import EmbeddedBroker
 from pipeline.tools.replay import ReplayPlan, load_signals, replay

@@ -1,4 +1,4 @@
-"""Every outgoing message, as pipeline/messages.py builds it, validates against docs/asyncapi.yaml."""
+"""Every outgoing message, as pipeline/io/messages.py builds it, validates against docs/asyncapi.yaml."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pipeline import messages
-from pipeline.alarms import AlarmEvent
+from pipeline.alarms.rules import AlarmEvent
+from pipeline.io import messages
 from tests.conftest import T0, validate
 
 EVENT = AlarmEvent("bed/asystole/1767225604000", "bed", "asystole", "raised", T0 + 4,

@@ -12,7 +12,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from models import SHIPPED_MODEL
-from pipeline.model import BeatModel, ModelError
+from pipeline.analysis.model import BeatModel, ModelError
 from pipeline.tools.broker import free_port
 
 

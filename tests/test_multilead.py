@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.codec import encode_binary, encode_json
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.codec import encode_binary, encode_json
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.records import EcgRecord, load_record
 from tests.conftest import T0, Collector, validate
 from train.evaluate import stream_records

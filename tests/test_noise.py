@@ -63,7 +63,7 @@ def test_noise_on_one_of_two_leads_is_carried_by_the_clean_one(physionet: Path, 
 
 def test_training_noise_is_the_training_half_through_the_shared_dsp(physionet: Path) -> None:
     from models.config import ModelConfig
-    from pipeline.dsp import FilterSpec, Preprocessor
+    from pipeline.analysis.dsp import FilterSpec, Preprocessor
     from train.noise import framed_training_noise
 
     noise = framed_training_noise(physionet, ModelConfig(), FilterSpec())

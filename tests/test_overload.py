@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker
 from tests.conftest import T0, Collector, wait_online, wait_until
 from tests.wire import binary_v1

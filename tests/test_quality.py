@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from models import SHIPPED_MODEL
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.streams import BeatStreams
 from pipeline.config import AlarmConfig
-from pipeline.model import BeatModel
-from pipeline.quality import QUALITY_FEATURE_NAMES
-from pipeline.streams import BeatStreams
+from pipeline.detectors.quality import QUALITY_FEATURE_NAMES
 from pipeline.tools.records import EcgRecord, load_record
 from train.noise import add_noise, load_noise
 from train.quality import error_times, train_quality

@@ -14,9 +14,9 @@ import pika.exceptions
 import pytest
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import ConnectError, MqttClient, Topics
-from pipeline.rabbit import PartitionedSource
+from pipeline.io.mqtt import ConnectError, MqttClient, Topics
+from pipeline.io.rabbit import PartitionedSource
+from pipeline.process.daemon import Daemon
 from pipeline.tools.rabbit_cluster import RabbitCluster
 from pipeline.tools.records import load_record
 from tests.conftest import REPO, T0, Collector, wait_until

@@ -15,8 +15,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from pipeline.config import DaemonConfig, load_config
-from pipeline.daemon import Daemon
-from pipeline.mqtt import ConnectError, MqttClient, Topics
+from pipeline.io.mqtt import ConnectError, MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker, free_port
 from tests.wire import binary_v1
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker, free_port
 from tests.conftest import T0, Collector, serve_command, wait_for_log, wait_online, write_config
 from tests.wire import binary_v1, json_v1

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
-from pipeline.state import STATE_FORMAT
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
+from pipeline.process.state import STATE_FORMAT
 from pipeline.tools.records import load_record
 from tests.conftest import T0, Collector
 from tests.wire import binary_v1
@@ -64,7 +64,7 @@ def test_bad_state_file_is_reported_and_ignored(tmp_path: Path, start_daemon: Ca
                                   "devices": {"bed-1": {"streams": {"dsp": {}}}}}
         if problem == "bad_device":
             from models import SHIPPED_MODEL
-            from pipeline.model import BeatModel
+            from pipeline.analysis.model import BeatModel
 
             doc["model_version"] = BeatModel(SHIPPED_MODEL).info.version
         path.write_bytes(gzip.compress(json.dumps(doc).encode()))

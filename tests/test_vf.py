@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from models import SHIPPED_MODEL
+from pipeline.analysis.dsp import Preprocessor
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.recent import RecentSignal
+from pipeline.analysis.streams import BeatStreams
 from pipeline.config import AlarmConfig
-from pipeline.dsp import Preprocessor
-from pipeline.model import BeatModel
-from pipeline.recent import RecentSignal
-from pipeline.streams import BeatStreams
+from pipeline.detectors.vf import VF_FEATURE_NAMES, vf_features
 from pipeline.tools.records import load_record
-from pipeline.vf import VF_FEATURE_NAMES, vf_features
 from train.alarm_eval import run_alarms
 from train.trainer import DataLeakError
 from train.vf import train_vf

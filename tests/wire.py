@@ -8,7 +8,7 @@ import json
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.codec import BINARY_HEADER_V1, BINARY_MAGIC
+from pipeline.io.codec import BINARY_HEADER_V1, BINARY_MAGIC
 
 
 def binary_v1(seq: int, t0: float, fs: float, lead: str, samples: NDArray[np.integer], gain: float,

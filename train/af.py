@@ -2,7 +2,7 @@
 
 Data: the Challenge 2017 training set (single-lead 9-61 s recordings labelled N, A, O, ~) and
 MIT-BIH DS1 (its `(AFIB` / `(AFL` rhythm episodes). Every recording runs through the daemon's
-beat analysis (`BeatStreams`, 1 s windows); a row is the `pipeline.af` features of the last 33
+beat analysis (`BeatStreams`, 1 s windows); a row is the `pipeline.detectors.af` features of the last 33
 detected beats: one per Challenge recording (its end), and one every 10 beats for MIT-BIH
 (labelled AF when the beat lies in an AF episode). `~` recordings are not learned from.
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_features
+from pipeline.analysis.model import BeatModel
 from pipeline.config import AlarmConfig
-from pipeline.model import BeatModel
+from pipeline.detectors.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_features
 from pipeline.tools.records import EcgRecord, challenge_labels, load_records
 from train.alarm_eval import analyse_records, load_alarm_records
 from train.alarm_score import Episode

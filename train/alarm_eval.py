@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.alarms import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
-from pipeline.codec import Window
+from pipeline.alarms.rules import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.streams import BeatStreams
 from pipeline.config import AlarmConfig
-from pipeline.model import BeatModel
-from pipeline.streams import BeatStreams
+from pipeline.io.codec import Window
 from pipeline.tools.records import EcgRecord, load_records, load_rhythm
 from train.alarm_score import (
     MIN_EVENT_S,

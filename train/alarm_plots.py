@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.alarms import ALARM_TYPES
+from pipeline.alarms.rules import ALARM_TYPES
 from train.alarm_score import MIN_EVENT_S, SCORED_PRIORITY, Episode, score_type
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.alarms import ALARM_TYPES
+from pipeline.alarms.rules import ALARM_TYPES
 
 TOLERANCE_S = 5.0  # slack between an alarm and its reference event (s): beats and rules settle within a few beats
 

@@ -28,11 +28,18 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from models.network import BeatSequenceNet
-from pipeline.aami import AAMI_CLASSES
-from pipeline.beat_context import record_features
-from pipeline.beats import BeatPickerState, fuse_leads, pick_beats, r_peak_time_s
-from pipeline.dsp import Preprocessor
-from pipeline.model import BEAT_STATE_INPUT, FEATURES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, BeatModel, BeatStageInfo
+from pipeline.analysis.aami import AAMI_CLASSES
+from pipeline.analysis.beat_context import record_features
+from pipeline.analysis.beats import BeatPickerState, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.dsp import Preprocessor
+from pipeline.analysis.model import (
+    BEAT_STATE_INPUT,
+    FEATURES_INPUT,
+    PROBS_OUTPUT,
+    STATE_OUT_SUFFIX,
+    BeatModel,
+    BeatStageInfo,
+)
 from pipeline.tools.records import EcgRecord, load_records
 from train.config import BeatStageTrainConfig
 from train.ec57 import Ec57Stats, confusion, empty_matrix, match_beats
@@ -53,7 +60,7 @@ class BeatSequence:
         record: "db/record".
         fold, seed: the cross-validation fold holding the record, and the seed of the frame model that ran.
         time_s: R-peak times of the detected beats (s since the record's start).
-        features: (n_beats, n_features) `pipeline.beat_context` features.
+        features: (n_beats, n_features) `pipeline.analysis.beat_context` features.
         labels: index in AAMI_CLASSES of each beat's matched reference beat, or NO_REFERENCE.
         frame_classes: the frame stage's own AAMI class of each beat.
         ref_s, ref_classes: the reference beats (s, AAMI class).
@@ -72,7 +79,7 @@ class BeatSequence:
 
 def beat_sequence(model: BeatModel, name: str, record: EcgRecord, fold: int, seed: int) -> BeatSequence:
     """Run the frame stage of `model` over every lead of a whole record in one pass, fuse the leads (weight 1
-    each, `pipeline.beats.fuse_leads`) and describe the beats picked from them; the beats' shape features come
+    each, `pipeline.analysis.beats.fuse_leads`) and describe the beats picked from them; the beats' shape features come
     from the first lead."""
     info = model.info
     frames = np.stack([Preprocessor(info.filter, record.fs, info.fs, info.frame_size)(x) for x in record.signals_mv])

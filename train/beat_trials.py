@@ -1,6 +1,6 @@
 """Trials of per-beat features the beat stage does not have, cross-validated on the same out-of-fold beats as the
-shipped stage (`ecgmon beat-stage-trials`), so a feature is only built into `pipeline.beat_context` once it helps
-on patients neither stage saw.
+shipped stage (`ecgmon beat-stage-trials`), so a feature is only built into `pipeline.analysis.beat_context` once it
+helps on patients neither stage saw.
 
 The trial features are computed offline from a sequence's beat times, with the definitions the daemon would use:
     long_irregularity, long_rr_cv: median |ΔRR| over median RR, and the standard deviation over the mean, of the
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.beat_context import DEFAULT_RR_S, FEATURE_NAMES, LOCAL_BEATS, RR_RANGE_S
+from pipeline.analysis.beat_context import DEFAULT_RR_S, FEATURE_NAMES, LOCAL_BEATS, RR_RANGE_S
 from train.beat_stage import BeatSequence, cross_validate_beat_stage, out_of_fold_sequences
 from train.config import BeatStageTrainConfig
 

@@ -11,8 +11,8 @@ import yaml
 from pydantic import Field, field_validator
 
 from models.config import BeatStageConfig, ModelConfig
+from pipeline.analysis.dsp import FilterSpec
 from pipeline.config import ConfigError, Strict, validate_config
-from pipeline.dsp import FilterSpec
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
 
 __all__ = ["ConfigError", "TrainConfig", "load_train_config"]

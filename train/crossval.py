@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.model import BeatModel
+from pipeline.analysis.model import BeatModel
 from pipeline.tools.records import expand_all, load_records, resolve_records
 from train.config import TrainConfig
 from train.ec57 import Ec57Stats, confusion, empty_matrix

@@ -10,9 +10,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.config import ModelConfig
-from pipeline.aami import MODEL_CLASSES
-from pipeline.beats import r_peak_output_frame
-from pipeline.dsp import FilterSpec, Preprocessor
+from pipeline.analysis.aami import MODEL_CLASSES
+from pipeline.analysis.beats import r_peak_output_frame
+from pipeline.analysis.dsp import FilterSpec, Preprocessor
 from pipeline.tools.records import EcgRecord, load_records
 from train.noise import qrs_amplitude_mv
 

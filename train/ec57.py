@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.aami import AAMI_CLASSES
+from pipeline.analysis.aami import AAMI_CLASSES
 
 MATCH_WINDOW_S = 0.150
 LEARNING_PERIOD_S = 300.0

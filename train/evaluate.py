@@ -1,7 +1,7 @@
 """Evaluate an exported ONNX model the way the daemon runs it, and score it after EC57.
 
 Every record is fed as a live stream, window by window with carried state, through
-`pipeline.streams.BeatStreams` (the daemon's code path), all records batched together.
+`pipeline.analysis.streams.BeatStreams` (the daemon's code path), all records batched together.
 Writes per-record WFDB annotation files (for PhysioNet's `bxb`), a JSON report and plots.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import wfdb
 from numpy.typing import NDArray
 
-from pipeline.aami import AAMI_CLASSES
-from pipeline.model import BeatModel
-from pipeline.streams import BeatStreams
+from pipeline.analysis.aami import AAMI_CLASSES
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.streams import BeatStreams
 from pipeline.tools.records import EcgRecord, load_records
 from train.ec57 import LEARNING_PERIOD_S, MATCH_WINDOW_S, Ec57Stats, confusion, empty_matrix
 

@@ -1,7 +1,7 @@
 """Export a checkpoint to ONNX with explicit recurrent-state inputs/outputs and daemon metadata (ModelInfo).
 
 The graph reads one lead (frames in, probabilities out); a device's leads are separate batch rows, fused
-afterwards by `pipeline.beats.fuse_leads`, the rule training used (metadata `lead_fusion`)."""
+afterwards by `pipeline.analysis.beats.fuse_leads`, the rule training used (metadata `lead_fusion`)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from models.network import BeatNet
-from pipeline.aami import MODEL_CLASSES
-from pipeline.beats import LEAD_FUSION, Decision
-from pipeline.model import BEAT_STAGE_KEY, FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
+from pipeline.analysis.aami import MODEL_CLASSES
+from pipeline.analysis.beats import LEAD_FUSION, Decision
+from pipeline.analysis.model import BEAT_STAGE_KEY, FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
 from train.config import TrainConfig
 from train.trainer import load_model, neutral_decision
 

@@ -1,4 +1,4 @@
-"""Fitting the detectors' logistic regressions (`pipeline.logistic.LogisticDetector`)."""
+"""Fitting the detectors' logistic regressions (`pipeline.detectors.logistic.LogisticDetector`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.logistic import LogisticDetector
+from pipeline.detectors.logistic import LogisticDetector
 from train.export import read_metadata, versioned, write_metadata
 
 L2 = 1e-2  # ridge penalty of the standardised weights

@@ -22,9 +22,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.config import ModelConfig
+from pipeline.analysis.dsp import FilterSpec, Preprocessor
+from pipeline.analysis.model import BeatModel
 from pipeline.config import AlarmConfig
-from pipeline.dsp import FilterSpec, Preprocessor
-from pipeline.model import BeatModel
 from pipeline.tools.records import EcgRecord, ensure_records, load_records
 from train.ec57 import Ec57Stats, confusion, empty_matrix
 

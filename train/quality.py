@@ -4,7 +4,7 @@ What "unreadable" means here: noise that makes the beat stage wrong. Every train
 through the daemon's analysis (`analyse_records`, 1 s windows) clean and again with real recorded
 noise added (the training halves of nstdb `em` and `ma`, at `SNRS_DB`; the evaluation halves and
 the 118e*/119e* records are never used). Each window end gives one feature row of the recent
-signal the daemon's detectors judge (`pipeline.quality.QUALITY_FEATURE_NAMES`). A row of a noisy
+signal the daemon's detectors judge (`pipeline.detectors.quality.QUALITY_FEATURE_NAMES`). A row of a noisy
 run is unreadable when its 4 s hold at least `MIN_EXTRA_ERRORS` more beat errors (reference beats
 missed or beats invented, 150 ms matching) than the same 4 s of the clean run: errors the noise
 made, not the record's own hard beats. Every other row (all clean rows, noisy rows the beat stage
@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.recent import RECENT_S, RecentSignal, spectrum
 from pipeline.config import AlarmConfig
-from pipeline.model import BeatModel
-from pipeline.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo, quality_extra_features
-from pipeline.recent import RECENT_S, RecentSignal, spectrum
+from pipeline.detectors.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo, quality_extra_features
+from pipeline.detectors.vf import vf_features
 from pipeline.tools.records import load_records
-from pipeline.vf import vf_features
 from train.alarm_eval import analyse_records
 from train.logistic import attach_detector, fit_detector, without_detector
 from train.noise import add_noise, load_noise

@@ -7,7 +7,7 @@ rebuilt from the checkpoint alone, and a run can resume from its last checkpoint
 
 The network reads one lead (frames in, per-frame class probabilities out, the same weights
 for every lead); the daemon runs each lead of a device through it and fuses the leads'
-probabilities frame by frame (`pipeline.beats.fuse_leads`). Training does the same: every
+probabilities frame by frame (`pipeline.analysis.beats.fuse_leads`). Training does the same: every
 lead of a segment is a row of the batch, augmented alone (amplitude, noise, left out), and
 the loss is taken on the mean of the kept leads' probabilities.
 """
@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.network import BeatNet, count_parameters
-from pipeline.aami import AAMI_CLASSES, BACKGROUND, DS2, MODEL_CLASSES
-from pipeline.beats import BeatPickerState, Decision, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.aami import AAMI_CLASSES, BACKGROUND, DS2, MODEL_CLASSES
+from pipeline.analysis.beats import BeatPickerState, Decision, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
 from pipeline.tools.records import resolve_records
 from train.config import OptimConfig, TrainConfig
 from train.dataset import FramedRecord, load_framed
@@ -152,7 +152,7 @@ def segment_batches(records: list[FramedRecord], plan: list[NDArray[np.int64]], 
 
 def fuse_rows(probs: Tensor, segment_of_row: Tensor, n_segments: int) -> Tensor:
     """Per-segment mean (segments, frames, classes) of the probabilities of its rows (rows, frames, classes): the
-    rule of `pipeline.beats.fuse_leads` with weight 1 for each lead run and 0 for those left out."""
+    rule of `pipeline.analysis.beats.fuse_leads` with weight 1 for each lead run and 0 for those left out."""
     total = probs.new_zeros((n_segments, *probs.shape[1:])).index_add(0, segment_of_row, probs)
     count = torch.bincount(segment_of_row, minlength=n_segments).clamp(min=1).to(probs.dtype)
     return total / count[:, None, None]
@@ -161,7 +161,7 @@ def fuse_rows(probs: Tensor, segment_of_row: Tensor, n_segments: int) -> Tensor:
 @torch.no_grad()
 def predict_probs(model: BeatNet, records: list[FramedRecord]) -> list[NDArray[np.float32]]:
     """Per-frame class probabilities (n_frames, classes) of whole records, one pass each: every lead run alone,
-    then fused with weight 1 each (`pipeline.beats.fuse_leads`), as the daemon fuses usable leads."""
+    then fused with weight 1 each (`pipeline.analysis.beats.fuse_leads`), as the daemon fuses usable leads."""
     model.eval()
     device = next(model.parameters()).device
     out = []

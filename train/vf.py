@@ -2,7 +2,7 @@
 
 Data: the Creighton University Ventricular Tachyarrhythmia Database (cudb, VF marked by `[` `]`)
 and MIT-BIH DS1 (record 207's ventricular flutter, and hours of other rhythms). Every record is
-run through `pipeline.recent.RecentSignal` exactly as the daemon feeds it (the model's DSP, 1 s
+run through `pipeline.analysis.recent.RecentSignal` exactly as the daemon feeds it (the model's DSP, 1 s
 windows); each window end gives one feature row. A row is VF when at least
 `VF_LABEL_S` of its 4 s lie in a VF episode, not VF when none does; rows that straddle an
 onset or offset, or lie in ventricular tachycardia (an alarm-worthy rhythm the VF alarm may
@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.analysis.dsp import Preprocessor
+from pipeline.analysis.model import BeatModel, ModelInfo
+from pipeline.analysis.recent import RECENT_S, RecentSignal
 from pipeline.config import AlarmConfig
-from pipeline.dsp import Preprocessor
-from pipeline.model import BeatModel, ModelInfo
-from pipeline.recent import RECENT_S, RecentSignal
+from pipeline.detectors.vf import VF_FEATURE_NAMES, VfDetectorInfo, vf_features
 from pipeline.tools.records import EcgRecord
-from pipeline.vf import VF_FEATURE_NAMES, VfDetectorInfo, vf_features
 from train.alarm_eval import RecordAlarms, collect_records, load_alarm_records, score
 from train.alarm_score import Episode
 from train.export import read_metadata

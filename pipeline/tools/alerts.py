@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
 
 
 def format_alarm(doc: dict[str, Any]) -> str:

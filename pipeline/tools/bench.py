@@ -30,11 +30,11 @@ import numpy as np
 import yaml
 
 from models import SHIPPED_MODEL
-from pipeline.beat_context import BeatContext
-from pipeline.model import BeatModel
-from pipeline.mqtt import MqttClient, Topics
-from pipeline.recent import RecentSignal
-from pipeline.streams import BeatStreams
+from pipeline.analysis.beat_context import BeatContext
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.recent import RecentSignal
+from pipeline.analysis.streams import BeatStreams
+from pipeline.io.mqtt import MqttClient, Topics
 from pipeline.tools.bench_core import memory_table, run_core, stage_table
 from pipeline.tools.broker import LocalBroker, free_port
 
@@ -267,8 +267,8 @@ _BATCH_MEMORY = """
 import sys
 import numpy as np
 from pathlib import Path
-from pipeline.model import BeatModel
-from pipeline.streams import BeatStreams
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.streams import BeatStreams
 batch = int(sys.argv[2])
 streams = BeatStreams(BeatModel(Path(sys.argv[1])), batch)
 rng = np.random.default_rng(0)
@@ -457,7 +457,7 @@ By stage (µs per device-second, sampled as above):
 
 _PUBLISHER = """
 import sys, time
-from pipeline.mqtt import MqttClient
+from pipeline.io.mqtt import MqttClient
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 client = MqttClient(host, port, "bench-paho-publisher")
 client.connect()

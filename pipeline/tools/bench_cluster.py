@@ -29,11 +29,11 @@ import numpy as np
 import pika
 import yaml
 
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
-from pipeline.rabbit import Partitions
+from pipeline.io.codec import encode_binary
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.io.rabbit import Partitions
+from pipeline.process.daemon import Daemon
 from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s, write_section
 from pipeline.tools.bench_core import EncodingSink, HandSource
 from pipeline.tools.rabbit_cluster import RabbitCluster

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from models import SHIPPED_MODEL
-from pipeline.codec import encode_binary
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
-from pipeline.io import Deliver
-from pipeline.mqtt import DEVICE_ID, encode_json
+from pipeline.io.codec import encode_binary
+from pipeline.io.mqtt import DEVICE_ID, encode_json
+from pipeline.io.sources import Deliver
+from pipeline.process.daemon import Daemon
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
 STAGES = {
@@ -224,7 +224,7 @@ def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20,
 
 
 def _module_of(filename: str) -> str:
-    """`pipeline/alarms.py` for the daemon's files, else the package (numpy, onnxruntime, ...) or "other"."""
+    """`pipeline/alarms/rules.py` for the daemon's files, else the package (numpy, onnxruntime, ...) or "other"."""
     parts = Path(filename).parts
     if "pipeline" in parts:
         return "/".join(parts[parts.index("pipeline"):])
@@ -296,7 +296,7 @@ def memory_table(run: dict[str, Any], batch_memory_mb: dict[str, float], state_b
     return "\n".join(lines) + (
         f"\n\nNot per device but per batch: ONNX Runtime keeps buffers for the largest batch it has run ({batch}); "
         "`batching.max_batch` (256 by default) bounds it.\n\nWhat would reduce the per-device part: the alarm "
-        "state's beat history as Python floats and strings in deques (pipeline/alarms.py) in per-slot arrays "
+        "state's beat history as Python floats and strings in deques (pipeline/alarms/rules.py) in per-slot arrays "
         "(33 float64 + 33 bytes); the beat context's 1.5 s look-back of float32 signal at 360 Hz "
-        "(pipeline/beat_context.py) and the detectors' 4 s at 90 Hz (pipeline/recent.py) as float16; the per-device "
-        "Python objects (pipeline/daemon.py, \"other\": dataclass instances) as slot arrays.")
+        "(pipeline/analysis/beat_context.py) and the detectors' 4 s at 90 Hz (pipeline/analysis/recent.py) as float16; "
+        "the per-device Python objects (pipeline/process/daemon.py, \"other\": dataclass instances) as slot arrays.")

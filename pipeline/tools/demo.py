@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DaemonConfig, MetricsConfig, MqttConfig
-from pipeline.daemon import Daemon
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.mqtt import MqttClient, Topics
+from pipeline.process.daemon import Daemon
 from pipeline.tools.alerts import AlarmPrinter
 from pipeline.tools.broker import local_broker
 from pipeline.tools.replay import ReplayPlan, ReplaySignal, load_signals, replay

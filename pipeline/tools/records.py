@@ -16,8 +16,8 @@ import wfdb
 from numpy.typing import NDArray
 from wfdb.io import download
 
-from pipeline.aami import AAMI_CLASS_OF_SYMBOL, DS1, DS2
-from pipeline.codec import Window
+from pipeline.analysis.aami import AAMI_CLASS_OF_SYMBOL, DS1, DS2
+from pipeline.io.codec import Window
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import paho.mqtt.client as paho
 from numpy.typing import NDArray
 
-from pipeline.codec import encode_binary, encode_json
-from pipeline.mqtt import MqttClient, Topics
+from pipeline.io.codec import encode_binary, encode_json
+from pipeline.io.mqtt import MqttClient, Topics
 
 log = logging.getLogger(__name__)
 

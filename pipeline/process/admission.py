@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pipeline.codec import Window
+from pipeline.io.codec import Window
 
 SEQ_MOD = 2**32
 

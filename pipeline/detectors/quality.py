@@ -2,8 +2,8 @@
 
 Noise that hides QRS complexes (electrode motion, muscle, baseline wander) makes the beat stage
 miss or invent beats, and every wrong beat can become a false alarm. This detector judges each
-stream's `pipeline.recent.RecentSignal` (the last 4 s of the band-passed signal at 90 Hz) from the
-VF detector's measures (`pipeline.vf.VF_FEATURE_NAMES`: kurtosis, spectral shape, amplitude) and
+stream's `pipeline.analysis.recent.RecentSignal` (the last 4 s of the band-passed signal at 90 Hz) from the
+VF detector's measures (`pipeline.detectors.vf.VF_FEATURE_NAMES`: kurtosis, spectral shape, amplitude) and
 established signal-quality indices, combined by a logistic regression trained with
 `ecgmon train-quality` and carried in the model's metadata. Its "unreadable" raises the
 `poor_signal` alarm, which holds back the non-lethal physiological alarms.
@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.logistic import LogisticDetector
-from pipeline.recent import Spectrum, spectrum
-from pipeline.vf import VF_FEATURE_NAMES
+from pipeline.analysis.recent import Spectrum, spectrum
+from pipeline.detectors.logistic import LogisticDetector
+from pipeline.detectors.vf import VF_FEATURE_NAMES
 
 QUALITY_EXTRA_NAMES = ("qrs_band", "low_band", "high_band")
 QUALITY_FEATURE_NAMES = VF_FEATURE_NAMES + QUALITY_EXTRA_NAMES

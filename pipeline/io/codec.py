@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.dsp import MAX_FS_HZ, MIN_FS_HZ
+from pipeline.analysis.dsp import MAX_FS_HZ, MIN_FS_HZ
 
 BINARY_MAGIC = b"ECGW"
 BINARY_HEADER_V1 = struct.Struct("<4sBBHIdffhH")

@@ -1,4 +1,4 @@
-"""Results back through a RabbitMQ cluster: the sink of daemons on the partitioned source (pipeline/rabbit.py).
+"""Results back through a RabbitMQ cluster: the sink of daemons on the partitioned source (pipeline/io/rabbit.py).
 
 Every message is published over AMQP to `amq.topic` with the routing key of its MQTT topic, where the cluster's
 MQTT plugin delivers it to MQTT subscribers unchanged (`ecgmon alerts`, nurses' stations): same topics, same
@@ -14,7 +14,7 @@ and logged), alarms and status wait for room.
 RabbitMQ keeps no retained message that comes over AMQP (nor, in 3.10, sends retained messages to wildcard
 subscriptions, or shares them between nodes), so on a cluster status is not retained and there is no retained
 copy of the open alarms (`open_alarms` is unknown): a subscriber learns them from the alarm events, and asks for
-those open before it came on `<prefix>/query/active` (pipeline/rabbit.py), which the daemons answer on
+those open before it came on `<prefix>/query/active` (pipeline/io/rabbit.py), which the daemons answer on
 `<prefix>/active/<device>/<type>`, in order with their other messages.
 """
 
@@ -32,8 +32,8 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
-from pipeline.mqtt import ConnectError, Topics, encode_json
-from pipeline.rabbit import close_quietly, connect, routing_key
+from pipeline.io.mqtt import ConnectError, Topics, encode_json
+from pipeline.io.rabbit import close_quietly, connect, routing_key
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _CLOSE = _Message("", b"", False)
 
 class AmqpSink:
     """Results to `amq.topic` over AMQP (a ResultSink). `params`: the cluster's nodes
-    (pipeline/rabbit.py `connection_parameters`)."""
+    (pipeline/io/rabbit.py `connection_parameters`)."""
 
     def __init__(self, params: list[pika.ConnectionParameters], topics: Topics, publish_beats: bool,
                  outbox_messages: int = OUTBOX_MESSAGES, reconnect_max_s: float = 10.0) -> None:

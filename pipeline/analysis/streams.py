@@ -4,10 +4,10 @@ Every lead of every device owns a lead slot: its DSP state (filter, resampler, f
 seconds of signal with the VF and signal-quality detectors' verdicts on them. Every device owns a device slot: its
 beat-picking carry-over and, for a model with a beat stage, its rhythm context and beat-stage state. The leads of all
 devices are batched into one model run (one run per distinct frame count); each device's per-frame probabilities are
-the mean over its usable leads (`pipeline.beats.fuse_leads`: a lead that is flat, unreadable or still warming up is
-left out), and its beats are picked from them. The beat stage then steps once per beat, the k-th beats of all devices
-in one batch, its beat shape read from the device's primary lead (its first usable lead). `ecgmon evaluate` and the
-daemon both go through this class.
+the mean over its usable leads (`pipeline.analysis.beats.fuse_leads`: a lead that is flat, unreadable or still
+warming up is left out), and its beats are picked from them. The beat stage then steps once per beat, the k-th beats
+of all devices in one batch, its beat shape read from the device's primary lead (its first usable lead).
+`ecgmon evaluate` and the daemon both go through this class.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.aami import AAMI_CLASSES
-from pipeline.beat_context import BeatContext, SignalWindow, rank_in_row
-from pipeline.beats import BeatPickerState, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.aami import AAMI_CLASSES
+from pipeline.analysis.beat_context import BeatContext, SignalWindow, rank_in_row
+from pipeline.analysis.beats import BeatPickerState, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.dsp import PreprocessorBank
+from pipeline.analysis.model import BeatModel
+from pipeline.analysis.recent import RecentSignal, spectrum
 from pipeline.config import FLAT_MV
-from pipeline.dsp import PreprocessorBank
-from pipeline.model import BeatModel
-from pipeline.quality import quality_extra_features
-from pipeline.recent import RecentSignal, spectrum
-from pipeline.vf import vf_features
+from pipeline.detectors.quality import quality_extra_features
+from pipeline.detectors.vf import vf_features
 
 LEAD_WARMUP_S = 5.0  # a lead joins the decision once its filter and network have seen this much of it (s)
 # One device's window: (device id, lead names, samples (n_leads, n_samples) in mV at the device's fs).
@@ -257,7 +257,7 @@ class BeatStreams:
         return usable
 
     def vf_found(self, stream_id: str) -> bool:
-        """Whether the last `pipeline.recent.RECENT_S` of `stream_id`, as of its latest window, look like
+        """Whether the last `pipeline.analysis.recent.RECENT_S` of `stream_id`, as of its latest window, look like
         ventricular fibrillation in every usable lead (in every lead with signal when none is usable); always False
         for a model without a VF detector."""
         slots = self._lead_array(stream_id)
@@ -276,8 +276,8 @@ class BeatStreams:
         return self._primary.get(stream_id)
 
     def recent_signal(self, stream_id: str) -> NDArray[np.float32] | None:
-        """The last `pipeline.recent.RECENT_S` of the primary lead of `stream_id` as the detectors judge it (mV at
-        90 Hz, a copy), or None before a whole one has been seen."""
+        """The last `pipeline.analysis.recent.RECENT_S` of the primary lead of `stream_id` as the detectors judge it
+        (mV at 90 Hz, a copy), or None before a whole one has been seen."""
         lead = self._primary.get(stream_id)
         if lead is None:
             return None

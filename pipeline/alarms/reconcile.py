@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.alarms import ALARM_TYPES, DeviceAlarms
+from pipeline.alarms.rules import ALARM_TYPES, DeviceAlarms
 
 log = logging.getLogger(__name__)
 

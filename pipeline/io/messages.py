@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.alarms import AlarmEvent
+from pipeline.alarms.rules import AlarmEvent
 
 
 def beats(device: str, seq: int, t0: float, t1: float, model_version: str,

@@ -8,7 +8,7 @@ import threading
 from types import FrameType
 
 from pipeline.config import DaemonConfig
-from pipeline.daemon import Daemon
+from pipeline.process.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from pipeline import messages
-from pipeline.io import Deliver, DeviceStates
-from pipeline.mqtt import ConnectError, Topics
+from pipeline.io import messages
+from pipeline.io.mqtt import ConnectError, Topics
+from pipeline.io.sources import Deliver, DeviceStates
 
 log = logging.getLogger(__name__)
 

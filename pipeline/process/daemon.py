@@ -1,9 +1,9 @@
 """The ecgmon daemon: ECG windows in, batched stateful inference, beats and alarms out.
 
 Threads: the source's (paho's network thread) only queues raw payloads; one worker decodes,
-admits (pipeline/admission.py), batches windows from many devices into one model run (waiting
+admits (pipeline/process/admission.py), batches windows from many devices into one model run (waiting
 at most `batching.max_wait_ms` to fill a batch), runs the alarm rules and publishes the messages
-of pipeline/messages.py; a watchdog (pipeline/watchdog.py) reports when the worker stalls.
+of pipeline/io/messages.py; a watchdog (pipeline/process/watchdog.py) reports when the worker stalls.
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import messages
-from pipeline.admission import Admission, DeviceStream
-from pipeline.alarms import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
-from pipeline.codec import DecodeError, Window, decode_window
+from pipeline.alarms.reconcile import reconcile
+from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
+from pipeline.analysis.model import BeatModel, ModelError
+from pipeline.analysis.streams import Beat, BeatStreams
 from pipeline.config import ConfigError, DaemonConfig
-from pipeline.io import MqttSink, MqttSource, ResultSink, WindowSource
-from pipeline.metrics import DaemonMetrics
-from pipeline.model import BeatModel, ModelError
-from pipeline.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
-from pipeline.reconcile import reconcile
-from pipeline.state import decode_state, encode_state, load_state, save_state
-from pipeline.streams import Beat, BeatStreams
-from pipeline.watchdog import Watchdog
+from pipeline.io import messages
+from pipeline.io.codec import DecodeError, Window, decode_window
+from pipeline.io.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
+from pipeline.io.sources import MqttSink, MqttSource, ResultSink, WindowSource
+from pipeline.process.admission import Admission, DeviceStream
+from pipeline.process.metrics import DaemonMetrics
+from pipeline.process.state import decode_state, encode_state, load_state, save_state
+from pipeline.process.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Daemon:
         self.metrics.active_streams.set(len(self._admission.streams))
         return restored
 
-    # --- hand-off between daemons (pipeline/io.py DeviceStates, for a partitioned source) ------------
+    # --- hand-off between daemons (pipeline/io/sources.py DeviceStates, for a partitioned source) ------------
     def call_soon(self, task: Callable[[], None]) -> None:
         """Run `task` on the worker once the windows delivered before it are finished with (never dropped: waits
         for room in the queue)."""
@@ -310,8 +310,8 @@ class Daemon:
             return
         c = self.config.mqtt
         if self.config.source == "rabbitmq":
-            from pipeline.rabbit import PartitionedSource, Partitions, connection_parameters  # pika only where used
-            from pipeline.rabbit_sink import AmqpSink
+            from pipeline.io.rabbit import PartitionedSource, Partitions, connection_parameters  # pika only where used
+            from pipeline.io.rabbit_sink import AmqpSink
 
             r = self.config.rabbitmq
             context = None
@@ -349,7 +349,7 @@ class Daemon:
             self._publish_status("online")
 
     def _reconcile_alarms(self) -> None:
-        """Clear the open alarms this daemon holds no state for (pipeline/reconcile.py). Not on a partitioned
+        """Clear the open alarms this daemon holds no state for (pipeline/alarms/reconcile.py). Not on a partitioned
         source: there the other daemons hold the other devices' alarms, and alarms move with their devices."""
         assert self._sink is not None
         if self.config.source == "rabbitmq":

@@ -1,7 +1,7 @@
 """The last seconds of each stream's band-passed signal, decimated: what the signal-level detectors judge.
 
-The VF detector (`pipeline.vf`) and the signal-quality detector (`pipeline.quality`) look at the same
-`RECENT_S` of the DSP output the beat model sees, decimated to 90 Hz (VF energy lies at 2-10 Hz, noise
+The VF detector (`pipeline.detectors.vf`) and the signal-quality detector (`pipeline.detectors.quality`) look at
+the same `RECENT_S` of the DSP output the beat model sees, decimated to 90 Hz (VF energy lies at 2-10 Hz, noise
 that hides QRS complexes below 40 Hz). State per stream: that signal and how much has been seen.
 """
 

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.af import AF_BEATS, AfDetectorInfo, af_feature_rows
-from pipeline.codec import Window
 from pipeline.config import AlarmConfig
+from pipeline.detectors.af import AF_BEATS, AfDetectorInfo, af_feature_rows
+from pipeline.io.codec import Window
 
 Priority = Literal["high", "medium", "low"]
 PRIORITIES = ("high", "medium", "low")

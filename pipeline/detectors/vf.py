@@ -2,7 +2,7 @@
 
 In VF there are no QRS complexes to find: the beat stage misses the waves, and rules on beats
 report a slow or absent heart rate. This detector looks at each stream's
-`pipeline.recent.RecentSignal` (the last 4 s of the band-passed signal at 90 Hz) and computes
+`pipeline.analysis.recent.RecentSignal` (the last 4 s of the band-passed signal at 90 Hz) and computes
 established VF measures on it, combined by a logistic regression trained with `ecgmon train-vf`
 and carried in the model's metadata:
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.logistic import LogisticDetector
-from pipeline.recent import Spectrum, spectrum
+from pipeline.analysis.recent import Spectrum, spectrum
+from pipeline.detectors.logistic import LogisticDetector
 
 VF_FEATURE_NAMES = ("leakage", "above_fifth", "mean_abs", "vf_band", "peak_concentration", "log_kurtosis",
                     "log_amplitude_mv")
@@ -36,7 +36,7 @@ class VfDetectorInfo(LogisticDetector):
 
 def vf_features(x: NDArray[np.float32], fs: float, spec: Spectrum | None = None) -> NDArray[np.float64]:
     """VF_FEATURE_NAMES of each row of `x` (n, samples): band-passed signal in mV at `fs` (Hz); `spec`: its
-    spectrum (`pipeline.recent.spectrum`), when computed already."""
+    spectrum (`pipeline.analysis.recent.spectrum`), when computed already."""
     x = x.astype(np.float64)
     n = x.shape[1]
     abs_x = np.abs(x)

@@ -1,7 +1,7 @@
 """The daemon's per-device state, so a restart or a hand-off to another daemon does not cold-start active patients.
 
 One gzip-compressed JSON document: on disk a file written atomically (temporary file, then rename), and the
-checkpoints a partitioned source hands between daemons (pipeline/rabbit.py). A document that is missing,
+checkpoints a partitioned source hands between daemons (pipeline/io/rabbit.py). A document that is missing,
 unreadable, corrupt, of another format or from another model version is reported and ignored: the daemon
 then starts those devices cold, never fails.
 """

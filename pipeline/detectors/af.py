@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.logistic import LogisticDetector
+from pipeline.detectors.logistic import LogisticDetector
 
 AF_BEATS = 32  # RR intervals judged
 ENTROPY_EDGES = np.linspace(-0.5, 0.5, 9)

@@ -1,7 +1,7 @@
 """Where windows come from (sources) and where results go (sinks), behind small interfaces.
 
-Sources: MQTT (here), and the partition queues of a RabbitMQ cluster (pipeline/rabbit.py: each
-device on exactly one daemon). Sinks: MQTT (here), and AMQP to the same cluster (pipeline/rabbit_sink.py).
+Sources: MQTT (here), and the partition queues of a RabbitMQ cluster (pipeline/io/rabbit.py: each
+device on exactly one daemon). Sinks: MQTT (here), and AMQP to the same cluster (pipeline/io/rabbit_sink.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 
-from pipeline.mqtt import ConnectError, MqttClient, Topics, encode_json
+from pipeline.io.mqtt import ConnectError, MqttClient, Topics, encode_json
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Deliver(Protocol):
 
 class DeviceStates(Protocol):
     """The daemon's side of handing devices from one daemon to another, for a source that moves them
-    (pipeline/rabbit.py), and of telling which alarms are open there. `save_devices`, `restore_devices` and
+    (pipeline/io/rabbit.py), and of telling which alarms are open there. `save_devices`, `restore_devices` and
     `publish_open_alarms` touch the analysis state: call them through `call_soon`, which runs them on the
     daemon's worker between windows."""
 
@@ -61,7 +61,7 @@ class WindowSource(Protocol):
 
 
 class ResultSink(Protocol):
-    """Receives everything the daemon reports: the messages of pipeline/messages.py."""
+    """Receives everything the daemon reports: the messages of pipeline/io/messages.py."""
 
     def open(self) -> None:
         """Connect (raise ConnectError if the broker cannot be reached)."""

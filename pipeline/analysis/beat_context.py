@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.aami import AAMI_CLASSES
+from pipeline.analysis.aami import AAMI_CLASSES
 
 DEFAULT_RR_S = 0.8  # RR (s) assumed before a stream has beats of its own
 RR_RANGE_S = (0.15, 3.0)  # RR intervals are clipped to this range (s)

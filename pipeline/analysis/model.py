@@ -22,12 +22,12 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from pydantic import ConfigDict, Field, ValidationError
 
 from models.config import BeatStageConfig, ModelConfig
-from pipeline.af import AF_FEATURE_NAMES, AfDetectorInfo
-from pipeline.beat_context import FEATURE_NAMES
-from pipeline.beats import Decision
-from pipeline.dsp import FilterSpec
-from pipeline.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo
-from pipeline.vf import VF_FEATURE_NAMES, VfDetectorInfo
+from pipeline.analysis.beat_context import FEATURE_NAMES
+from pipeline.analysis.beats import Decision
+from pipeline.analysis.dsp import FilterSpec
+from pipeline.detectors.af import AF_FEATURE_NAMES, AfDetectorInfo
+from pipeline.detectors.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo
+from pipeline.detectors.vf import VF_FEATURE_NAMES, VfDetectorInfo
 
 FRAMES_INPUT = "frames"
 PROBS_OUTPUT = "probs"
@@ -71,16 +71,16 @@ class ModelInfo(ModelConfig):
     training_data: str
     ds2_metrics: dict[str, Any] = Field(description="gross EC57 statistics on DS2 (fractions 0-1); {} if not scored")
     af_detector: AfDetectorInfo | None = Field(None, description="atrial fibrillation from the beat sequence "
-                                               "(`pipeline.af`), null when the model has none")
+                                               "(`pipeline.detectors.af`), null when the model has none")
     vf_detector: VfDetectorInfo | None = Field(None, description="ventricular fibrillation from the signal "
-                                               "(`pipeline.vf`), null when the model has none")
-    quality_detector: QualityDetectorInfo | None = Field(None, description="unreadable signal (`pipeline.quality`), "
-                                                         "null when the model has none")
+                                               "(`pipeline.detectors.vf`), null when the model has none")
+    quality_detector: QualityDetectorInfo | None = Field(None, description="unreadable signal "
+                                                         "(`pipeline.detectors.quality`), null when the model has none")
     beat_stage: BeatStageInfo | None = Field(None, description="the beat-sequence stage, null when the frame stage "
                                              "decides the classes alone")
     lead_fusion: str | None = Field(None, description="the rule the network was trained to have a device's leads "
-                                    "fused by (`pipeline.beats.LEAD_FUSION`), null when it was trained on one lead "
-                                    "at a time")
+                                    "fused by (`pipeline.analysis.beats.LEAD_FUSION`), null when it was trained on one "
+                                    "lead at a time")
 
     @property
     def decision(self) -> Decision:

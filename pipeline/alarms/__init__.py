@@ -1,0 +1,1 @@
+"""Alarm rules per device, and open alarms adopted after a restart."""

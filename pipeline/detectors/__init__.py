@@ -1,0 +1,1 @@
+"""Rhythm and signal detectors beside the beat model: VF, AF, signal quality (logistic models)."""

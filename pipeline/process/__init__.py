@@ -1,0 +1,1 @@
+"""The daemon and its process life: admission of windows, state file, metrics, watchdog, serve."""
