@@ -50,7 +50,8 @@ def tiny_cv(physionet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "data.val_records": "[]", "optim.epochs": 5, "optim.segment_s": 30, "optim.chunk_s": 10,
                 "optim.batch_streams": 4, "optim.ema_decay": 0, "optim.threads": 1, "optim.lr": 0.01,
                 "optim.amplitude_scale_fraction": 0, "optim.lead_dropout": 0}
-    code = main(["--log-level", "WARNING", "cross-validate", "--config", str(REPO / "configs" / "train-lstm.yaml"),
+    config = REPO / "configs" / "train-lstm-leads.yaml"  # the two-lead recipe, tiny
+    code = main(["--log-level", "WARNING", "cross-validate", "--config", str(config),
                  "--folds", "3", "--seeds", "0", "--jobs", "3", "--out", str(out),
                  *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))])
     assert code == 0

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from models.network import BeatSequenceNet
 from pipeline.analysis.aami import AAMI_CLASSES
 from pipeline.analysis.beat_context import record_features
-from pipeline.analysis.beats import BeatPickerState, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.beats import LEAD_FUSION, BeatPickerState, fuse_leads, lead_weights, pick_beats, r_peak_time_s
 from pipeline.analysis.dsp import Preprocessor
 from pipeline.analysis.model import (
     BEAT_STATE_INPUT,
@@ -78,13 +78,15 @@ class BeatSequence:
 
 
 def beat_sequence(model: BeatModel, name: str, record: EcgRecord, fold: int, seed: int) -> BeatSequence:
-    """Run the frame stage of `model` over every lead of a whole record in one pass, fuse the leads (weight 1
-    each, `pipeline.analysis.beats.fuse_leads`) and describe the beats picked from them; the beats' shape features come
-    from the first lead."""
+    """Run the frame stage of `model` over every lead of a whole record in one pass, fuse the leads as the daemon
+    does with every lead usable (`pipeline.analysis.beats.lead_weights`: all of them for a model trained on fused
+    leads, else the first) and describe the beats picked from them; the beats' shape features come from the first
+    lead."""
     info = model.info
     frames = np.stack([Preprocessor(info.filter, record.fs, info.fs, info.frame_size)(x) for x in record.signals_mv])
     probs, _ = model.run(frames, model.initial_state(len(frames)))
-    fused = fuse_leads(probs, np.ones(len(frames)))[None]
+    weights = lead_weights(np.ones(len(frames), dtype=bool), 0, info.lead_fusion == LEAD_FUSION)
+    fused = fuse_leads(probs, weights)[None]
     picked = pick_beats(fused, BeatPickerState(1, len(info.class_names)), np.zeros(1, dtype=np.int64),
                         info.decision)
     time_s = r_peak_time_s(picked.frame, info)

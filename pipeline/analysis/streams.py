@@ -3,11 +3,12 @@
 Every lead of every device owns a lead slot: its DSP state (filter, resampler, framer), its recurrent state, its last
 seconds of signal with the VF and signal-quality detectors' verdicts on them. Every device owns a device slot: its
 beat-picking carry-over and, for a model with a beat stage, its rhythm context and beat-stage state. The leads of all
-devices are batched into one model run (one run per distinct frame count); each device's per-frame probabilities are
-the mean over its usable leads (`pipeline.analysis.beats.fuse_leads`: a lead that is flat, unreadable or still
-warming up is left out), and its beats are picked from them. The beat stage then steps once per beat, the k-th beats
-of all devices in one batch, its beat shape read from the device's primary lead (its first usable lead).
-`ecgmon evaluate` and the daemon both go through this class.
+devices are batched into one model run (one run per distinct frame count). A lead that is flat, unreadable or still
+warming up is not usable; a device's primary lead is its first usable one in the order it sends them. Its per-frame
+probabilities are those of its primary lead, or, for a model trained on fused leads (metadata `lead_fusion`), the
+mean over its usable leads (`pipeline.analysis.beats.lead_weights`, `fuse_leads`); its beats are picked from them.
+The beat stage then steps once per beat, the k-th beats of all devices in one batch, its beat shape read from the
+primary lead. `ecgmon evaluate` and the daemon both go through this class.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from numpy.typing import NDArray
 
 from pipeline.analysis.aami import AAMI_CLASSES
 from pipeline.analysis.beat_context import BeatContext, SignalWindow, rank_in_row
-from pipeline.analysis.beats import BeatPickerState, PickedBeats, fuse_leads, pick_beats, r_peak_time_s
+from pipeline.analysis.beats import (
+    LEAD_FUSION,
+    BeatPickerState,
+    PickedBeats,
+    fuse_leads,
+    lead_weights,
+    pick_beats,
+    r_peak_time_s,
+)
 from pipeline.analysis.dsp import PreprocessorBank
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.recent import RecentSignal, spectrum
@@ -92,6 +101,7 @@ class BeatStreams:
         self.model = model
         self.info = model.info
         self.flat_mv = flat_mv
+        self._fused = model.info.lead_fusion == LEAD_FUSION  # trained on fused leads: all usable leads decide
         # Device slots: beat picking, beat context and beat-stage state, the time line (the sampling rate (Hz),
         # the signal seen since the device started (s), where its analysis last restarted after a flat line (s since
         # it started), whether its last window was flat in every lead), its leads in order and its primary lead.
@@ -258,13 +268,13 @@ class BeatStreams:
 
     def vf_found(self, stream_id: str) -> bool:
         """Whether the last `pipeline.analysis.recent.RECENT_S` of `stream_id`, as of its latest window, look like
-        ventricular fibrillation in every usable lead (in every lead with signal when none is usable); always False
-        for a model without a VF detector."""
+        ventricular fibrillation in any usable lead (in any lead with signal when none is usable); always False for a
+        model without a VF detector."""
         slots = self._lead_array(stream_id)
         judged = slots[self._usable(slots)]
         if not len(judged):
             judged = slots[~self._lead_flat[slots]]
-        return bool(len(judged) and self._vf_found[judged].all())
+        return bool(self._vf_found[judged].any())
 
     def unreadable_leads(self, stream_id: str) -> list[str]:
         """The leads of `stream_id` with signal that the signal-quality detector judges unreadable."""
@@ -343,9 +353,9 @@ class BeatStreams:
         for stream_id, slots, _ in group:
             rows = slice(at, at + len(slots))
             usable = self._usable(slots)
-            fused.append(fuse_leads(probs[rows], usable.astype(np.float32)))
-            primary = self._pick_primary(stream_id, usable)
-            primary_frames.append(frames[at + self._leads[stream_id].index(primary)])
+            primary = self._leads[stream_id].index(self._pick_primary(stream_id, usable))
+            fused.append(fuse_leads(probs[rows], lead_weights(usable, primary, self._fused)))
+            primary_frames.append(frames[at + primary])
             at += len(slots)
         device_slots = np.array([self._devices.of[i] for i in ids], dtype=np.int64)
         picked = pick_beats(np.stack(fused), self._picker, device_slots, self.info.decision)
@@ -363,10 +373,11 @@ class BeatStreams:
                                                                               strict=True)]
 
     def _pick_primary(self, stream_id: str, usable: NDArray[np.bool_]) -> str:
-        """The device's primary lead: kept while usable and sent, else its first usable lead, else its first."""
+        """The device's primary lead: its first usable lead in the order it sends them (back to the first as soon as
+        that is usable again); with no usable lead, the last one while it is still sent, else the first."""
         leads = self._leads[stream_id]
         current = self._primary.get(stream_id)
-        if current not in leads or not usable[leads.index(current)]:
+        if usable.any() or current not in leads:
             current = leads[int(np.argmax(usable))] if usable.any() else leads[0]
             self._primary[stream_id] = current
         return current
