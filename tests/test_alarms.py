@@ -18,7 +18,8 @@ CLEAN = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_
 
 def check(samples_mv: np.ndarray, fs: float = 360.0, adc_gain: float = 200.0) -> SignalCheck:
     """The signal check of one window (mV) that came in ADC units of `adc_gain` per mV."""
-    return SignalCheck.batch([Window(0, 0.0, fs, ("MLII",), samples_mv[None], (adc_gain,), (0.0,))], [[]], CONFIG)[0]
+    window = Window(0, 0.0, fs, ("MLII",), samples_mv[None], (adc_gain,), (0.0,))
+    return SignalCheck.batch([window], [False], [[]], CONFIG)[0]
 
 
 def feed(alarms: DeviceAlarms, rhythm: list[tuple[str, float]], start: float) -> tuple[list[AlarmEvent], float]:
@@ -269,7 +270,8 @@ class TestSaturation:
         record = load_record(physionet / "cudb", name)
         assert np.abs(record.signal_mv).max() >= 5.0
         windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
-        saturated = sum(c.saturated for c in SignalCheck.batch(windows, [[]] * len(windows), CONFIG))
+        checks = SignalCheck.batch(windows, [False] * len(windows), [[]] * len(windows), CONFIG)
+        saturated = sum(c.saturated for c in checks)
         assert saturated <= 0.01 * len(windows)
 
 
@@ -277,7 +279,7 @@ class TestSaturation:
         """cudb cu34 clips at +3.198 / -3.200 mV during its arrhythmia: those windows are saturated."""
         record = load_record(physionet / "cudb", "cu34")
         windows = [record.window(k, 1.0) for k in range(record.window_count(1.0) - 1)]
-        checks = SignalCheck.batch(windows, [[]] * len(windows), CONFIG)
+        checks = SignalCheck.batch(windows, [False] * len(windows), [[]] * len(windows), CONFIG)
         saturated = [w for w, c in zip(windows, checks, strict=True) if c.saturated]
         assert len(saturated) >= 20
         assert all(np.isclose(np.abs(w.samples_mv).max(), 3.2, atol=0.01) for w in saturated)

@@ -51,15 +51,20 @@ def test_noise_report(physionet: Path, tmp_path: Path) -> None:
     assert high["flagged_windows"] < low["flagged_windows"]  # ... and more of it flagged unreadable
 
 
-def test_noise_on_one_of_two_leads_is_carried_by_the_clean_one(physionet: Path, tmp_path: Path) -> None:
-    """MIT-BIH 100 with electrode motion at 0 dB on MLII only: the noisy lead is judged unreadable and left out,
-    V5 carries the beats, and the device is not flagged (one good lead keeps the patient monitored)."""
-    report = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, None, "em", [0.0], tmp_path, noisy_leads=[0])
-    assert report["noisy_leads"] == [1]
-    level, = report["levels"]
-    one_lead = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, ["MLII"], "em", [0.0], tmp_path)["levels"][0]
-    assert level["all"]["qrs_ppv"] > one_lead["all"]["qrs_ppv"] and level["all"]["qrs_ppv"] >= 0.99
-    assert level["flagged_windows"] < one_lead["flagged_windows"]
+def test_noise_on_the_second_lead_leaves_the_primary_to_decide(physionet: Path, tmp_path: Path) -> None:
+    """MIT-BIH 100 with electrode motion at 0 dB on V5 only: the beats come from MLII, the clean primary lead, and the
+    device is not flagged; with the noise on MLII instead, the device is flagged (unreadable) about as often as a
+    one-lead device with that noise, rather than moving the beats to V5, which this model reads less well."""
+    second = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, None, "em", [0.0], tmp_path / "2",
+                            noisy_leads=[1])
+    first = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, None, "em", [0.0], tmp_path / "1",
+                           noisy_leads=[0])
+    alone = evaluate_noise(SHIPPED_MODEL, ["mitdb/100"], physionet, ["MLII"], "em", [0.0], tmp_path / "alone")
+    assert second["noisy_leads"] == [2] and first["noisy_leads"] == [1]
+    (quiet,), (loud,), (one,) = second["levels"], first["levels"], alone["levels"]
+    assert quiet["all"]["qrs_ppv"] >= 0.99 and quiet["all"]["qrs_ppv"] > one["all"]["qrs_ppv"]
+    assert quiet["flagged_windows"] < 0.05 < loud["flagged_windows"]
+    assert abs(loud["flagged_windows"] - one["flagged_windows"]) < 0.1
 
 def test_training_noise_is_the_training_half_through_the_shared_dsp(physionet: Path) -> None:
     from models.config import ModelConfig

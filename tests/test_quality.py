@@ -36,7 +36,7 @@ def unreadable_share(record: EcgRecord, seconds: int) -> float:
     for k in range(seconds):
         streams.process([("r", record.sig_names[:1], record.signals_mv[:1, k * fs:(k + 1) * fs])])
         if k >= 4:
-            verdicts.append(bool(streams.unreadable_leads("r")))
+            verdicts.append(streams.unreadable("r"))
     return float(np.mean(verdicts))
 
 

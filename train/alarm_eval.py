@@ -88,8 +88,10 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
         for beat in streams.process([(records[i].name, w.leads, w.samples_mv)
                                      for i, w in zip(live, windows, strict=True)]):
             beats_of[beat.stream_id].append((beat.time_s, beat.class_name))
-        unreadable = [streams.unreadable_leads(records[i].name) for i in live]
-        for i, window, check in zip(live, windows, SignalCheck.batch(windows, unreadable, config), strict=True):
+        unreadable = [streams.unreadable(records[i].name) for i in live]
+        unreadable_leads = [streams.unreadable_leads(records[i].name) for i in live]
+        for i, window, check in zip(live, windows, SignalCheck.batch(windows, unreadable, unreadable_leads, config),
+                                    strict=True):
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
                                  streams.vf_found(name), streams.recent_signal(name))

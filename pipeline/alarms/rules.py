@@ -104,23 +104,25 @@ def longest_run(mask: NDArray[np.bool_]) -> NDArray[np.int64]:
 class SignalCheck:
     """Technical findings of one window (raw signal, mV): of the device, from every lead, and each faulty lead.
 
-    A lead is faulty when it is flat, saturated or judged unreadable by the signal-quality detector; the device is
-    flat, saturated or unreadable only when every lead with signal is (one good lead keeps the patient monitored).
+    A lead is faulty when it is flat, saturated or left out as unreadable by the signal-quality detector; the device
+    is flat or saturated only when every lead with signal is (one good lead keeps the patient monitored), and
+    unreadable when the signal its beats come from is (`BeatStreams.unreadable`).
     """
 
     flat: bool
     saturated: bool
-    unreadable: bool  # the model's signal-quality detector's verdict on every lead's last 4 s
+    unreadable: bool  # the signal-quality detector's verdict on the last 4 s of the lead(s) the beats come from
     peak_to_peak_mv: float  # of the lead with the largest
     rail_share: float = 0.0  # share of the window's samples at a rail (0-1), of the least pinned lead with signal
     leads: tuple[str, ...] = ()
     lead_faults: dict[str, str] = field(default_factory=dict)  # lead -> "flat", "saturated" or "unreadable"
 
     @classmethod
-    def batch(cls, windows: list[Window], unreadable_leads: list[list[str]], config: AlarmConfig) -> list[SignalCheck]:
-        """Checks of many windows, every lead, computed together for leads of equal length and rate;
-        `unreadable_leads`: the leads of each window the signal-quality detector judges unreadable
-        (`BeatStreams.unreadable_leads`)."""
+    def batch(cls, windows: list[Window], unreadable: list[bool], unreadable_leads: list[list[str]],
+              config: AlarmConfig) -> list[SignalCheck]:
+        """Checks of many windows, every lead, computed together for leads of equal length and rate; `unreadable`:
+        the signal-quality detector's verdict on the signal each device's beats come from (`BeatStreams.unreadable`),
+        `unreadable_leads`: the leads of each window it leaves out as unreadable (`BeatStreams.unreadable_leads`)."""
         rows = [(i, j) for i, w in enumerate(windows) for j in range(len(w.leads))]
         flat, saturated, ptp, rail_share = _lead_checks(windows, rows, config)
         out, first = [], 0
@@ -136,7 +138,7 @@ class SignalCheck:
                     faults[lead] = fault
             live = [k for k in at if not flat[k]]
             out.append(cls(flat=not live, saturated=bool(live) and all(saturated[k] for k in live),
-                           unreadable=bool(live) and all(w.leads[rows[k][1]] in unreadable_leads[i] for k in live),
+                           unreadable=bool(live) and unreadable[i],
                            peak_to_peak_mv=max(ptp[k] for k in at),
                            rail_share=min((rail_share[k] for k in live), default=0.0), leads=w.leads,
                            lead_faults=faults))

@@ -4,9 +4,11 @@ Every lead of every device owns a lead slot: its DSP state (filter, resampler, f
 seconds of signal with the VF and signal-quality detectors' verdicts on them. Every device owns a device slot: its
 beat-picking carry-over and, for a model with a beat stage, its rhythm context and beat-stage state. The leads of all
 devices are batched into one model run (one run per distinct frame count). A lead that is flat, unreadable or still
-warming up is not usable; a device's primary lead is its first usable one in the order it sends them. Its per-frame
-probabilities are those of its primary lead, or, for a model trained on fused leads (metadata `lead_fusion`), the
-mean over its usable leads (`pipeline.analysis.beats.lead_weights`, `fuse_leads`); its beats are picked from them.
+warming up is not usable. For a model trained on one lead at a time, a device's per-frame probabilities are those of
+its primary lead, its first lead with signal (not flat, warmed up) in the order it sends them: noise on it is said by
+`unreadable`, not hidden by moving to a lead the model reads less well; for a model trained on fused leads (metadata
+`lead_fusion`), the mean over its usable leads (`pipeline.analysis.beats.lead_weights`, `fuse_leads`), the primary
+being the first usable one. Its beats are picked from them.
 The beat stage then steps once per beat, the k-th beats of all devices in one batch, its beat shape read from the
 primary lead. `ecgmon evaluate` and the daemon both go through this class.
 """
@@ -260,10 +262,14 @@ class BeatStreams:
     def _lead_array(self, stream_id: str) -> NDArray[np.int64]:
         return np.array([self._lead_slots.of[(stream_id, lead)] for lead in self._leads[stream_id]], dtype=np.int64)
 
+    def _live(self, lead_slots: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which leads have signal: not flat, warmed up."""
+        live: NDArray[np.bool_] = ~self._lead_flat[lead_slots] & (self._lead_age_s[lead_slots] >= LEAD_WARMUP_S)
+        return live
+
     def _usable(self, lead_slots: NDArray[np.int64]) -> NDArray[np.bool_]:
-        """Which leads take part in the decision: not flat, not unreadable, warmed up."""
-        usable: NDArray[np.bool_] = (~self._lead_flat[lead_slots] & ~self._unreadable[lead_slots]
-                                     & (self._lead_age_s[lead_slots] >= LEAD_WARMUP_S))
+        """Which leads have signal the signal-quality detector calls readable."""
+        usable: NDArray[np.bool_] = self._live(lead_slots) & ~self._unreadable[lead_slots]
         return usable
 
     def vf_found(self, stream_id: str) -> bool:
@@ -276,10 +282,23 @@ class BeatStreams:
             judged = slots[~self._lead_flat[slots]]
         return bool(self._vf_found[judged].any())
 
+    def unreadable(self, stream_id: str) -> bool:
+        """Whether the signal the beats of `stream_id` come from is too noisy for them to be trusted, as of its latest
+        window: its primary lead (every lead with signal, for a model trained on fused leads). Always False for a
+        model without a signal-quality detector."""
+        slots = self._lead_array(stream_id)
+        primary = self._primary.get(stream_id)
+        if not self._fused and primary in self._leads[stream_id]:
+            slots = slots[[self._leads[stream_id].index(primary)]]
+        with_signal = slots[~self._lead_flat[slots]]
+        return bool(len(with_signal) and self._unreadable[with_signal].all())
+
     def unreadable_leads(self, stream_id: str) -> list[str]:
-        """The leads of `stream_id` with signal that the signal-quality detector judges unreadable."""
+        """The leads of `stream_id` with signal that the signal-quality detector judges unreadable, but the primary
+        lead of a model trained on one lead at a time (the beats still come from it: `unreadable` says so)."""
+        primary = None if self._fused else self._primary.get(stream_id)
         return [lead for lead, s in zip(self._leads[stream_id], self._lead_array(stream_id), strict=True)
-                if self._unreadable[s] and not self._lead_flat[s]]
+                if self._unreadable[s] and not self._lead_flat[s] and lead != primary]
 
     def primary_lead(self, stream_id: str) -> str | None:
         """The lead the beat stage reads the beat shape from (None before the first window)."""
@@ -353,7 +372,8 @@ class BeatStreams:
         for stream_id, slots, _ in group:
             rows = slice(at, at + len(slots))
             usable = self._usable(slots)
-            primary = self._leads[stream_id].index(self._pick_primary(stream_id, usable))
+            primary = self._leads[stream_id].index(self._pick_primary(stream_id, usable if self._fused else
+                                                                      self._live(slots)))
             fused.append(fuse_leads(probs[rows], lead_weights(usable, primary, self._fused)))
             primary_frames.append(frames[at + primary])
             at += len(slots)
@@ -373,8 +393,8 @@ class BeatStreams:
                                                                               strict=True)]
 
     def _pick_primary(self, stream_id: str, usable: NDArray[np.bool_]) -> str:
-        """The device's primary lead: its first usable lead in the order it sends them (back to the first as soon as
-        that is usable again); with no usable lead, the last one while it is still sent, else the first."""
+        """The device's primary lead: its first `usable` lead in the order it sends them (back to the first as soon
+        as that is usable again); with none, the last one while it is still sent, else the first."""
         leads = self._leads[stream_id]
         current = self._primary.get(stream_id)
         if usable.any() or current not in leads:

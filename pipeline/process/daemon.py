@@ -569,7 +569,7 @@ class Daemon:
         for beat in self._streams.process([(a.device, a.window.leads, a.window.samples_mv) for a in group]):
             found[beat.stream_id].append(beat)
         beats = [[(a.stream.origin + b.time_s, b.class_name, b.confidence) for b in found[a.device]] for a in group]
-        checks = SignalCheck.batch([a.window for a in group],
+        checks = SignalCheck.batch([a.window for a in group], [self._streams.unreadable(a.device) for a in group],
                                    [self._streams.unreadable_leads(a.device) for a in group], self.config.alarms)
         p_af = af_probabilities(self.model.info.af_detector, [self._alarms[a.device] for a in group],
                                 [[(t, c) for t, c, _ in b] for b in beats])
