@@ -137,6 +137,8 @@ class AlarmConfig(Strict):
                                      "sample at the int16 limits of the binary format")
     saturation_unreadable_share: float = Field(0.25, gt=0, le=1, description="saturation holds back "
                                                "physiological alarms when this share of a window sits at a rail")
+    lead_fault_clear_s: float = Field(10.0, gt=0, description="lead_fault clears this long after the last window "
+                                      "with a faulty lead (s): a lead that is noisy on and off does not chatter")
     poor_signal_clear_s: float = Field(5.0, gt=0, description="poor_signal clears this long after the signal-quality "
                                        "detector last said unreadable (s; its threshold is in the model's metadata)")
 

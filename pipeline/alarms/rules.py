@@ -209,6 +209,7 @@ class DeviceAlarms:
     af_since: float | None = None  # likewise for the AF detector (s)
     af_last: float | None = None
     unreadable_last: float | None = None  # the last time the signal-quality detector said unreadable (s)
+    lead_fault_last: float | None = None  # the last window with a faulty lead while another was good (s)
     known_leads: list[str] = field(default_factory=list)  # every lead the device has sent, in order of appearance
 
     # --- save and restore ---------------------------------------------------------------------
@@ -216,6 +217,7 @@ class DeviceAlarms:
         return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
                 "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
                 "unreadable_last": self.unreadable_last, "known_leads": self.known_leads,
+                "lead_fault_last": self.lead_fault_last,
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
@@ -231,6 +233,7 @@ class DeviceAlarms:
         alarms.af_since, alarms.af_last = doc["af_since"], doc["af_last"]
         alarms.unreadable_last = doc["unreadable_last"]
         alarms.known_leads = list(doc["known_leads"])
+        alarms.lead_fault_last = doc["lead_fault_last"]
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -343,14 +346,22 @@ class DeviceAlarms:
 
     def _lead_fault(self, check: SignalCheck, now: float) -> list[AlarmEvent]:
         """`lead_fault` while some lead is faulty or no longer sent (missing) and another is good: the faulty ones
-        are left out of the decision. When no lead is good the device's own technical alarms take over."""
+        are left out of the decision; cleared `lead_fault_clear_s` after the last such window. When no lead is good
+        the device's own technical alarms take over."""
         self.known_leads.extend(lead for lead in check.leads if lead not in self.known_leads)
         faults = {**{lead: "missing" for lead in self.known_leads if lead not in check.leads}, **check.lead_faults}
         good = [lead for lead in check.leads if lead not in check.lead_faults]
-        present = bool(faults) and bool(good)
-        if not present and "lead_fault" not in self.active:
+        if faults and good:
+            self.lead_fault_last = now
+        active = self.active.get("lead_fault")
+        held = (active is not None and self.lead_fault_last is not None
+                and now - self.lead_fault_last < self.config.lead_fault_clear_s)
+        present = bool(good) and (bool(faults) or held)
+        if not present and active is None:
             return []
-        evidence = {"leads": faults, "good_leads": good, "physiological_alarms": "active"}
+        evidence: dict[str, Any] = {"leads": faults, "good_leads": good, "physiological_alarms": "active"}
+        if held and not faults and active is not None:  # held after the last fault: its last evidence stands
+            evidence = active.evidence
         return self._set("lead_fault", present, now, evidence)
 
     def _asystole(self, analysed_until: float, ended: bool = False) -> list[AlarmEvent]:

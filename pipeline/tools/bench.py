@@ -444,7 +444,7 @@ cost the same for any number of leads. One run on a shared machine: compare with
 | analysis alone, device-seconds per CPU-second | {one['analysis_device_s_per_cpu_s']:.0f} | \
 {two['analysis_device_s_per_cpu_s']:.0f} |
 
-The second lead costs {second:.0f} µs per device-second, {100 * second / first:.0f} % of the first lead's device.
+The second lead costs {second:.0f} µs per device-second, {100 * second / first:.0f} % of a one-lead device's cost.
 By stage (µs per device-second, sampled as above):
 
 | stage | 1 lead | 2 leads |
