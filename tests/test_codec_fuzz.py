@@ -55,19 +55,19 @@ def test_random_bytes(payload: bytes) -> None:
     check(payload)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.sampled_from([1, 2, 3]), st.binary(min_size=BINARY_HEADER_V2.size - 5, max_size=3000))
 def test_random_binary_after_magic_and_version(version: int, rest: bytes) -> None:
     check(BINARY_MAGIC + bytes([version]) + rest)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(n_leads=st.integers(0, 14), n_samples=st.integers(0, 400), rest=st.binary(max_size=3000))
 def test_random_binary_after_a_version_2_header(n_leads: int, n_samples: int, rest: bytes) -> None:
     check(BINARY_HEADER_V2.pack(BINARY_MAGIC, 2, n_leads, 0, 1, T0, 360.0, n_samples) + rest)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(names=LEAD_NAMES, seconds=st.sampled_from([0.25, 1.0]), data=st.data())
 def test_corrupted_valid_binary_windows(names: list[str], seconds: float, data: st.DataObject) -> None:
     """A valid version-2 window with bytes overwritten (mostly in its header and lead table), maybe cut or extended."""
@@ -100,7 +100,7 @@ LEAD_SCALE = st.fixed_dictionaries({}, optional={"gain": st.floats(0.5, 1000) | 
                                                  "baseline": st.integers(-50, 50) | st.floats() | json_values})
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(names=st.lists(st.sampled_from(["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6", ""]),
                       max_size=MAX_LEADS + 1),
        n=st.sampled_from([45, 130]), fs=FS, seed=st.integers(0, 1000), data=st.data(),
@@ -131,7 +131,7 @@ def test_random_version_2_json(names: list[str], n: int, fs: float, seed: int, d
     check(json.dumps(doc).encode())
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(seq=st.integers(0, 2**32 - 1), t0=st.floats(MIN_T0, T0), fs=FS, seconds=st.sampled_from([0.25, 1.0, 2.5, 10.0]),
        names=LEAD_NAMES, gain=st.floats(40.0, 1000.0), baseline=st.integers(-2000, 2000), seed=st.integers(0, 1000))
 def test_valid_binary_windows_decode_exactly(seq: int, t0: float, fs: float, seconds: float, names: list[str],
@@ -146,7 +146,7 @@ def test_valid_binary_windows_decode_exactly(seq: int, t0: float, fs: float, sec
     np.testing.assert_allclose(window.samples_mv, expected)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(seq=st.integers(0, 2**32 - 1), t0=st.floats(MIN_T0, T0), fs=FS, names=LEAD_NAMES, seed=st.integers(0, 1000))
 def test_valid_json_windows_decode_exactly(seq: int, t0: float, fs: float, names: list[str], seed: int) -> None:
     samples = np.random.default_rng(seed).normal(0, 1, (len(names), round(fs)))
@@ -156,7 +156,7 @@ def test_valid_json_windows_decode_exactly(seq: int, t0: float, fs: float, names
     np.testing.assert_array_equal(window.samples_mv, samples)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(lead=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=32), fs=FS,
        gain=st.floats(40.0, 1000.0), baseline=st.integers(-2000, 2000), seed=st.integers(0, 1000))
 def test_valid_version_1_binary_windows_decode_to_one_lead(lead: str, fs: float, gain: float, baseline: int,

@@ -89,9 +89,9 @@ def test_a_crash_keeps_the_open_alarms_of_a_silent_device(
     wait_online(status)
     publisher.publish(TOPICS.ecg("bed"), saturated(0), qos=1)
     alarms = messages.wait_for(lambda d: [a["type"] for a in d] == ["saturation", "signal_loss"], "/alarms/")
-    if state_file:  # a save after the loss
+    if state_file:  # a save after the loss: two save intervals later
         messages.wait_for(lambda d: bool(d) and d[-1].get("unsaved_windows") == 0
-                          and d[-1]["time"] > alarms[-1]["time"], "stats")
+                          and d[-1]["time"] > alarms[-1]["time"] + 2 * sections["state"]["save_interval_s"], "stats")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     seen = len(messages.docs("stats"))

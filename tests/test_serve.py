@@ -99,9 +99,10 @@ def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable
     proc = serve_process()
     wait_online(status)
     rng = np.random.default_rng(0)
-    for seq in range(20):
-        publisher.publish(TOPICS.ecg("bed"), json_v1(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
-                          qos=1)
+    sent = [publisher.publish(TOPICS.ecg("bed"), json_v1(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
+                              qos=1) for seq in range(20)]
+    for info in sent:  # every window at the broker (and so on its way to the daemon) before the signal
+        info.wait_for_publish(timeout=30)
     beats.wait_for(lambda d: len(d) >= 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
