@@ -83,7 +83,7 @@ def cmd_evaluate_alarms(args: argparse.Namespace) -> int:
     alarms = load_config(args.config).alarms
     noise = (args.noise, args.snr) if args.noise else None
     report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.leads, alarms, args.out,
-                             args.window_s, pictures=not args.no_pictures, noise=noise)
+                             args.window_s, pictures=not args.no_pictures, noise=noise, folds=args.folds)
     print(format_alarm_report(report))
     print(f"report in {args.out / 'alarms.json'}")
     return 0
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pictures", action="store_true", help="write alarms.json only")
     p.add_argument("--noise", choices=["bw", "em", "ma"], help="add this nstdb noise (its evaluation half)")
     p.add_argument("--snr", type=float, default=6.0, help="SNR of the added noise (dB)")
+    p.add_argument("--folds", type=int, default=0, help="Challenge 2015 records: also cross-validate (this many "
+                   "folds by record, 5 seeds) the choice of which alarms use the second QRS detector")
 
     def add_detector_training(p: argparse.ArgumentParser, report: str) -> None:
         p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model to add the detector to")

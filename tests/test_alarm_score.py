@@ -86,3 +86,17 @@ class TestScore:
         assert summary["duration_se"] == pytest.approx(180 / 200)
         assert summary["duration_ppv"] == pytest.approx(230 / 280)
         assert (s.events_alarmed, s.alarms_true) == (1, 1)
+
+
+class TestRhythmLabels:
+    def test_physionet_labels_for_lethal_rhythms(self) -> None:
+        """The Malignant Ventricular Ectopy Database's "(VFIB", "(ASYS", "(NSR" map onto the scored labels."""
+        episodes = rhythm_episodes([0.0, 10.0, 20.0, 30.0], ["+"] * 4, ["(NSR", "(VFIB", "(ASYS", "(VT"], 40.0)
+        assert [e.label for e in episodes] == ["N", "VF", "asystole", "VT"]
+
+    def test_vt_episodes_and_beat_derived_vt_are_one_event(self) -> None:
+        references = [Episode(10.0, 20.0, "VT"), Episode(12.0, 14.0, "ventricular_tachycardia"),
+                      Episode(50.0, 55.0, "VT")]
+        s = score_type("ventricular_tachycardia", [Episode(11.0, 15.0, "ventricular_tachycardia")], references,
+                       [Episode(0.0, 60.0, "N")])
+        assert s.events == 2 and s.events_alarmed == 1 and len(s.missed) == 1

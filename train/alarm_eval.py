@@ -23,6 +23,7 @@ from pipeline.alarms.rules import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalC
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.streams import BeatStreams
 from pipeline.config import AlarmConfig
+from pipeline.detectors.qrs import QrsEvidence
 from pipeline.io.codec import Window
 from pipeline.tools.records import EcgRecord, load_records, load_rhythm
 from train.alarm_score import (
@@ -40,6 +41,7 @@ from train.alarm_score import (
 log = logging.getLogger(__name__)
 
 LETHAL_RHYTHMS = ("VF",)
+SUSTAINED_VF_S = 10.0  # VF episodes this long must be alarmed within this long of onset (s)
 RULES = (f"alarm episodes from raised to cleared; a reference event is alarmed when an alarm of the type is active "
          f"between its start and {TOLERANCE_S:.0f} s after its end; an alarm is true when it overlaps, within "
          f"{TOLERANCE_S:.0f} s, a reference event that justifies it; VF events shorter than "
@@ -62,8 +64,8 @@ class RecordAlarms:
 @dataclass(frozen=True)
 class AnalysedWindow:
     """One record's window after the daemon's analysis: its beats (R-peak time s, AAMI class), signal check,
-    the time up to which every beat has been emitted (s), the VF detector's verdict and the recent signal the
-    detectors judged (`BeatStreams.recent_signal`)."""
+    the time up to which every beat has been emitted (s), the VF detector's verdict, the recent signal the
+    detectors judged (`BeatStreams.recent_signal`) and the second QRS detector's evidence."""
 
     record: int
     window: Window
@@ -72,6 +74,7 @@ class AnalysedWindow:
     analysed_until_s: float
     vf_found: bool
     recent_mv: NDArray[np.float32] | None
+    qrs: QrsEvidence
 
 
 def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -94,20 +97,39 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
                                     strict=True):
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
-                                 streams.vf_found(name), streams.recent_signal(name))
+                                 streams.vf_found(name), streams.recent_signal(name), streams.qrs_evidence(name))
 
 
 def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
                ) -> list[list[AlarmEvent]]:
     """Alarm events of each record streamed as one device through the daemon's analysis."""
-    alarms = [DeviceAlarms(r.name, config, model.info.version, 0.0, model.info.af_detector) for r in records]
-    events: list[list[AlarmEvent]] = [[] for _ in records]
-    for w in analyse_records(model, records, config, window_s):
-        device = alarms[w.record]
-        p_af = af_probabilities(model.info.af_detector, [device], [w.beats])[0]
-        events[w.record] += device.on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
-                                             w.analysed_until_s, w.vf_found, p_af)
-    return events
+    return run_devices(model, records, config, window_s)[0]
+
+
+def run_devices(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
+                ) -> tuple[list[list[AlarmEvent]], list[list[tuple[float, str]]]]:
+    """Alarm events and beats (R-peak time s, AAMI class) of each record streamed as one device through the
+    daemon's analysis."""
+    events, beats = run_variants(model, records, [config], window_s)
+    return events[0], beats
+
+
+def run_variants(model: BeatModel, records: list[EcgRecord], configs: list[AlarmConfig], window_s: float
+                 ) -> tuple[list[list[list[AlarmEvent]]], list[list[tuple[float, str]]]]:
+    """`run_devices` with the alarm rules of several configs over one analysis (the first config's `flat_mv` and
+    signal checks): events per config per record, and the beats."""
+    alarms = [[DeviceAlarms(r.name, c, model.info.version, 0.0, model.info.af_detector) for r in records]
+              for c in configs]
+    events: list[list[list[AlarmEvent]]] = [[[] for _ in records] for _ in configs]
+    beats: list[list[tuple[float, str]]] = [[] for _ in records]
+    for w in analyse_records(model, records, configs[0], window_s):
+        for variant, devices in zip(events, alarms, strict=True):
+            device = devices[w.record]
+            p_af = af_probabilities(model.info.af_detector, [device], [w.beats])[0]
+            variant[w.record] += device.on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
+                                                  w.analysed_until_s, w.vf_found, p_af, w.qrs)
+        beats[w.record] += w.beats
+    return events, beats
 
 
 def reference_events(record: EcgRecord, config: AlarmConfig, rhythm: list[Episode],
@@ -186,15 +208,32 @@ def score(results: list[RecordAlarms]) -> dict[str, Any]:
         "false_physiological_per_hour_normal_rhythm": false_normal / normal_h if normal_h else None,
         "false_high_priority_per_hour": sum(gross[t].alarms - gross[t].alarms_true for t in high) / monitored_h,
         "by_type": {t: gross[t].summary(monitored_h, normal_h) for t in physiological},
+        "sustained_vf": sustained_vf(results),
         "per_record": per_record,
     }
 
 
+def sustained_vf(results: list[RecordAlarms]) -> dict[str, Any]:
+    """VF/flutter episodes of SUSTAINED_VF_S or more, and how many were alarmed as VF within SUSTAINED_VF_S of
+    their onset (the IEC 60601-2-27 alarm delay for VF)."""
+    episodes = alarmed = 0
+    for r in results:
+        for e in merge_adjacent(x for x in r.references if x.label == "VF"):
+            if e.duration_s >= SUSTAINED_VF_S:
+                episodes += 1
+                alarmed += any(a.label == "ventricular_fibrillation" and a.start <= e.start + SUSTAINED_VF_S
+                               and a.end >= e.start for a in r.alarms)
+    return {"min_duration_s": SUSTAINED_VF_S, "within_s": SUSTAINED_VF_S, "episodes": episodes,
+            "alarmed_within": alarmed}
+
+
 def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None,
                     config: AlarmConfig, out_dir: Path, window_s: float = 1.0, pictures: bool = True,
-                    noise: tuple[str, float] | None = None) -> dict[str, Any]:
+                    noise: tuple[str, float] | None = None, folds: int = 0) -> dict[str, Any]:
     """Score the daemon's alarms on `specs`, with `noise` (nstdb record, SNR dB: its evaluation half, added as
-    `ecgmon evaluate-noise` adds it) when given; write alarms.json (and timelines and strips) to `out_dir`."""
+    `ecgmon evaluate-noise` adds it) when given; write alarms.json (and timelines and strips) to `out_dir`.
+    Challenge 2015 records are scored as ICU alarms (`train.icu_alarms`), with `folds`-fold cross-validation of the
+    second QRS detector's use when `folds` is not 0."""
     model = BeatModel(model_path)
     named, rhythm_of = load_alarm_records(specs, physionet_dir, leads)
     if noise is not None:
@@ -203,11 +242,23 @@ def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lea
         samples, noise_fs = load_noise(physionet_dir, noise[0], "eval")
         named = [(name, add_noise(r, samples, noise_fs, noise[1], offset_s=60.0 * k))
                  for k, (name, r) in enumerate(named)]
+    from train.icu_alarms import evaluate_icu, is_icu_database
+
+    icu = {is_icu_database(physionet_dir / name.rpartition("/")[0]) for name, _ in named}
+    if icu == {True}:
+        report = {"model": str(model_path), "model_version": model.info.version, "leads": leads,
+                  "window_s": window_s, "noise": _noise_doc(noise),
+                  **evaluate_icu(model, named, physionet_dir, config, window_s, out_dir, pictures, folds)}
+        (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))
+        return report
+    if icu == {True, False}:
+        raise ValueError("Challenge 2015 records (ICU alarms) are scored on their own: evaluate them apart")
+    if folds:
+        raise ValueError("cross-validation (folds) is for Challenge 2015 records only")
     results = collect_records(model, named, rhythm_of, config, window_s)
     report = {"model": str(model_path), "model_version": model.info.version, "records": [r.name for r in results],
               "leads": leads, "window_s": window_s,
-              "noise": None if noise is None else {"record": f"nstdb/{noise[0]}", "part": "evaluation half",
-                                                   "snr_db": noise[1]},
+              "noise": _noise_doc(noise),
               **score(results)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))
@@ -218,8 +269,17 @@ def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lea
     return report
 
 
+def _noise_doc(noise: tuple[str, float] | None) -> dict[str, Any] | None:
+    return None if noise is None else {"record": f"nstdb/{noise[0]}", "part": "evaluation half", "snr_db": noise[1]}
+
+
 def format_alarm_report(report: dict[str, Any]) -> str:
     """A table for the terminal: one line per alarm type with events or alarms."""
+    if "all" in report:  # Challenge 2015 ICU alarms
+        from train.icu_alarms import format_icu_report
+
+        return format_icu_report(report)
+
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}"
 
@@ -237,6 +297,10 @@ def format_alarm_report(report: dict[str, Any]) -> str:
                      f"{sec(s['false_per_hour']):>6} {sec(s['false_per_hour_normal_rhythm']):>6} "
                      f"{sec(s['time_to_alarm_median_s']):>6} {sec(s['time_to_alarm_p95_s']):>6} "
                      f"{pct(s['duration_se']):>6} {pct(s['duration_ppv']):>6}")
+    vf = report.get("sustained_vf")
+    if vf and vf["episodes"]:
+        lines.append(f"VF episodes of {vf['min_duration_s']:.0f} s or more alarmed as VF within "
+                     f"{vf['within_s']:.0f} s: {vf['alarmed_within']} / {vf['episodes']}")
     lines.append(f"false high-priority alarms per hour of normal rhythm: "
                  f"{sec(report['false_high_priority_per_hour_normal_rhythm'])}; all physiological: "
                  f"{sec(report['false_physiological_per_hour_normal_rhythm'])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,16 +11,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
 from pipeline.alarms.rules import ALARM_TYPES
 from train.alarm_score import MIN_EVENT_S, SCORED_PRIORITY, Episode, score_type
 
 if TYPE_CHECKING:
     from train.alarm_eval import RecordAlarms
+    from train.icu_alarms import IcuAlarm
 
 PRIORITY_COLOUR = {"high": "tab:red", "medium": "tab:orange", "low": "tab:olive"}
 RHYTHM_COLOUR = {"N": "tab:green", "VF": "tab:red", "VT": "tab:purple", "AF": "tab:blue", "AFL": "tab:cyan"}
 STRIP_S = 20.0  # strip length (s)
+ICU_STRIP_S = 30.0  # ICU alarm strips: the last seconds of the record, up to the monitor's alarm (s)
+BEAT_COLOUR = {"N": "tab:green", "S": "tab:blue", "V": "tab:red", "F": "tab:purple", "Q": "tab:grey"}
 MAX_STRIPS = 60  # per run, the first ones in record order
 
 
@@ -28,6 +34,14 @@ def fresh_folder(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
         old.unlink()
+
+
+def save_small(fig: Figure, path: Path, dpi: int) -> None:
+    """Write `fig` at `dpi` as a PNG of 16 colours (hundreds of strips live in the repository)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    Image.open(png).convert("RGB").quantize(16).save(path, optimize=True)
+    plt.close(fig)
 
 
 def plot_timelines(results: list[RecordAlarms], out_dir: Path) -> None:
@@ -93,3 +107,35 @@ def plot_strips(results: list[RecordAlarms], out_dir: Path) -> None:
                     name = f"{r.name.replace('/', '-')}-{kind}-{t}-{e.start:.0f}s.png"
                     _strip(r, e, f"{kind} {t}", out_dir / name)
                     made += 1
+
+
+def plot_icu_strips(results: list[IcuAlarm], out_dir: Path) -> None:
+    """One PNG per Challenge record: its last ICU_STRIP_S, every lead, the daemon's beats by class, the daemon's
+    high-priority alarms shaded, the decision window (`icu_alarms.DECISION_S`) marked."""
+    from train.icu_alarms import COUNTS_AS, DECISION_S
+
+    fresh_folder(out_dir)
+    for r in results:
+        fs, end_s = r.record.fs, r.record.signals_mv.shape[1] / r.record.fs
+        a = max(0.0, end_s - ICU_STRIP_S)
+        n_leads = len(r.record.sig_names)
+        fig, axes = plt.subplots(n_leads, 1, figsize=(12, 1.0 + 1.3 * n_leads), sharex=True, squeeze=False)
+        for ax, lead, samples in zip(axes[:, 0], r.record.sig_names, r.record.signals_mv, strict=True):
+            x = samples[round(a * fs):]
+            ax.plot(a + np.arange(len(x)) / fs, x, lw=0.6, color="black")
+            ax.set_ylabel(f"{lead} mV", fontsize=8)
+            ax.axvspan(end_s - DECISION_S, end_s, color="khaki", alpha=0.3, lw=0)
+            for e in r.alarms:
+                if e.label in COUNTS_AS and e.end >= a:
+                    ax.axvspan(max(e.start, a), e.end, color=PRIORITY_COLOUR["high"], alpha=0.15, lw=0)
+                    ax.text(max(e.start, a), ax.get_ylim()[0], e.label, fontsize=6, va="bottom")
+            for t, c in r.beats:
+                if t >= a:
+                    ax.axvline(t, color=BEAT_COLOUR.get(c, "grey"), lw=0.5, alpha=0.6)
+                    ax.text(t, ax.get_ylim()[1], c, fontsize=6, ha="center", va="top", color=BEAT_COLOUR.get(c))
+        axes[-1, 0].set_xlabel("s (monitor alarm at the end; yellow: the decision window; red: daemon "
+                               "high-priority alarms; letters: the daemon's beats)")
+        verdict = "true" if r.true else "false"
+        fig.suptitle(f"{r.name}: monitor's {r.alarm_type} alarm ({verdict}); daemon {r.outcome}", fontsize=9)
+        fig.tight_layout()
+        save_small(fig, out_dir / f"{r.outcome}-{r.alarm_type}-{r.name.replace('/', '-')}.png", dpi=70)

@@ -27,16 +27,17 @@ from pipeline.alarms.rules import ALARM_TYPES
 
 TOLERANCE_S = 5.0  # slack between an alarm and its reference event (s): beats and rules settle within a few beats
 
-# Rhythm label of each MIT-BIH / cudb aux note; every other note keeps its text without "(".
-RHYTHM_OF_NOTE = {"(VFL": "VF", "(VF": "VF", "(VT": "VT", "(AFIB": "AF", "(AF": "AF", "(AFL": "AFL",
-                  "(N": "N", "(SVTA": "SVTA", "(NOISE": "NOISE"}
+# Rhythm label of each aux note PhysioNet's databases use for these rhythms (MIT-BIH, cudb, the Malignant
+# Ventricular Ectopy Database's "(VFIB", "(ASYS", "(NSR"...); every other note keeps its text without "(".
+RHYTHM_OF_NOTE = {"(VFL": "VF", "(VF": "VF", "(VFIB": "VF", "(VT": "VT", "(ASYS": "asystole", "(AFIB": "AF",
+                  "(AF": "AF", "(AFL": "AFL", "(N": "N", "(NSR": "N", "(SVTA": "SVTA", "(NOISE": "NOISE"}
 VF_START, VF_END = "[", "]"  # MIT-BIH/cudb symbols that open and close ventricular flutter/fibrillation
 
 # Reference event labels that make an alarm of each type true. Beat-derived events carry the alarm
 # type's own name; rhythm episodes their rhythm label.
 JUSTIFIED_BY: dict[str, frozenset[str]] = {
     # no beats in VF: a slow or absent rate there is a late or mistyped alarm of a real lethal event, not a false one
-    "asystole": frozenset({"asystole", "VF"}),
+    "asystole": frozenset({"asystole", "VF"}),  # "asystole": beat-derived events and "(ASYS" episodes
     "extreme_bradycardia": frozenset({"extreme_bradycardia", "VF"}),
     "extreme_tachycardia": frozenset({"extreme_tachycardia", "VT", "VF"}),
     # a VF alarm during a run of VT is a lethal-rhythm alarm of the wrong subtype, not a false alarm
@@ -49,8 +50,11 @@ JUSTIFIED_BY: dict[str, frozenset[str]] = {
 SCORED_PRIORITY = {"ventricular_fibrillation": "high", "atrial_fibrillation": "medium",
                    **{t: p for t, (kind, p, _) in ALARM_TYPES.items() if kind == "physiological"}}
 MIN_EVENT_S = {"ventricular_fibrillation": 5.0}  # shortest reference episode scored for sensitivity (s)
-# Reference labels scored for sensitivity, per alarm type (beat-derived types: their own name).
-SCORED_EVENT: dict[str, str] = {"ventricular_fibrillation": "VF", "atrial_fibrillation": "AF"}
+# Reference labels scored for sensitivity, per alarm type (else its own name: beat-derived events); events of these
+# labels that overlap are one event.
+SCORED_EVENT: dict[str, frozenset[str]] = {"ventricular_fibrillation": frozenset({"VF"}),
+                                           "atrial_fibrillation": frozenset({"AF"}),
+                                           "ventricular_tachycardia": frozenset({"ventricular_tachycardia", "VT"})}
 
 
 @dataclass(frozen=True)
@@ -187,9 +191,11 @@ def score_type(alarm_type: str, alarms: Sequence[Episode], references: Sequence[
         tolerance_s: slack between alarm and event (s).
     """
     own = [a for a in alarms if a.label == alarm_type]
-    scored_label = SCORED_EVENT.get(alarm_type, alarm_type)
+    scored_labels = SCORED_EVENT.get(alarm_type, frozenset({alarm_type}))
     justified = JUSTIFIED_BY.get(alarm_type, frozenset({alarm_type}))
-    events = [r for r in references if r.label == scored_label and r.duration_s >= min_event_s]
+    label = "/".join(sorted(scored_labels))  # overlapping events of the scored labels are one
+    scored = merge_adjacent(Episode(r.start, r.end, label) for r in references if r.label in scored_labels)
+    events = [r for r in scored if r.duration_s >= min_event_s]
     allowed = [r for r in references if r.label in justified]
     normal = [r for r in rhythm if r.label == "N"]
     score = TypeScore(alarm_type, events=len(events))
@@ -208,7 +214,6 @@ def score_type(alarm_type: str, alarms: Sequence[Episode], references: Sequence[
         score.false.append(alarm)
         if any(r.start <= alarm.start < r.end for r in normal):
             score.false_in_normal_rhythm += 1
-    scored = [r for r in references if r.label == scored_label]
     score.reference_s = sum(r.duration_s for r in scored)
     score.alarm_s = sum(a.duration_s for a in own)
     score.overlap_s = _overlap_s(own, scored)

@@ -25,6 +25,7 @@ from models.config import ModelConfig
 from pipeline.analysis.dsp import FilterSpec, Preprocessor
 from pipeline.analysis.model import BeatModel
 from pipeline.config import AlarmConfig
+from pipeline.detectors.qrs import QrsDetectorBank
 from pipeline.tools.records import EcgRecord, ensure_records, load_records
 from train.ec57 import Ec57Stats, confusion, empty_matrix
 
@@ -34,6 +35,7 @@ NOISE_RECORDS = ("bw", "em", "ma")
 TRAIN_PART = (0.0, 0.5)  # fraction of each noise record that training may use
 EVAL_PART = (0.5, 1.0)  # ... and that only evaluation uses
 QRS_HALF_WIDTH_S = 0.06  # around each reference R peak, for its peak-to-peak amplitude (s)
+DETECTION_LAG_S = 0.05  # the second QRS detector's detection after the R peak, median on MIT-BIH DS1 (s)
 
 
 def load_noise(physionet_dir: Path, name: str, part: Literal["train", "eval"]) -> tuple[NDArray[np.float64], float]:
@@ -77,11 +79,29 @@ def framed_training_noise(physionet_dir: Path, config: ModelConfig, spec: Filter
 
 
 def qrs_amplitude_mv(record: EcgRecord, lead: int = 0) -> float:
-    """Median peak-to-peak amplitude (mV) of the record's reference QRS complexes in lead `lead` (index)."""
+    """Median peak-to-peak amplitude (mV) of the record's reference QRS complexes in lead `lead` (index), or of the
+    complexes the second QRS detector finds there in a record without reference beats (`detected_qrs`)."""
     half = round(QRS_HALF_WIDTH_S * record.fs)
     x = record.signals_mv[lead]
-    amplitudes = [np.ptp(x[max(0, s - half):s + half + 1]) for s in record.beat_samples]
+    centres = record.beat_samples if len(record.beat_samples) else detected_qrs(x, record.fs)
+    amplitudes = [np.ptp(x[max(0, s - half):s + half + 1]) for s in centres]
+    if not amplitudes:
+        raise ValueError(f"record {record.name}: no QRS complexes in lead {record.sig_names[lead]} to scale noise to")
     return float(np.median(amplitudes))
+
+
+def detected_qrs(x: NDArray[np.float64], fs: float) -> NDArray[np.int64]:
+    """QRS centres (samples) in `x` (mV at `fs` Hz) by the daemon's second QRS detector (`pipeline.detectors.qrs`)
+    on the shared DSP's band-pass; its detections come DETECTION_LAG_S after the R peak."""
+    bank = QrsDetectorBank(1, fs)
+    filtered = Preprocessor(FilterSpec(), fs, fs, 1)(x).ravel()  # the shared band-pass, at the record's own rate
+    found: set[float] = set()
+    step = round(fs)
+    for k in range(0, len(x), step):  # 1 s at a time, as the daemon feeds it
+        bank.update(np.array([0]), filtered[None, k:k + step])
+        found.update(bank.recent_s(np.array([0])).tolist())
+    return np.array([round((t - DETECTION_LAG_S) * fs) for t in sorted(found) if t >= DETECTION_LAG_S],
+                    dtype=np.int64)
 
 
 NOISE_LEAD_OFFSET_S = 37.0  # each further noisy lead gets the noise from this much later (s): leads pick up their own

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from pipeline.config import AlarmConfig
 from pipeline.detectors.af import AF_BEATS, AfDetectorInfo, af_feature_rows
+from pipeline.detectors.qrs import REFRACTORY_S, QrsEvidence
 from pipeline.io.codec import Window
 
 Priority = Literal["high", "medium", "low"]
@@ -55,6 +56,9 @@ KEEPS_PHYSIOLOGICAL = frozenset({"saturation", "lead_fault"})
 # reads the signal and an absent QRS is still absent.
 KEEPS_LETHAL = frozenset({"poor_signal"})
 LETHAL = ("ventricular_fibrillation", "asystole")
+QRS_MATCH_S = 0.25  # the second QRS detector's complex this close to a beat is that beat (s)
+QRS_KEEP_S = 30.0  # the second QRS detector's complexes kept per device (s)
+RR_RESOLUTION_S = 1e-4  # beat times judged by the AF detector, relative to the first of its row (s)
 HISTORY_BEATS = AF_BEATS + 1  # beats kept per device: the longest rule (AF, 33 beats)
 
 
@@ -211,13 +215,16 @@ class DeviceAlarms:
     unreadable_last: float | None = None  # the last time the signal-quality detector said unreadable (s)
     lead_fault_last: float | None = None  # the last window with a faulty lead while another was good (s)
     known_leads: list[str] = field(default_factory=list)  # every lead the device has sent, in order of appearance
+    qrs_times: list[float] = field(default_factory=list)  # the second QRS detector's recent complexes (s)
+    organized: bool = False  # the second QRS detector sees organized QRS complexes on a readable lead without VF
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"started": self.started, "gap_since": self.gap_since, "rate_from": self.rate_from,
                 "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
                 "unreadable_last": self.unreadable_last, "known_leads": self.known_leads,
-                "lead_fault_last": self.lead_fault_last,
+                "lead_fault_last": self.lead_fault_last, "qrs_times": self.qrs_times,
+                "organized": self.organized,
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
@@ -234,6 +241,7 @@ class DeviceAlarms:
         alarms.unreadable_last = doc["unreadable_last"]
         alarms.known_leads = list(doc["known_leads"])
         alarms.lead_fault_last = doc["lead_fault_last"]
+        alarms.qrs_times, alarms.organized = list(doc["qrs_times"]), bool(doc["organized"])
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -242,14 +250,19 @@ class DeviceAlarms:
 
     # --- inputs -------------------------------------------------------------------------------
     def on_window(self, check: SignalCheck, beats: list[tuple[float, str]], now: float,
-                  analysed_until: float, vf_found: bool = False, p_af: float | None = None) -> list[AlarmEvent]:
+                  analysed_until: float, vf_found: bool = False, p_af: float | None = None,
+                  qrs: QrsEvidence | None = None) -> list[AlarmEvent]:
         """One analysed window ending at `now` (s, signal time): its technical check, the VF detector's verdict
         on the signal up to `now`, then the beats it completed (R-peak time s, AAMI class) and the AF
         detector's P(AF) of the last AF_BEATS RR intervals with them (`af_probabilities`; None: not judged),
         then asystole judged on the beat time line up to `analysed_until` (s), the latest time for which every
-        beat has been emitted."""
+        beat has been emitted. `qrs`: the second QRS detector's evidence up to `now` (None: not run), which the
+        alarms of `AlarmConfig.second_detector` take into account (`pipeline.detectors.qrs`)."""
+        if qrs is not None:
+            self._take_qrs(qrs, now)
         events = self._technical(check, now)
-        events += self._fibrillation(vf_found, now)
+        events += self._fibrillation(vf_found and not (self.organized and self._confirms("ventricular_fibrillation")),
+                                     now)
         events += self._beats(beats, now)
         if p_af is not None and len(self.times) > AF_BEATS and not self._held_back(lethal=False) \
                 and now - self.started >= self.config.warmup_s:
@@ -257,11 +270,14 @@ class DeviceAlarms:
         return events + self._asystole(analysed_until)
 
     def af_row(self, beats: list[tuple[float, str]]) -> tuple[list[float], list[bool]] | None:
-        """The last AF_BEATS + 1 beat times (s) and whether each is S or V, once `beats` are added; None when
-        `beats` is empty or there are fewer."""
+        """The last AF_BEATS + 1 beat times and whether each is S or V, once `beats` are added; None when `beats` is
+        empty or there are fewer. The times are relative to the row's first beat and rounded to RR_RESOLUTION_S
+        (s): the daemon's beat times are Unix times (near 1.8e9 s, float steps of 2.4e-7 s), offline ones start at
+        0, and P(AF) must not differ between the two in its last bits."""
         if not beats or len(self.times) + len(beats) <= AF_BEATS:
             return None
-        times = [*self.times, *(t for t, _ in beats)][-(AF_BEATS + 1):]
+        absolute = [*self.times, *(t for t, _ in beats)][-(AF_BEATS + 1):]
+        times = [round((t - absolute[0]) / RR_RESOLUTION_S) * RR_RESOLUTION_S for t in absolute]
         ectopic = [c in "SV" for c in [*self.classes, *(c for _, c in beats)][-(AF_BEATS + 1):]]
         return times, ectopic
 
@@ -368,9 +384,12 @@ class DeviceAlarms:
         """No QRS from the last beat up to `analysed_until` (s); `ended`: a beat there ends the pause.
 
         Raised at the moment the pause reached `asystole_s`, on the beat time line: before the beat that
-        ends it, even when that beat comes out in the same window.
+        ends it, even when that beat comes out in the same window. A QRS the second detector found on a readable
+        lead after the last beat ends the pause too: no lead may show QRS activity.
         """
         last = self.times[-1] if self.times else self.started
+        if self._confirms("asystole"):
+            last = max([last, *self._missed(last, analysed_until)])
         silent = analysed_until - last
         onset = last + self.config.asystole_s
         if (silent < self.config.asystole_s or self._held_back(lethal=True)
@@ -467,6 +486,40 @@ class DeviceAlarms:
         span = self.times[-1] - self.times[-n_beats]
         return 60.0 * (n_beats - 1) / span if span > 0 else None
 
+    def _confirms(self, alarm_type: str) -> bool:
+        """Whether `alarm_type` takes the second QRS detector's evidence into account (`second_detector`)."""
+        return alarm_type in self.config.second_detector
+
+    def _take_qrs(self, qrs: QrsEvidence, now: float) -> None:
+        """Keep the second QRS detector's complexes of the last QRS_KEEP_S (s), one per complex: a detection within
+        REFRACTORY_S of the last one kept is the same complex seen on another lead."""
+        kept = [t for t in self.qrs_times if t >= now - QRS_KEEP_S]
+        for t in qrs.times_s:
+            if not kept or t > kept[-1] + REFRACTORY_S:
+                kept.append(t)
+        self.qrs_times = kept
+        self.organized = qrs.organized
+
+    def _missed(self, start: float, end: float) -> list[float]:
+        """The second QRS detector's complexes in (start, end] (s) that match no beat (QRS_MATCH_S): complexes on
+        a readable lead the network did not call beats."""
+        q = np.asarray(self.qrs_times)
+        q = q[(q > start) & (q <= end)]
+        if not len(q) or not self.times:
+            return [float(t) for t in q]
+        beats = np.asarray(self.times)
+        at = np.clip(np.searchsorted(beats, q), 1, len(beats) - 1) if len(beats) > 1 else np.zeros(len(q), int)
+        nearest = np.minimum(np.abs(beats[at] - q), np.abs(beats[np.maximum(at - 1, 0)] - q))
+        return [float(t) for t in q[nearest > QRS_MATCH_S]]
+
+    def _hr_with_missed_bpm(self, n_beats: int) -> float:
+        """The rate over the last `n_beats` beats with the complexes the network missed among them (bpm; 0 when
+        there are fewer beats)."""
+        if len(self.times) < n_beats:
+            return 0.0
+        start, end = self.times[-n_beats], self.times[-1]
+        return 60.0 * (n_beats - 1 + len(self._missed(start, end))) / (end - start) if end > start else 0.0
+
     def _median_rr_bpm(self, n_beats: int) -> float | None:
         """60 / the median RR of the last `n_beats` beats (bpm): one missed beat does not halve it."""
         if len(self.times) < n_beats:
@@ -477,7 +530,10 @@ class DeviceAlarms:
     def _rate_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:
         """Extreme bradycardia raised when both the rate and 60 / the median RR over `brady_beats` beats are below
         `brady_bpm` (one beat the model missed does not make a slow rate), cleared once the rate has stayed at or
-        above `brady_clear_bpm` for `brady_hold_s` (hysteresis in rate and time); extreme tachycardia from the rate."""
+        above `brady_clear_bpm` for `brady_hold_s` (hysteresis in rate and time), and not raised while the complexes
+        the second QRS detector found on a readable lead and the network missed make the rate `brady_bpm` or more;
+        extreme tachycardia from the rate, with those complexes counted (the network misses beats in fast
+        rhythms)."""
         if not new_beats:
             return []
         c = self.config
@@ -486,10 +542,14 @@ class DeviceAlarms:
             hr, median_hr = self._hr_bpm(c.brady_beats), self._median_rr_bpm(c.brady_beats)
             if hr is not None and median_hr is not None and self.times[-c.brady_beats] >= self.rate_from:
                 active = self.active.get("extreme_bradycardia")
+                if self._confirms("extreme_bradycardia"):
+                    median_hr = max(median_hr, self._hr_with_missed_bpm(c.brady_beats))
                 present = hr < c.brady_clear_bpm if active else max(hr, median_hr) < c.brady_bpm
                 if active is None or present or now - active.last_seen >= c.brady_hold_s:
                     events += self._set("extreme_bradycardia", present, now, self._evidence(c.brady_beats, hr))
         hr = self._hr_bpm(c.tachy_beats)
+        if hr is not None and self._confirms("extreme_tachycardia"):
+            hr = max(hr, self._hr_with_missed_bpm(c.tachy_beats))
         if hr is not None and self.times[-c.tachy_beats] >= self.rate_from:
             present = hr > c.tachy_bpm
             if present or "extreme_tachycardia" in self.active:
@@ -508,6 +568,8 @@ class DeviceAlarms:
                 events += self._set("svt", False, now, {"superseded_by": "atrial_fibrillation"})
                 continue
             hr = self._hr_bpm(n)
+            if hr is not None and alarm_type == "ventricular_tachycardia" and self._confirms(alarm_type):
+                hr = max(hr, self._hr_with_missed_bpm(n))
             run = len(classes) >= n and all(k == cls for k in classes[-n:]) and hr is not None and hr > bpm
             recent = classes[-c.clear_after_beats:]
             if run:

@@ -44,13 +44,14 @@ class RecentSignal:
         self.history[slot] = doc["history"]
         self.samples_seen[slot] = doc["samples_seen"]
 
-    def update(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> None:
+    def update(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> NDArray[np.float32]:
         """Take in frames (n, n_frames, frame_size) of each of `slots`: a whole number of model samples, a
-        multiple of DECIMATION when frame_size is."""
+        multiple of DECIMATION when frame_size is; returns the new samples at 90 Hz (n, samples)."""
         new = frames.reshape(len(slots), -1)[:, ::DECIMATION]
         joined = np.concatenate([self.history[slots], new], axis=1)
         self.history[slots] = joined[:, joined.shape[1] - self.history.shape[1]:]
         self.samples_seen[slots] += new.shape[1]
+        return new
 
     def ready(self, slots: NDArray[np.int64]) -> NDArray[np.bool_]:
         """Whether each slot has seen a whole RECENT_S."""

@@ -37,6 +37,7 @@ from pipeline.analysis.dsp import PreprocessorBank
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.recent import RecentSignal, spectrum
 from pipeline.config import FLAT_MV
+from pipeline.detectors.qrs import ORGANIZED_BPM, QrsDetectorBank, QrsEvidence
 from pipeline.detectors.quality import quality_extra_features
 from pipeline.detectors.vf import vf_features
 
@@ -124,6 +125,7 @@ class BeatStreams:
         self._dsp = PreprocessorBank(self.info.filter, self.info.fs, self.info.frame_size, capacity)
         self._state = model.initial_state(capacity)
         self._recent = RecentSignal(capacity, self.info.fs)
+        self._qrs = QrsDetectorBank(capacity, self._recent.fs)
         self._vf_found = np.zeros(capacity, dtype=bool)
         self._unreadable = np.zeros(capacity, dtype=bool)
         self._lead_flat = np.zeros(capacity, dtype=bool)
@@ -161,15 +163,17 @@ class BeatStreams:
             self._dsp.follow(slot, siblings[0])
         else:
             self._dsp.open(slot, float(self._fs[self._devices.of[stream_id]]))
-        self._reset_lead(slot)
+        self._reset_lead(slot, int(self._qrs.seen[siblings[0]]) if siblings else 0)
         self._leads[stream_id].append(lead)
         return slot
 
-    def _reset_lead(self, slot: int) -> None:
-        """Forget what the lead slot learnt of its signal (network state, recent signal, verdicts)."""
+    def _reset_lead(self, slot: int, clock: int) -> None:
+        """Forget what the lead slot learnt of its signal (network state, recent signal, verdicts); `clock`: the
+        device's frame clock (samples at 90 Hz since its analysis last restarted)."""
         for array in self._state:
             array[:, slot] = 0.0
         self._recent.reset(np.array([slot]))
+        self._qrs.reset(np.array([slot]), clock)
         self._vf_found[slot] = self._unreadable[slot] = self._lead_flat[slot] = False
         self._lead_age_s[slot] = 0.0
 
@@ -215,7 +219,8 @@ class BeatStreams:
             s = self._lead_slots.of[(stream_id, lead)]
             doc["leads"].append({"lead": lead, "dsp": self._dsp.save_slot(s),
                                  "recurrent": [a[:, s].tolist() for a in self._state],
-                                 "recent": self._recent.save_slot(s), "vf_found": bool(self._vf_found[s]),
+                                 "recent": self._recent.save_slot(s), "qrs": self._qrs.save_slot(s),
+                                 "vf_found": bool(self._vf_found[s]),
                                  "unreadable": bool(self._unreadable[s]), "flat": bool(self._lead_flat[s]),
                                  "age_s": float(self._lead_age_s[s])})
         return doc
@@ -239,6 +244,7 @@ class BeatStreams:
             for array, state in zip(self._state, saved["recurrent"], strict=True):
                 array[:, s] = np.asarray(state, dtype=np.float32).reshape(array[:, s].shape)
             self._recent.load_slot(s, saved["recent"])
+            self._qrs.load_slot(s, saved["qrs"])
             self._vf_found[s], self._unreadable[s] = bool(saved["vf_found"]), bool(saved["unreadable"])
             self._lead_flat[s], self._lead_age_s[s] = bool(saved["flat"]), float(saved["age_s"])
 
@@ -300,6 +306,16 @@ class BeatStreams:
         return [lead for lead, s in zip(self._leads[stream_id], self._lead_array(stream_id), strict=True)
                 if self._unreadable[s] and not self._lead_flat[s] and lead != primary]
 
+    def qrs_evidence(self, stream_id: str) -> QrsEvidence:
+        """What the second QRS detector (`pipeline.detectors.qrs`) says of `stream_id` from its usable leads."""
+        slots = self._lead_array(stream_id)
+        slots = slots[self._usable(slots)]
+        rate = self._qrs.rate_bpm(slots)
+        restart = float(self._restart_s[self._devices.of[stream_id]])
+        organized = ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
+        return QrsEvidence(times_s=tuple((restart + self._qrs.recent_s(slots)).tolist()),
+                           organized=bool(organized.any()))
+
     def primary_lead(self, stream_id: str) -> str | None:
         """The lead the beat stage reads the beat shape from (None before the first window)."""
         return self._primary.get(stream_id)
@@ -346,13 +362,13 @@ class BeatStreams:
         if self._flat[device] and not all(flat):
             for slot in lead_slots:
                 self._dsp.open(slot, float(self._fs[device]))
-                self._reset_lead(slot)
+                self._reset_lead(slot, 0)
             self._reset_device(device)
             self._restart_s[device] = self._seen_s[device]
         for slot, lead_flat in zip(lead_slots, flat, strict=True):
             if self._lead_flat[slot] and not lead_flat:
                 self._dsp.follow(slot, slot)
-                self._reset_lead(slot)
+                self._reset_lead(slot, int(self._qrs.seen[slot]))
             self._lead_flat[slot] = lead_flat
             self._lead_age_s[slot] += n / self._fs[device]
         self._flat[device] = all(flat)
@@ -403,9 +419,9 @@ class BeatStreams:
         return current
 
     def _judge_signal(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> None:
-        """Take the frames into each lead's recent signal; the VF and signal-quality detectors judge it once a
-        whole `RECENT_S` has been seen."""
-        self._recent.update(slots, frames)
+        """Take the frames into each lead's recent signal and the second QRS detector; the VF and signal-quality
+        detectors judge the recent signal once a whole `RECENT_S` has been seen."""
+        self._qrs.update(slots, self._recent.update(slots, frames))
         vf, quality = self.info.vf_detector, self.info.quality_detector
         ready = slots[self._recent.ready(slots)]
         if (vf is None and quality is None) or not len(ready):
@@ -452,5 +468,6 @@ class BeatStreams:
         self._state = [_grown(a, capacity, axis=1) for a in self._state]
         self._dsp.grow(capacity)
         self._recent.grow(capacity)
+        self._qrs.grow(capacity)
         self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s = (
             _grown(a, capacity) for a in (self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s))

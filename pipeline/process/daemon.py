@@ -608,7 +608,8 @@ class Daemon:
         else:
             self._beat_batches[a.device] = gathered
         self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
-                                                    self._streams.vf_found(a.device), p_af))
+                                                    self._streams.vf_found(a.device), p_af,
+                                                    self._streams.qrs_evidence(a.device).shifted(a.stream.origin)))
 
     def _publish_beats(self, device: str, gathered: BeatBatch) -> None:
         assert self._sink is not None

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing; 4: recent signal
 # with the VF and quality verdicts, poor-signal timing; 5: the streams' time line (restart after a flat line)
-STATE_FORMAT = 6
+STATE_FORMAT = 7
 
 
 def encode_state(model_version: str, devices: dict[str, dict[str, Any]]) -> bytes:
