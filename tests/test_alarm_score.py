@@ -96,7 +96,7 @@ class TestRhythmLabels:
 
     def test_vt_episodes_and_beat_derived_vt_are_one_event(self) -> None:
         references = [Episode(10.0, 20.0, "VT"), Episode(12.0, 14.0, "ventricular_tachycardia"),
-                      Episode(50.0, 55.0, "VT")]
+                      Episode(50.0, 55.0, "VT"), Episode(70.0, 71.0, "VT")]  # the last: a three-beat run
         s = score_type("ventricular_tachycardia", [Episode(11.0, 15.0, "ventricular_tachycardia")], references,
                        [Episode(0.0, 60.0, "N")])
         assert s.events == 2 and s.events_alarmed == 1 and len(s.missed) == 1

@@ -50,6 +50,7 @@ SECOND_DETECTOR_VARIANTS: dict[str, tuple[str, ...]] = {
             "ventricular_fibrillation"),
     "all but extreme_bradycardia": ("asystole", "extreme_tachycardia", "ventricular_tachycardia",
                                     "ventricular_fibrillation"),
+    "rates and VF": ("extreme_tachycardia", "ventricular_tachycardia", "ventricular_fibrillation"),
     "rates only": ("extreme_tachycardia", "ventricular_tachycardia"),
     "vetoes only": ("asystole", "extreme_bradycardia", "ventricular_fibrillation"),
 }

@@ -57,6 +57,7 @@ KEEPS_PHYSIOLOGICAL = frozenset({"saturation", "lead_fault"})
 KEEPS_LETHAL = frozenset({"poor_signal"})
 LETHAL = ("ventricular_fibrillation", "asystole")
 QRS_MATCH_S = 0.25  # the second QRS detector's complex this close to a beat is that beat (s)
+QRS_PAIR_S = 2.0  # missed complexes end a pause only in pairs this close (s): QRS activity, not one blip
 QRS_KEEP_S = 30.0  # the second QRS detector's complexes kept per device (s)
 RR_RESOLUTION_S = 1e-4  # beat times judged by the AF detector, relative to the first of its row (s)
 HISTORY_BEATS = AF_BEATS + 1  # beats kept per device: the longest rule (AF, 33 beats)
@@ -384,12 +385,14 @@ class DeviceAlarms:
         """No QRS from the last beat up to `analysed_until` (s); `ended`: a beat there ends the pause.
 
         Raised at the moment the pause reached `asystole_s`, on the beat time line: before the beat that
-        ends it, even when that beat comes out in the same window. A QRS the second detector found on a readable
-        lead after the last beat ends the pause too: no lead may show QRS activity.
+        ends it, even when that beat comes out in the same window. Two complexes the second detector found on a
+        clean lead after the last beat, QRS_PAIR_S or less apart, end the pause too: no lead may show QRS activity.
         """
         last = self.times[-1] if self.times else self.started
         if self._confirms("asystole"):
-            last = max([last, *self._missed(last, analysed_until)])
+            missed = self._missed(last, analysed_until)
+            paired = [b for a, b in zip(missed, missed[1:]) if b - a <= QRS_PAIR_S]  # a rhythm, not a blip of noise
+            last = max([last, *paired])
         silent = analysed_until - last
         onset = last + self.config.asystole_s
         if (silent < self.config.asystole_s or self._held_back(lethal=True)

@@ -41,6 +41,7 @@ from pipeline.detectors.qrs import ORGANIZED_BPM, QrsDetectorBank, QrsEvidence
 from pipeline.detectors.quality import quality_extra_features
 from pipeline.detectors.vf import vf_features
 
+CLEAN_P = 0.2  # the second QRS detector is heard on leads whose P(unreadable) from the quality detector is below this
 LEAD_WARMUP_S = 5.0  # a lead joins the decision once its filter and network have seen this much of it (s)
 # One device's window: (device id, lead names, samples (n_leads, n_samples) in mV at the device's fs).
 DeviceWindow = tuple[str, Sequence[str], NDArray[np.floating[Any]]]
@@ -128,6 +129,7 @@ class BeatStreams:
         self._qrs = QrsDetectorBank(capacity, self._recent.fs)
         self._vf_found = np.zeros(capacity, dtype=bool)
         self._unreadable = np.zeros(capacity, dtype=bool)
+        self._clean = np.zeros(capacity, dtype=bool)
         self._lead_flat = np.zeros(capacity, dtype=bool)
         self._lead_age_s = np.zeros(capacity)
 
@@ -174,7 +176,7 @@ class BeatStreams:
             array[:, slot] = 0.0
         self._recent.reset(np.array([slot]))
         self._qrs.reset(np.array([slot]), clock)
-        self._vf_found[slot] = self._unreadable[slot] = self._lead_flat[slot] = False
+        self._vf_found[slot] = self._unreadable[slot] = self._lead_flat[slot] = self._clean[slot] = False
         self._lead_age_s[slot] = 0.0
 
     def _set_leads(self, stream_id: str, leads: Sequence[str]) -> list[int]:
@@ -221,7 +223,8 @@ class BeatStreams:
                                  "recurrent": [a[:, s].tolist() for a in self._state],
                                  "recent": self._recent.save_slot(s), "qrs": self._qrs.save_slot(s),
                                  "vf_found": bool(self._vf_found[s]),
-                                 "unreadable": bool(self._unreadable[s]), "flat": bool(self._lead_flat[s]),
+                                 "unreadable": bool(self._unreadable[s]), "clean": bool(self._clean[s]),
+                                 "flat": bool(self._lead_flat[s]),
                                  "age_s": float(self._lead_age_s[s])})
         return doc
 
@@ -246,6 +249,7 @@ class BeatStreams:
             self._recent.load_slot(s, saved["recent"])
             self._qrs.load_slot(s, saved["qrs"])
             self._vf_found[s], self._unreadable[s] = bool(saved["vf_found"]), bool(saved["unreadable"])
+            self._clean[s] = bool(saved["clean"])
             self._lead_flat[s], self._lead_age_s[s] = bool(saved["flat"]), float(saved["age_s"])
 
     # --- what the analysis says ---------------------------------------------------------------
@@ -307,9 +311,11 @@ class BeatStreams:
                 if self._unreadable[s] and not self._lead_flat[s] and lead != primary]
 
     def qrs_evidence(self, stream_id: str) -> QrsEvidence:
-        """What the second QRS detector (`pipeline.detectors.qrs`) says of `stream_id` from its usable leads."""
+        """What the second QRS detector (`pipeline.detectors.qrs`) says of `stream_id` from its usable leads that the
+        signal-quality detector calls clean (P(unreadable) < CLEAN_P: noise it lets through as readable still
+        makes the second detector find complexes in a pause)."""
         slots = self._lead_array(stream_id)
-        slots = slots[self._usable(slots)]
+        slots = slots[self._usable(slots) & self._clean[slots]]
         rate = self._qrs.rate_bpm(slots)
         restart = float(self._restart_s[self._devices.of[stream_id]])
         organized = ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
@@ -433,7 +439,9 @@ class BeatStreams:
             self._vf_found[ready] = vf.probability(features) >= vf.threshold
         if quality is not None:
             features = np.hstack([features, quality_extra_features(x, self._recent.fs, spec)])
-            self._unreadable[ready] = quality.probability(features) >= quality.threshold
+            p = quality.probability(features)
+            self._unreadable[ready] = p >= quality.threshold
+            self._clean[ready] = p < CLEAN_P
 
     def _beat_stage(self, beat_slots: NDArray[np.int64], row: NDArray[np.int64], time_s: NDArray[np.float64],
                     picked: PickedBeats, real: NDArray[np.bool_], signal: SignalWindow
@@ -469,5 +477,6 @@ class BeatStreams:
         self._dsp.grow(capacity)
         self._recent.grow(capacity)
         self._qrs.grow(capacity)
-        self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s = (
-            _grown(a, capacity) for a in (self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s))
+        self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s, self._clean = (
+            _grown(a, capacity) for a in (self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s,
+                                          self._clean))
