@@ -11,6 +11,7 @@ times (s, Unix time of the ECG), so a replayed record gives the same alarms at a
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -391,7 +392,7 @@ class DeviceAlarms:
         last = self.times[-1] if self.times else self.started
         if self._confirms("asystole"):
             missed = self._missed(last, analysed_until)
-            paired = [b for a, b in zip(missed, missed[1:]) if b - a <= QRS_PAIR_S]  # a rhythm, not a blip of noise
+            paired = [b for a, b in itertools.pairwise(missed) if b - a <= QRS_PAIR_S]  # a rhythm, not a noise blip
             last = max([last, *paired])
         silent = analysed_until - last
         onset = last + self.config.asystole_s
