@@ -72,10 +72,11 @@ class QrsDetectorBank:
         self.sos = signal.butter(2, QRS_BAND_HZ, btype="bandpass", fs=fs, output="sos")
         self.zi = np.zeros((len(self.sos), n_slots, 2), dtype=np.float64)
         self.width = max(1, round(SMOOTH_S * fs))
-        self.decay = float(np.exp(-1.0 / (LEVEL_DECAY_S * fs)))
+        self.decay = float(np.exp(-1.0 / (LEVEL_DECAY_S * fs)))  # per sample
         self.last_x = np.zeros(n_slots, dtype=np.float64)
         self.smooth = np.zeros((n_slots, self.width), dtype=np.float64)
-        self.level = np.zeros(n_slots, dtype=np.float64)
+        self.level = np.zeros(n_slots, dtype=np.float64)  # the QRS level at sample number level_at
+        self.level_at = np.zeros(n_slots, dtype=np.int64)
         self.peak = np.zeros(n_slots, dtype=np.float64)  # the feature's peak in the complex being passed
         self.above = np.zeros(n_slots, dtype=bool)
         self.times_s = np.full((n_slots, RATE_BEATS), np.nan)  # oldest first (s, on the slot's clock)
@@ -87,6 +88,7 @@ class QrsDetectorBank:
         self.last_x[slots] = 0.0
         self.smooth[slots] = 0.0
         self.level[slots] = 0.0
+        self.level_at[slots] = clock
         self.peak[slots] = 0.0
         self.above[slots] = False
         self.times_s[slots] = np.nan
@@ -95,15 +97,16 @@ class QrsDetectorBank:
     def grow(self, n_slots: int) -> None:
         extra = n_slots - len(self.last_x)
         self.zi = np.concatenate([self.zi, np.zeros((len(self.sos), extra, 2))], axis=1)
-        for name, fill in (("last_x", 0.0), ("smooth", 0.0), ("level", 0.0), ("peak", 0.0), ("above", False),
-                           ("times_s", np.nan), ("seen", 0)):
+        for name, fill in (("last_x", 0.0), ("smooth", 0.0), ("level", 0.0), ("level_at", 0), ("peak", 0.0),
+                           ("above", False), ("times_s", np.nan), ("seen", 0)):
             array = getattr(self, name)
             setattr(self, name, np.concatenate([array, np.full((extra, *array.shape[1:]), fill, dtype=array.dtype)]))
 
     def save_slot(self, slot: int) -> dict[str, Any]:
         return {"zi": self.zi[:, slot].tolist(), "last_x": float(self.last_x[slot]),
                 "smooth": self.smooth[slot].tolist(),
-                "level": float(self.level[slot]), "peak": float(self.peak[slot]), "above": bool(self.above[slot]),
+                "level": float(self.level[slot]), "level_at": int(self.level_at[slot]),
+                "peak": float(self.peak[slot]), "above": bool(self.above[slot]),
                 "times_s": [None if np.isnan(t) else float(t) for t in self.times_s[slot]],
                 "seen": int(self.seen[slot])}
 
@@ -111,39 +114,58 @@ class QrsDetectorBank:
         self.zi[:, slot] = np.asarray(doc["zi"], dtype=np.float64).reshape(len(self.sos), 2)
         self.last_x[slot] = float(doc["last_x"])
         self.smooth[slot] = np.asarray(doc["smooth"], dtype=np.float64).reshape(self.width)
-        self.level[slot], self.peak[slot] = float(doc["level"]), float(doc["peak"])
+        self.level[slot], self.level_at[slot] = float(doc["level"]), int(doc["level_at"])
+        self.peak[slot] = float(doc["peak"])
         self.above[slot] = bool(doc["above"])
         self.times_s[slot] = [np.nan if t is None else float(t) for t in doc["times_s"]]
         self.seen[slot] = int(doc["seen"])
 
     def update(self, slots: NDArray[np.int64], x: NDArray[np.float32]) -> None:
-        """Take in the next samples `x` (n_slots, n) of each slot (band-passed mV at `fs`)."""
-        if x.shape[1] == 0:
+        """Take in the next samples `x` (n_slots, n) of each slot (band-passed mV at `fs`).
+
+        Event by event rather than sample by sample: every slot's next threshold crossing (a complex starting or
+        ending) is found over the whole chunk at once. The level decays as `decay` to the power of the samples
+        since it was last set (an integer), so chunks of any size give the same detections as one pass.
+        """
+        n = x.shape[1]
+        if n == 0:
             return
         x64, self.zi[:, slots] = signal.sosfilt(self.sos, x.astype(np.float64), axis=1, zi=self.zi[:, slots])
         slope = np.abs(np.diff(np.concatenate([self.last_x[slots, None], x64], axis=1), axis=1)) * self.fs
         joined = np.concatenate([self.smooth[slots], slope], axis=1)
         csum = np.cumsum(np.concatenate([np.zeros((len(slots), 1)), joined], axis=1), axis=1)
         feature = (csum[:, self.width:] - csum[:, :-self.width])[:, 1:] / self.width  # (n_slots, n)
-        level, peak, above = self.level[slots], self.peak[slots], self.above[slots]
-        times, seen = self.times_s[slots], self.seen[slots]
-        for i in range(x.shape[1]):
-            f = feature[:, i]
-            level = level * self.decay
-            t = (seen + i + 1) / self.fs
-            now_above = f > np.maximum(GAIN_FRACTION * level, FLOOR_MV_S)
-            onset = now_above & ~above & ~(t - times[:, -1] < REFRACTORY_S)  # NaN (no detection yet): not refractory
+        level, level_at = self.level[slots], self.level_at[slots]
+        peak, above, times = self.peak[slots], self.above[slots], self.times_s[slots]
+        rows = np.arange(len(slots))
+        sample = self.seen[slots, None] + np.arange(1, n + 1)[None, :]  # each column's sample number
+        pos = np.zeros(len(slots), dtype=np.int64)  # each slot's next column to judge
+        while (pos < n).any():
+            todo = np.arange(n)[None, :] >= pos[:, None]
+            threshold = np.maximum(GAIN_FRACTION * level[:, None] * self.decay ** (sample - level_at[:, None]),
+                                   FLOOR_MV_S)
+            change = todo & ((feature > threshold) != above[:, None])
+            has = change.any(axis=1)
+            j = np.where(has, change.argmax(axis=1), n)
+            inside = todo & (np.arange(n)[None, :] < j[:, None]) & above[:, None] & (peak[:, None] > 0)
+            peak = np.maximum(peak, np.where(inside, feature, 0.0).max(axis=1))  # the complex so far
+            at = np.minimum(j, n - 1)
+            t = sample[rows, at] / self.fs
+            rise = has & ~above
+            onset = rise & ~(t - times[:, -1] < REFRACTORY_S)  # NaN (no detection yet): not refractory
             if onset.any():
-                rows = np.flatnonzero(onset)
-                times[rows] = np.concatenate([times[rows, 1:], t[rows, None]], axis=1)
-            peak = np.where(onset | (now_above & (peak > 0)), np.maximum(peak, f), peak)  # in a detected complex
-            ended = ~now_above & (peak > 0)
-            weight = np.where(peak > level, LEVEL_RISE_WEIGHT, LEVEL_WEIGHT)
-            level = np.where(ended, np.where(level > 0, (1 - weight) * level + weight * peak, peak), level)
+                times[onset] = np.concatenate([times[onset, 1:], t[onset, None]], axis=1)
+            peak = np.where(onset, feature[rows, at], peak)
+            ended = has & above & (peak > 0)
+            now = level * self.decay ** (sample[rows, at] - level_at)
+            weight = np.where(peak > now, LEVEL_RISE_WEIGHT, LEVEL_WEIGHT)
+            level = np.where(ended, np.where(now > 0, (1 - weight) * now + weight * peak, peak), level)
+            level_at = np.where(ended, sample[rows, at], level_at)
             peak = np.where(ended, 0.0, peak)
-            above = now_above
-        self.level[slots], self.peak[slots], self.above[slots] = level, peak, above
-        self.times_s[slots], self.seen[slots] = times, seen + x.shape[1]
+            above = np.where(has, ~above, above)
+            pos = j + 1
+        self.level[slots], self.level_at[slots], self.peak[slots], self.above[slots] = level, level_at, peak, above
+        self.times_s[slots], self.seen[slots] = times, self.seen[slots] + n
         self.last_x[slots] = x64[:, -1]
         self.smooth[slots] = joined[:, -self.width:]
 
