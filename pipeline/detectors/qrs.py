@@ -123,9 +123,10 @@ class QrsDetectorBank:
     def update(self, slots: NDArray[np.int64], x: NDArray[np.float32]) -> None:
         """Take in the next samples `x` (n_slots, n) of each slot (band-passed mV at `fs`).
 
-        Event by event rather than sample by sample: every slot's next threshold crossing (a complex starting or
-        ending) is found over the whole chunk at once. The level decays as `decay` to the power of the samples
-        since it was last set (an integer), so chunks of any size give the same detections as one pass.
+        Complex by complex rather than sample by sample: every slot's next complex (where the feature rises above
+        its threshold and where it falls again) is found over the whole chunk at once. The level decays as `decay`
+        to the power of the samples since it was last set (an integer), so chunks of any size give the same
+        detections as one pass.
         """
         n = x.shape[1]
         if n == 0:
@@ -137,33 +138,38 @@ class QrsDetectorBank:
         feature = (csum[:, self.width:] - csum[:, :-self.width])[:, 1:] / self.width  # (n_slots, n)
         level, level_at = self.level[slots], self.level_at[slots]
         peak, above, times = self.peak[slots], self.above[slots], self.times_s[slots]
-        rows = np.arange(len(slots))
-        sample = self.seen[slots, None] + np.arange(1, n + 1)[None, :]  # each column's sample number
+        rows, columns = np.arange(len(slots)), np.arange(n)[None, :]
+        sample = self.seen[slots, None] + columns + 1  # each column's sample number
         pos = np.zeros(len(slots), dtype=np.int64)  # each slot's next column to judge
         while (pos < n).any():
-            todo = np.arange(n)[None, :] >= pos[:, None]
+            # one step per slot: the rest of a complex already begun, else the next complex whole (the level only
+            # changes when a complex ends, so one threshold row serves its start and its end)
             threshold = np.maximum(GAIN_FRACTION * level[:, None] * self.decay ** (sample - level_at[:, None]),
                                    FLOOR_MV_S)
-            change = todo & ((feature > threshold) != above[:, None])
-            has = change.any(axis=1)
-            j = np.where(has, change.argmax(axis=1), n)
-            inside = todo & (np.arange(n)[None, :] < j[:, None]) & above[:, None] & (peak[:, None] > 0)
-            peak = np.maximum(peak, np.where(inside, feature, 0.0).max(axis=1))  # the complex so far
-            at = np.minimum(j, n - 1)
-            t = sample[rows, at] / self.fs
-            rise = has & ~above
-            onset = rise & ~(t - times[:, -1] < REFRACTORY_S)  # NaN (no detection yet): not refractory
+            crossing = feature > threshold
+            todo = columns >= pos[:, None]
+            rising = todo & crossing & ~above[:, None]
+            rose = rising.any(axis=1)
+            start = np.where(above, pos, np.where(rose, rising.argmax(axis=1), n))
+            falling = (columns >= (start + ~above)[:, None]) & ~crossing  # a complex begun falls from pos on
+            falls = falling.any(axis=1) & (start < n)
+            end = np.where(falls, falling.argmax(axis=1), n)
+            t = sample[rows, np.minimum(start, n - 1)] / self.fs
+            onset = rose & ~above & ~(t - times[:, -1] < REFRACTORY_S)  # NaN (no detection yet): not refractory
             if onset.any():
                 times[onset] = np.concatenate([times[onset, 1:], t[onset, None]], axis=1)
-            peak = np.where(onset, feature[rows, at], peak)
-            ended = has & above & (peak > 0)
+            inside = (columns >= start[:, None]) & (columns < end[:, None])
+            in_complex = onset | (above & (peak > 0))  # a refractory crossing is no complex
+            peak = np.where(in_complex, np.maximum(peak, np.where(inside, feature, 0.0).max(axis=1)), peak)
+            ended = falls & (peak > 0)
+            at = np.minimum(end, n - 1)
             now = level * self.decay ** (sample[rows, at] - level_at)
             weight = np.where(peak > now, LEVEL_RISE_WEIGHT, LEVEL_WEIGHT)
             level = np.where(ended, np.where(now > 0, (1 - weight) * now + weight * peak, peak), level)
             level_at = np.where(ended, sample[rows, at], level_at)
             peak = np.where(ended, 0.0, peak)
-            above = np.where(has, ~above, above)
-            pos = j + 1
+            above = np.where(start < n, ~falls, above)
+            pos = np.where(start < n, end + 1, n)
         self.level[slots], self.level_at[slots], self.peak[slots], self.above[slots] = level, level_at, peak, above
         self.times_s[slots], self.seen[slots] = times, self.seen[slots] + n
         self.last_x[slots] = x64[:, -1]
