@@ -205,11 +205,12 @@ class MqttSink:
             self._publish_lossy(self._topics.beats(doc["device"]), doc)
 
     def alarm(self, doc: dict[str, Any]) -> None:
-        """The event (QoS 1), and the open-alarm list: its retained copy, emptied when it clears."""
+        """The open-alarm list first (its retained copy, emptied when it clears), then the event (QoS 1): in that order
+        on one connection, whoever has seen the event will find the copy, a daemon restarted after kill -9 too."""
         payload = encode_json(doc)
-        self._client.publish_tracked(self._topics.alarms(doc["device"]), payload)
         active = self._topics.active(doc["device"], doc["type"])
         self._client.publish_tracked(active, b"" if doc["state"] == "cleared" else payload, retain=True)
+        self._client.publish_tracked(self._topics.alarms(doc["device"]), payload)
 
     def open_alarm(self, doc: dict[str, Any]) -> None:
         """Its retained copy again."""
