@@ -75,7 +75,7 @@ def scrape(port: int) -> dict[str, float]:
 def test_a_sustained_overload_loses_no_alarm_silently_and_leaves_the_open_alarms_right(
         tmp_path: Path, broker: LocalBroker, serve_process: Callable[..., subprocess.Popen[str]],
         collect: Callable[[str], Collector]) -> None:
-    """60 s of several times what the daemon can analyse, at QoS 1: every alarm event it emits reaches a QoS 1
+    """20 s of several times what the daemon can analyse, at QoS 1: every alarm event it emits reaches a QoS 1
     subscriber or is counted lost, and afterwards the retained open alarms are exactly the daemon's open alarms."""
     events, status = collect(TOPICS.alarms()), collect(TOPICS.status)
     stats = collect(TOPICS.stats)
@@ -87,7 +87,7 @@ def test_a_sustained_overload_loses_no_alarm_silently_and_leaves_the_open_alarms
     publisher = MqttClient(broker.host, broker.port, "overload-publisher")
     publisher.connect()
     try:
-        end, seq = time.monotonic() + 60.0, 0
+        end, seq = time.monotonic() + 20.0, 0
         while time.monotonic() < end:  # 200 devices as fast as the broker takes them
             for device in range(200):
                 publisher.publish_tracked(TOPICS.ecg(f"bed-{device}"),

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import ssl
 import threading
 import time
@@ -48,6 +49,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from pipeline.io import messages
+from pipeline.io.codec import DecodeError, decode_window
 from pipeline.io.mqtt import ConnectError, Topics
 from pipeline.io.sources import Deliver, DeviceStates
 
@@ -56,10 +58,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 MEMBER_TIMEOUT_S = 5.0
 LEAVING = b"leaving"  # the last heartbeat of a daemon that stops
-# A daemon that becomes a partition's consumer gets the windows its previous consumer had taken and not
+# A daemon that becomes a partition's consumer may get the windows its previous consumer had taken and not
 # acknowledged after the windows published since (RabbitMQ 3.10 activates the next single active consumer before
-# it returns the previous one's), so for this long it gives the daemon the returned (redelivered) windows at once
-# and holds the new ones back: every returned window is older than every new one (s).
+# it returns the previous one's), and the returned ones in any order, so for this long it holds every window back,
+# then gives them to the daemon in the order of their start times (s).
 HANDOFF_GRACE_S = 1.0
 # A partition's state queue keeps its newest checkpoints, each with a version (`VERSION` header: nanoseconds, and
 # above the version it follows), and a restore takes the highest: a checkpoint that the cluster refused to confirm
@@ -101,6 +103,14 @@ def routing_key(topic: str) -> str:
 
 
 _MQTT_SWAP = str.maketrans("/.", "./")
+
+
+def start_time(payload: bytes) -> float:
+    """A window's t0 (s, the device's clock); -inf for one the daemon will reject (it goes first)."""
+    try:
+        return decode_window(payload, max_bytes=len(payload)).t0
+    except DecodeError:
+        return -math.inf
 
 
 def owners(partitions: int, members: list[str]) -> list[str]:
@@ -275,7 +285,7 @@ class PartitionedSource:
                 if self._restore(p):  # it had an owner before, whose windows may come back after newer ones
                     consumer.held, consumer.hold_until = [], time.monotonic() + HANDOFF_GRACE_S
             device = routing_key(method.routing_key[prefix_len:])
-            if consumer.held is not None and not method.redelivered:
+            if consumer.held is not None:
                 consumer.held.append((device, body, method.delivery_tag))
             else:
                 self._hand(consumer, device, body, method.delivery_tag)
@@ -414,7 +424,7 @@ class PartitionedSource:
         for consumer in self._consumers.values():
             if consumer.held is not None and now >= consumer.hold_until and not consumer.releasing:
                 held, consumer.held = consumer.held, None
-                for device, body, tag in held:
+                for device, body, tag in sorted(held, key=lambda window: start_time(window[1])):
                     self._hand(consumer, device, body, tag)
         if self._answer_due is not None and now >= self._answer_due:
             self._answer_due, self._last_answer = None, now
