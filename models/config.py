@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.analysis.aami import MODEL_CLASSES
+from pipeline.analysis.aami import AAMI_CLASSES, MODEL_CLASSES
 from pipeline.analysis.beat_context import FEATURE_NAMES
+from pipeline.detectors.rhythm import RHYTHM_CLASSES, RHYTHM_FEATURE_NAMES
 
 
 class ModelConfig(BaseModel):
@@ -40,12 +41,31 @@ class ModelConfig(BaseModel):
         return self.output_delay_frames * self.frame_size / self.fs
 
 
-class BeatStageConfig(BaseModel):
-    """The beat-sequence network: a recurrent cell stepping once per detected beat over `pipeline.analysis.beat_context`
-    features, re-deciding each beat's AAMI class with the stream's rhythm in view."""
+class StageConfig(BaseModel):
+    """A sequence stage: a dense layer and a GRU stepping once per event (a beat, a window) over named features,
+    giving each step's class probabilities."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    feature_names: tuple[str, ...] = Field(FEATURE_NAMES, description="per-beat inputs, in order")
+    feature_names: tuple[str, ...] = Field(description="inputs of each step, in order")
+    classes: tuple[str, ...] = Field(description="outputs of each step, in order")
     hidden_size: int = Field(32, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class BeatStageConfig(StageConfig):
+    """The beat-sequence network: steps once per detected beat over `pipeline.analysis.beat_context` features,
+    re-deciding each beat's AAMI class with the stream's rhythm in view."""
+
+    feature_names: tuple[str, ...] = Field(FEATURE_NAMES, description="per-beat inputs, in order")
+    classes: tuple[str, ...] = Field(AAMI_CLASSES, description="AAMI classes, in order")
+
+
+class RhythmStageConfig(StageConfig):
+    """The rhythm network: steps once per window of each lead over `pipeline.detectors.rhythm` features, saying
+    which rhythm the lead shows."""
+
+    feature_names: tuple[str, ...] = Field(RHYTHM_FEATURE_NAMES, description="per-window inputs, in order")
+    classes: tuple[str, ...] = Field(RHYTHM_CLASSES, description="rhythm classes, in order")
+    hidden_size: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)

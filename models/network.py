@@ -1,5 +1,6 @@
-"""The two causal recurrent networks: frames of filtered ECG -> per-frame beat classes (`BeatNet`), and
-detected beats with their rhythm context -> each beat's AAMI class (`BeatSequenceNet`).
+"""The causal recurrent networks: frames of filtered ECG -> per-frame beat classes (`BeatNet`), and the sequence
+stages (`StageNet`): detected beats with their rhythm context -> each beat's AAMI class, each lead's windows ->
+its rhythm.
 
 Every frame (``frame_size`` samples at ``fs`` Hz) goes through a small dense encoder, a
 unidirectional recurrent cell (LSTM, GRU or vanilla RNN) and a linear head over
@@ -14,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.config import BeatStageConfig, ModelConfig
-from pipeline.analysis.aami import AAMI_CLASSES
+from models.config import ModelConfig, StageConfig
 
 State = tuple[Tensor, ...]
 
@@ -66,17 +66,17 @@ class BeatNet(nn.Module):
         return hidden, (tuple(new_state) if isinstance(new_state, tuple) else (new_state,))
 
 
-class BeatSequenceNet(nn.Module):
-    """Per-beat features -> dense layer -> GRU, one step per beat -> AAMI class logits.
+class StageNet(nn.Module):
+    """Per-step features -> dense layer -> GRU, one step per beat or window -> class logits (`config.classes`).
 
     The features are standardised inside the network (`feature_mean`, `feature_std`, set from the training
-    beats), so the exported graph takes the raw features of `pipeline.analysis.beat_context`.
+    steps), so the exported graph takes the raw features.
     """
 
     feature_mean: Tensor
     feature_std: Tensor
 
-    def __init__(self, config: BeatStageConfig) -> None:
+    def __init__(self, config: StageConfig) -> None:
         super().__init__()
         self.config = config
         n_features = len(config.feature_names)
@@ -85,14 +85,14 @@ class BeatSequenceNet(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(n_features, config.hidden_size), nn.GELU())
         self.rnn = nn.GRU(config.hidden_size, config.hidden_size, batch_first=True)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, len(AAMI_CLASSES))
+        self.head = nn.Linear(config.hidden_size, len(config.classes))
 
     def initial_state(self, batch_size: int) -> Tensor:
         """Zero state of shape (1, batch_size, hidden_size)."""
         return torch.zeros(1, batch_size, self.config.hidden_size, device=self.feature_mean.device)
 
     def forward(self, features: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """features (batch, beats, n_features), state (1, batch, hidden) -> (logits (batch, beats, 5), new state)."""
+        """features (batch, steps, n_features), state (1, batch, hidden) -> logits (batch, steps, classes), state."""
         x = (features - self.feature_mean) / self.feature_std
         hidden, new_state = self.rnn(self.encoder(x), state)
         return self.head(self.dropout(hidden)), new_state

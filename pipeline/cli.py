@@ -130,6 +130,19 @@ def cmd_train_af(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rhythm(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config, validate_config
+    from train.config import RhythmTrainConfig, apply_overrides
+    from train.rhythm import format_rhythm_report, train_rhythm
+
+    stage = validate_config(RhythmTrainConfig, apply_overrides({}, _overrides(args.set)), "--set")
+    report = train_rhythm(args.model, args.out, args.report_dir, args.physionet_dir, load_config(args.config).alarms,
+                          stage, args.folds, args.seeds, tuple(args.records))
+    print(format_rhythm_report(report))
+    print(f"wrote {args.out}; report in {args.report_dir / 'rhythm-cv.json'}")
+    return 0
+
+
 def cmd_build_model(args: argparse.Namespace) -> int:
     from train.build import build_model
     from train.evaluate import format_summary
@@ -359,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0, help="Challenge 2015 records: also cross-validate (this many "
                    "folds by record, 5 seeds) the choice of which alarms use the second QRS detector")
 
-    def add_detector_training(p: argparse.ArgumentParser, report: str) -> None:
+    def add_detector_training(p: argparse.ArgumentParser, report: str, one_lead: bool = True) -> None:
         p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model to add the detector to")
         p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write")
         p.add_argument("--report-dir", type=Path, default=Path("docs/alarms"), help=f"where {report} goes")
@@ -368,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
         p.add_argument("--physionet-dir", type=Path, default=DEFAULT_PHYSIONET_DIR,
                        help="folder of WFDB databases; missing records are downloaded")
-        p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
+        if one_lead:
+            p.add_argument("--lead", default="MLII", help="lead to use where present (else the first lead)")
 
     p = add("train-vf", cmd_train_vf, "Fit the VF detector on cudb and MIT-BIH DS1, cross-validate its alarm by "
             "patient folds, choose its threshold, and write it into the model's metadata.")
@@ -392,6 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
             "5-fold cross-validation with the Challenge's own score, and write it into the model's metadata.")
     add_detector_training(p, "af-cv.json")
     p.add_argument("--challenge-limit", type=int, help="use only the first N Challenge recordings (tests)")
+
+    p = add("train-rhythm", cmd_train_rhythm, "Train the rhythm stage (every lead of cudb, MIT-BIH DS1, the "
+            "Challenge 2015 ICU alarms, nstdb noise), choose which ventricular alarms it raises and at which threshold "
+            "by cross-validated alarm scores, and attach it to the model.")
+    add_detector_training(p, "rhythm-cv.json", one_lead=False)
+    p.add_argument("--records", nargs="+", default=["cudb/all", "mitdb/DS1", "challenge-2015/all"],
+                   help="records to train and cross-validate on (DS2 is refused)")
+    p.add_argument("--seeds", type=int, default=2, help="random deals of the records into folds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting, e.g. --set epochs=10 or model.hidden_size=16")
 
     p = add("build-model", cmd_build_model, "Train, export and evaluate in one go: the shipped model's recipe.")
     p.add_argument("--config", type=Path, default=Path("configs/train-lstm.yaml"))

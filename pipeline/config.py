@@ -96,6 +96,8 @@ SecondDetectorAlarm = Literal["asystole", "extreme_bradycardia", "extreme_tachyc
                              "ventricular_fibrillation"]
 # Chosen by 5-fold cross-validation on the Challenge 2015 ICU alarms (docs/alarms): the asystole and extreme
 # bradycardia checks are left out, they held back true alarms there (1 and 3) for few false ones (2 and 3).
+RhythmStageAlarm = Literal["ventricular_tachycardia", "ventricular_fibrillation"]
+RHYTHM_STAGE_DEFAULT: tuple[RhythmStageAlarm, ...] = ()
 SECOND_DETECTOR_DEFAULT: tuple[SecondDetectorAlarm, ...] = (
     "extreme_tachycardia", "ventricular_tachycardia", "ventricular_fibrillation")
 
@@ -130,6 +132,14 @@ class AlarmConfig(Strict):
         "QRS detector (slope energy, every readable lead) into account: asystole ends at any complex it finds, extreme "
         "bradycardia must be slow with the complexes it found that the network missed, extreme tachycardia and VT "
         "count those complexes in their rate, VF is not raised while a lead without VF shows organized complexes")
+    rhythm_stage: list[RhythmStageAlarm] = Field(
+        default_factory=lambda: list(RHYTHM_STAGE_DEFAULT), description="ventricular alarms the rhythm stage (a model "
+        "that has one: `pipeline.detectors.rhythm`) raises besides their usual rule: ventricular_tachycardia while it "
+        "shows VT, ventricular_fibrillation while it shows VF (each after its own confirmation time)")
+    rhythm_vt_confirm_s: float = Field(1.0, ge=0, description="ventricular_tachycardia from the rhythm stage: it shows "
+                                       "VT without a break for this long (s; its threshold is in the model's metadata)")
+    rhythm_vt_clear_s: float = Field(5.0, gt=0, description="ventricular_tachycardia raised by the rhythm stage clears "
+                                     "this long after it last showed VT, once the beats show no V run (s)")
     vf_confirm_s: float = Field(1.0, ge=0, description="ventricular_fibrillation: the VF detector says VF without "
                                 "a break for this long (s; its threshold is in the model's metadata)")
     vf_clear_s: float = Field(5.0, gt=0, description="ventricular_fibrillation clears this long after the "

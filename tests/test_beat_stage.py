@@ -19,9 +19,9 @@ from pipeline.analysis.model import BEAT_STAGE_KEY, BeatModel, ModelError
 from pipeline.analysis.streams import BeatStreams
 from pipeline.cli import main
 from pipeline.tools.records import load_record
-from train.beat_stage import beat_sequence, beat_stage_onnx, classify, fold_model, train_beat_stage
+from train.beat_stage import beat_sequence, classify, fold_model, train_beat_stage
 from train.config import BeatStageTrainConfig
-from train.export import versioned
+from train.export import stage_onnx, versioned
 from train.trainer import DataLeakError
 
 COLUMN = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -174,7 +174,7 @@ def test_beat_stage_torch_and_onnx_agree(tiny_cv: Path, physionet: Path) -> None
     net = train_beat_stage([sequence], config, seed=0)
     import onnxruntime as ort
 
-    session = ort.InferenceSession(beat_stage_onnx(net), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(stage_onnx(net), providers=["CPUExecutionProvider"])
     state = np.zeros((1, 1, 8), dtype=np.float32)
     probs = []
     for row in sequence.features:  # one beat at a time, as the daemon steps it

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.alarms.rules import ALARM_TYPES, AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
-from pipeline.analysis.model import BeatModel
+from pipeline.analysis.model import BeatModel, rhythm_thresholds
 from pipeline.analysis.streams import BeatStreams
 from pipeline.config import AlarmConfig
 from pipeline.detectors.qrs import QrsEvidence
@@ -65,7 +65,8 @@ class RecordAlarms:
 class AnalysedWindow:
     """One record's window after the daemon's analysis: its beats (R-peak time s, AAMI class), signal check,
     the time up to which every beat has been emitted (s), the VF detector's verdict, the recent signal the
-    detectors judged (`BeatStreams.recent_signal`) and the second QRS detector's evidence."""
+    detectors judged (`BeatStreams.recent_signal`), the second QRS detector's evidence and the rhythm stage's
+    verdict."""
 
     record: int
     window: Window
@@ -75,6 +76,7 @@ class AnalysedWindow:
     vf_found: bool
     recent_mv: NDArray[np.float32] | None
     qrs: QrsEvidence
+    rhythm: dict[str, float] | None
 
 
 def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -97,7 +99,8 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
                                     strict=True):
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
-                                 streams.vf_found(name), streams.recent_signal(name), streams.qrs_evidence(name))
+                                 streams.vf_found(name), streams.recent_signal(name), streams.qrs_evidence(name),
+                                 streams.rhythm(name))
 
 
 def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -114,12 +117,15 @@ def run_devices(model: BeatModel, records: list[EcgRecord], config: AlarmConfig,
     return events[0], beats
 
 
-def run_variants(model: BeatModel, records: list[EcgRecord], configs: list[AlarmConfig], window_s: float
+def run_variants(model: BeatModel, records: list[EcgRecord], configs: list[AlarmConfig], window_s: float,
+                 thresholds: list[dict[str, float]] | None = None
                  ) -> tuple[list[list[list[AlarmEvent]]], list[list[tuple[float, str]]]]:
     """`run_devices` with the alarm rules of several configs over one analysis (the first config's `flat_mv` and
-    signal checks): events per config per record, and the beats."""
-    alarms = [[DeviceAlarms(r.name, c, model.info.version, 0.0, model.info.af_detector) for r in records]
-              for c in configs]
+    signal checks): events per config per record, and the beats. `thresholds`: the rhythm stage's thresholds of
+    each config (default: the model's)."""
+    thresholds = thresholds or [rhythm_thresholds(model)] * len(configs)
+    alarms = [[DeviceAlarms(r.name, c, model.info.version, 0.0, model.info.af_detector, t) for r in records]
+              for c, t in zip(configs, thresholds, strict=True)]
     events: list[list[list[AlarmEvent]]] = [[[] for _ in records] for _ in configs]
     beats: list[list[tuple[float, str]]] = [[] for _ in records]
     for w in analyse_records(model, records, configs[0], window_s):
@@ -127,7 +133,7 @@ def run_variants(model: BeatModel, records: list[EcgRecord], configs: list[Alarm
             device = devices[w.record]
             p_af = af_probabilities(model.info.af_detector, [device], [w.beats])[0]
             variant[w.record] += device.on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
-                                                  w.analysed_until_s, w.vf_found, p_af, w.qrs)
+                                                  w.analysed_until_s, w.vf_found, p_af, w.qrs, w.rhythm)
         beats[w.record] += w.beats
     return events, beats
 
@@ -169,14 +175,25 @@ def load_alarm_records(specs: list[str], physionet_dir: Path, leads: list[str] |
 def collect_records(model: BeatModel, named: list[tuple[str, EcgRecord]], rhythm_of: dict[str, list[Episode]],
                     config: AlarmConfig, window_s: float) -> list[RecordAlarms]:
     """Each record's alarms from the daemon's analysis, beside its reference."""
-    events_of = run_alarms(model, [r for _, r in named], config, window_s)
+    return collect_variants(model, named, rhythm_of, [config], window_s)[0]
+
+
+def collect_variants(model: BeatModel, named: list[tuple[str, EcgRecord]], rhythm_of: dict[str, list[Episode]],
+                     configs: list[AlarmConfig], window_s: float, thresholds: list[dict[str, float]] | None = None
+                     ) -> list[list[RecordAlarms]]:
+    """`collect_records` under the alarm rules of several configs over one analysis (`run_variants`); the
+    reference events follow the first config."""
+    events_of, _ = run_variants(model, [r for _, r in named], configs, window_s, thresholds)
+    references = {name: merge_adjacent([*rhythm_of[name], *reference_events(record, configs[0], rhythm_of[name],
+                                                                           window_s)]) for name, record in named}
     out = []
-    for (name, record), events in zip(named, events_of, strict=True):
-        duration_s = len(record.signal_mv) / record.fs
-        rhythm = rhythm_of[name]
-        references = merge_adjacent([*rhythm, *reference_events(record, config, rhythm, window_s)])
-        alarms = alarm_episodes(((e.alarm_id, e.type, e.state, e.time) for e in events), duration_s)
-        out.append(RecordAlarms(name, record, duration_s, alarms, rhythm, references))
+    for variant in events_of:
+        results = []
+        for (name, record), events in zip(named, variant, strict=True):
+            duration_s = len(record.signal_mv) / record.fs
+            alarms = alarm_episodes(((e.alarm_id, e.type, e.state, e.time) for e in events), duration_s)
+            results.append(RecordAlarms(name, record, duration_s, alarms, rhythm_of[name], references[name]))
+        out.append(results)
     return out
 
 

@@ -11,13 +11,9 @@ beats from fold i's frame model, patients neither stage saw.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,24 +23,19 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from models.network import BeatSequenceNet
+from models.network import StageNet
 from pipeline.analysis.aami import AAMI_CLASSES
 from pipeline.analysis.beat_context import record_features
 from pipeline.analysis.beats import LEAD_FUSION, BeatPickerState, fuse_leads, lead_weights, pick_beats, r_peak_time_s
 from pipeline.analysis.dsp import Preprocessor
 from pipeline.analysis.model import (
-    BEAT_STATE_INPUT,
-    FEATURES_INPUT,
-    PROBS_OUTPUT,
-    STATE_OUT_SUFFIX,
     BeatModel,
-    BeatStageInfo,
 )
 from pipeline.tools.records import EcgRecord, load_records
 from train.config import BeatStageTrainConfig
 from train.ec57 import Ec57Stats, confusion, empty_matrix, match_beats
 from train.evaluate import evaluate
-from train.export import export_recurrent, read_metadata, versioned, write_metadata
+from train.export import attach_stage, write_metadata
 from train.trainer import check_not_ds2
 
 log = logging.getLogger(__name__)
@@ -126,12 +117,12 @@ def out_of_fold_sequences(cv_dir: Path, physionet_dir: Path, leads: list[str] | 
     return sequences, cv
 
 
-def train_beat_stage(sequences: list[BeatSequence], config: BeatStageTrainConfig, seed: int) -> BeatSequenceNet:
+def train_beat_stage(sequences: list[BeatSequence], config: BeatStageTrainConfig, seed: int) -> StageNet:
     """Fit a beat stage to the labelled beats of `sequences` (class-weighted cross-entropy, AdamW, cosine)."""
     torch.manual_seed(seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(seed)
-    net = BeatSequenceNet(config.model)
+    net = StageNet(config.model)
     every = np.concatenate([s.features for s in sequences])
     net.feature_mean.copy_(torch.from_numpy(every.mean(axis=0)))
     net.feature_std.copy_(torch.from_numpy(every.std(axis=0) + 1e-6))
@@ -170,7 +161,7 @@ def _segments(sequences: list[BeatSequence], length: int) -> tuple[Tensor, Tenso
 
 
 @torch.no_grad()
-def classify(net: BeatSequenceNet, sequence: BeatSequence) -> NDArray[np.str_]:
+def classify(net: StageNet, sequence: BeatSequence) -> NDArray[np.str_]:
     """The beat stage's AAMI class of every beat of a sequence, one pass."""
     if not len(sequence.features):
         return np.zeros(0, dtype=np.str_)
@@ -212,45 +203,12 @@ def _mean_std(values: list[float]) -> list[float]:
     return [float(np.mean(defined)), float(np.std(defined))] if defined else [math.nan, math.nan]
 
 
-class _StreamingBeatStage(nn.Module):
-    """The beat stage as the daemon runs it: probabilities instead of logits."""
-
-    def __init__(self, net: BeatSequenceNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, features: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        logits, new_state = self.net(features, state)
-        return torch.softmax(logits, dim=-1), new_state
-
-
-def beat_stage_onnx(net: BeatSequenceNet) -> bytes:
-    """The beat stage as an ONNX graph: features (batch, beats, n) and h in, probs and h_out out."""
-    state_out = BEAT_STATE_INPUT + STATE_OUT_SUFFIX
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "beat_stage.onnx"
-        export_recurrent(_StreamingBeatStage(net).eval(),
-                         (torch.zeros(2, 3, len(net.config.feature_names)), net.initial_state(2)), path,
-                         [FEATURES_INPUT, BEAT_STATE_INPUT], [PROBS_OUTPUT, state_out],
-                         {FEATURES_INPUT: {0: "batch", 1: "beats"}, PROBS_OUTPUT: {0: "batch", 1: "beats"},
-                          BEAT_STATE_INPUT: {1: "batch"}, state_out: {1: "batch"}})
-        return path.read_bytes()
-
-
-def attach_beat_stage(model_path: Path, out: Path, net: BeatSequenceNet, training_data: str,
+def attach_beat_stage(model_path: Path, out: Path, net: StageNet, training_data: str,
                       cv_metrics: dict[str, Any]) -> BeatModel:
-    """Copy the frame model at `model_path` to `out` with `net` as its beat stage (frame weights untouched)."""
-    graph = beat_stage_onnx(net)
-    digest = hashlib.sha256(graph).hexdigest()[:12]
-    stage = BeatStageInfo(**net.config.model_dump(), version=digest, training_data=training_data,
-                          cv_metrics=cv_metrics)
-    frame_info = read_metadata(model_path)
-    info = frame_info.model_copy(update={"beat_stage": stage, "version": versioned(frame_info.version, "beats", digest),
-                                         "ds2_metrics": {}})
-    if out != model_path:
-        shutil.copy(model_path, out)
-    write_metadata(out, info, base64.b64encode(graph).decode("ascii"))
-    return BeatModel(out)
+    """Copy the frame model at `model_path` to `out` with `net` as its beat stage (frame weights untouched; its DS2
+    figures dropped until `build_beat_stage` scores both stages)."""
+    return attach_stage(model_path, out, net, "beat_stage",
+                        {"training_data": training_data, "cv_metrics": cv_metrics}, {"ds2_metrics": {}})
 
 
 def build_beat_stage(cv_dir: Path, model_path: Path, out: Path, report_dir: Path, physionet_dir: Path,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
-from models.config import BeatStageConfig, ModelConfig
+from models.config import BeatStageConfig, ModelConfig, RhythmStageConfig
 from pipeline.analysis.dsp import FilterSpec
 from pipeline.config import ConfigError, Strict, validate_config
 from pipeline.tools import DEFAULT_PHYSIONET_DIR
@@ -106,6 +106,18 @@ class BeatStageTrainConfig(Strict):
     loss_weight_power: float = Field(0.5, ge=0, description="loss weight of class c = (n_N / n_c) ** power")
     loss_weight_max: float = Field(10.0, ge=1)
     threads: int = Field(2, ge=1)
+
+
+class RhythmTrainConfig(Strict):
+    """Training of the rhythm stage on each lead's windows (`ecgmon train-rhythm`)."""
+
+    model: RhythmStageConfig = RhythmStageConfig()
+    epochs: int = Field(20, ge=1)
+    segment_windows: int = Field(120, ge=8, description="windows per training segment (state starts at zero)")
+    batch_segments: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate, cosine decay")
+    loss_weight_power: float = Field(1.0, ge=0, description="loss weight of class c = (n_max / n_c) ** power")
+    loss_weight_max: float = Field(50.0, ge=1)
 
 
 def load_train_config(path: Path, overrides: dict[str, object] | None = None) -> TrainConfig:

@@ -5,7 +5,11 @@ afterwards by `pipeline.analysis.beats.fuse_leads`, the rule training used (meta
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import shutil
+import tempfile
 import warnings
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -15,10 +19,22 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from models.network import BeatNet
+from models.network import BeatNet, StageNet
 from pipeline.analysis.aami import MODEL_CLASSES
 from pipeline.analysis.beats import LEAD_FUSION, Decision
-from pipeline.analysis.model import BEAT_STAGE_KEY, FRAMES_INPUT, PROBS_OUTPUT, STATE_OUT_SUFFIX, ModelInfo
+from pipeline.analysis.model import (
+    BEAT_STAGE_KEY,
+    FEATURES_INPUT,
+    FRAMES_INPUT,
+    PROBS_OUTPUT,
+    RHYTHM_STAGE_KEY,
+    STAGE_STATE_INPUT,
+    STATE_OUT_SUFFIX,
+    BeatModel,
+    BeatStageInfo,
+    ModelInfo,
+    RhythmStageInfo,
+)
 from train.config import TrainConfig
 from train.trainer import load_model, neutral_decision
 
@@ -79,15 +95,18 @@ def read_metadata(path: Path) -> ModelInfo:
     return ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(path)).metadata_props})
 
 
-def write_metadata(path: Path, info: ModelInfo, beat_stage_onnx: str | None = None) -> None:
+def write_metadata(path: Path, info: ModelInfo, stages: dict[str, str] | None = None) -> None:
     """Replace the metadata_props of the ONNX file at `path` with `info`; the graph and weights are untouched.
 
-    A beat stage's graph (base64 ONNX) is `beat_stage_onnx` when given, else the one the file already holds.
+    `stages`: metadata key (`BEAT_STAGE_KEY`, `RHYTHM_STAGE_KEY`) -> base64 ONNX graph of a sequence stage; a stage
+    `info` describes and `stages` does not give keeps the graph the file already holds.
     """
     proto = onnx.load(str(path))
     props = info.to_metadata()
-    if info.beat_stage is not None:
-        props[BEAT_STAGE_KEY] = beat_stage_onnx or {p.key: p.value for p in proto.metadata_props}[BEAT_STAGE_KEY]
+    held = {p.key: p.value for p in proto.metadata_props}
+    for key, described in ((BEAT_STAGE_KEY, info.beat_stage), (RHYTHM_STAGE_KEY, info.rhythm_stage)):
+        if described is not None:
+            props[key] = (stages or {}).get(key) or held[key]
     onnx.helper.set_model_props(proto, props)
     proto.producer_name = "ecgmon"
     onnx.checker.check_model(proto)
@@ -115,3 +134,52 @@ def export_onnx(checkpoint: Path, out: Path, ds2_metrics: dict[str, Any] | None 
     write_metadata(out, info)
     log.info("exported %s (%d bytes), version %s", out, out.stat().st_size, info.version)
     return info
+
+
+class _StreamingStage(nn.Module):
+    """A sequence stage as the daemon runs it: probabilities instead of logits."""
+
+    def __init__(self, net: StageNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        logits, new_state = self.net(features, state)
+        return torch.softmax(logits, dim=-1), new_state
+
+
+def stage_onnx(net: StageNet) -> bytes:
+    """A sequence stage as an ONNX graph: features (batch, steps, n) and h in, probs and h_out out."""
+    state_out = STAGE_STATE_INPUT + STATE_OUT_SUFFIX
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "stage.onnx"
+        export_recurrent(_StreamingStage(net).eval(),
+                         (torch.zeros(2, 3, len(net.config.feature_names)), net.initial_state(2)), path,
+                         [FEATURES_INPUT, STAGE_STATE_INPUT], [PROBS_OUTPUT, state_out],
+                         {FEATURES_INPUT: {0: "batch", 1: "steps"}, PROBS_OUTPUT: {0: "batch", 1: "steps"},
+                          STAGE_STATE_INPUT: {1: "batch"}, state_out: {1: "batch"}})
+        return path.read_bytes()
+
+
+# Each sequence stage: its metadata key, its info class, and the tag of its hash in the model's version.
+STAGES: dict[str, tuple[str, type[BeatStageInfo] | type[RhythmStageInfo], str]] = {
+    "beat_stage": (BEAT_STAGE_KEY, BeatStageInfo, "beats"),
+    "rhythm_stage": (RHYTHM_STAGE_KEY, RhythmStageInfo, "rhythm"),
+}
+
+
+def attach_stage(model_path: Path, out: Path, net: StageNet, field: str, provenance: dict[str, Any],
+                 update: dict[str, Any] | None = None) -> BeatModel:
+    """Copy the model at `model_path` to `out` with `net` as its sequence stage `field` ("beat_stage",
+    "rhythm_stage"; the frame weights and the other stage untouched). `provenance`: the stage info's fields besides
+    the network's config and version; `update`: other ModelInfo fields to change."""
+    key, info_class, tag = STAGES[field]
+    graph = stage_onnx(net)
+    digest = hashlib.sha256(graph).hexdigest()[:12]
+    stage = info_class(**net.config.model_dump(), version=digest, **provenance)
+    info = read_metadata(model_path)
+    info = info.model_copy(update={field: stage, "version": versioned(info.version, tag, digest), **(update or {})})
+    if out != model_path:
+        shutil.copy(model_path, out)
+    write_metadata(out, info, {key: base64.b64encode(graph).decode("ascii")})
+    return BeatModel(out)

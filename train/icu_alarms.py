@@ -150,10 +150,12 @@ def format_icu_report(report: dict[str, Any]) -> str:
 
 
 def collect_icu(model: BeatModel, named: list[tuple[str, EcgRecord]], alarm_of: dict[str, tuple[str, bool]],
-                configs: list[AlarmConfig], window_s: float) -> list[list[IcuAlarm]]:
+                configs: list[AlarmConfig], window_s: float, thresholds: list[dict[str, float]] | None = None
+                ) -> list[list[IcuAlarm]]:
     """Each Challenge record through the daemon's analysis as one device, with the daemon's verdict on its alarm
-    (`alarm_of`: "db/record" -> (alarm type, true)) under the alarm rules of each config."""
-    events_of, beats_of = run_variants(model, [r for _, r in named], configs, window_s)
+    (`alarm_of`: "db/record" -> (alarm type, true)) under the alarm rules of each config (and the rhythm stage's
+    `thresholds` of each, default the model's: `run_variants`)."""
+    events_of, beats_of = run_variants(model, [r for _, r in named], configs, window_s, thresholds)
     out = []
     for variant in events_of:
         results = []

@@ -203,6 +203,7 @@ class DeviceAlarms:
     model_version: str
     started: float  # signal time the stream (re)started (s)
     af: AfDetectorInfo | None = None  # the model's AF detector (None: no AF alarm)
+    rhythm_thresholds: dict[str, float] = field(default_factory=dict)  # the model's rhythm stage: class -> threshold
     times: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
     classes: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
     v_times: deque[float] = field(default_factory=deque)
@@ -219,6 +220,8 @@ class DeviceAlarms:
     known_leads: list[str] = field(default_factory=list)  # every lead the device has sent, in order of appearance
     qrs_times: list[float] = field(default_factory=list)  # the second QRS detector's recent complexes (s)
     organized: bool = False  # the second QRS detector sees organized QRS complexes on a readable lead without VF
+    rhythm_vt_since: float | None = None  # signal time from which the rhythm stage has shown VT without a break (s)
+    rhythm_vt_last: float | None = None  # the last time it showed VT (s)
 
     # --- save and restore ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -226,7 +229,7 @@ class DeviceAlarms:
                 "vf_since": self.vf_since, "vf_last": self.vf_last, "af_since": self.af_since, "af_last": self.af_last,
                 "unreadable_last": self.unreadable_last, "known_leads": self.known_leads,
                 "lead_fault_last": self.lead_fault_last, "qrs_times": self.qrs_times,
-                "organized": self.organized,
+                "organized": self.organized, "rhythm_vt": [self.rhythm_vt_since, self.rhythm_vt_last],
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
                 "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
@@ -234,8 +237,8 @@ class DeviceAlarms:
 
     @classmethod
     def from_dict(cls, device: str, config: AlarmConfig, model_version: str, af: AfDetectorInfo | None,
-                  doc: dict[str, Any]) -> DeviceAlarms:
-        alarms = cls(device, config, model_version, float(doc["started"]), af)
+                  doc: dict[str, Any], rhythm_thresholds: dict[str, float] | None = None) -> DeviceAlarms:
+        alarms = cls(device, config, model_version, float(doc["started"]), af, dict(rhythm_thresholds or {}))
         alarms.gap_since = doc["gap_since"]
         alarms.rate_from = float(doc["rate_from"])
         alarms.vf_since, alarms.vf_last = doc["vf_since"], doc["vf_last"]
@@ -244,6 +247,7 @@ class DeviceAlarms:
         alarms.known_leads = list(doc["known_leads"])
         alarms.lead_fault_last = doc["lead_fault_last"]
         alarms.qrs_times, alarms.organized = list(doc["qrs_times"]), bool(doc["organized"])
+        alarms.rhythm_vt_since, alarms.rhythm_vt_last = doc["rhythm_vt"]
         alarms.times.extend(doc["times"])
         alarms.classes.extend(doc["classes"])
         alarms.v_times.extend(doc["v_times"])
@@ -253,19 +257,22 @@ class DeviceAlarms:
     # --- inputs -------------------------------------------------------------------------------
     def on_window(self, check: SignalCheck, beats: list[tuple[float, str]], now: float,
                   analysed_until: float, vf_found: bool = False, p_af: float | None = None,
-                  qrs: QrsEvidence | None = None) -> list[AlarmEvent]:
+                  qrs: QrsEvidence | None = None, rhythm: dict[str, float] | None = None) -> list[AlarmEvent]:
         """One analysed window ending at `now` (s, signal time): its technical check, the VF detector's verdict
         on the signal up to `now`, then the beats it completed (R-peak time s, AAMI class) and the AF
         detector's P(AF) of the last AF_BEATS RR intervals with them (`af_probabilities`; None: not judged),
         then asystole judged on the beat time line up to `analysed_until` (s), the latest time for which every
         beat has been emitted. `qrs`: the second QRS detector's evidence up to `now` (None: not run), which the
-        alarms of `AlarmConfig.second_detector` take into account (`pipeline.detectors.qrs`)."""
+        alarms of `AlarmConfig.second_detector` take into account (`pipeline.detectors.qrs`); `rhythm`: the rhythm
+        stage's probability of each rhythm class up to `now` (`BeatStreams.rhythm`; None: not run), which raises
+        the alarms of `AlarmConfig.rhythm_stage` at the model's thresholds."""
         if qrs is not None:
             self._take_qrs(qrs, now)
         events = self._technical(check, now)
-        events += self._fibrillation(vf_found and not (self.organized and self._confirms("ventricular_fibrillation")),
-                                     now)
+        vf = vf_found and not (self.organized and self._confirms("ventricular_fibrillation"))
+        events += self._fibrillation(vf or self._rhythm_shows("VF", "ventricular_fibrillation", rhythm), now)
         events += self._beats(beats, now)
+        events += self._rhythm_vt(self._rhythm_shows("VT", "ventricular_tachycardia", rhythm), now)
         if p_af is not None and len(self.times) > AF_BEATS and not self._held_back(lethal=False) \
                 and now - self.started >= self.config.warmup_s:
             events += self._af_rule(now, p_af)
@@ -304,6 +311,35 @@ class DeviceAlarms:
             for superseded in ("asystole", "extreme_bradycardia"):
                 events += self._set(superseded, False, now, {"superseded_by": "ventricular_fibrillation"})
         return events
+
+    def _rhythm_vt(self, shown: bool, now: float) -> list[AlarmEvent]:
+        """VT raised once the rhythm stage has shown VT for `rhythm_vt_confirm_s`; one it raised clears after
+        `rhythm_vt_clear_s` without it, once the beats' own VT rule would not hold it (no V among the last beats)."""
+        if shown:
+            self.rhythm_vt_since = now if self.rhythm_vt_since is None else self.rhythm_vt_since
+            self.rhythm_vt_last = now
+        else:
+            self.rhythm_vt_since = None
+        if self._held_back(lethal=True) or now - self.started < self.config.warmup_s:
+            return []
+        c = self.config
+        if self.rhythm_vt_since is not None and now - self.rhythm_vt_since >= c.rhythm_vt_confirm_s:
+            return self._set("ventricular_tachycardia", True, now, {"rhythm_stage_since": self.rhythm_vt_since})
+        if "ventricular_tachycardia" in self.active and not self._rhythm_holds_vt(now) \
+                and "V" not in list(self.classes)[-c.clear_after_beats:]:
+            return self._set("ventricular_tachycardia", False, now, {})
+        return []
+
+    def _rhythm_holds_vt(self, now: float) -> bool:
+        """Whether the rhythm stage showed VT within `rhythm_vt_clear_s` (the VT alarm stays while it did)."""
+        return self.rhythm_vt_last is not None and now - self.rhythm_vt_last < self.config.rhythm_vt_clear_s
+
+    def _rhythm_shows(self, rhythm_class: str, alarm_type: str, rhythm: dict[str, float] | None) -> bool:
+        """Whether the rhythm stage shows `rhythm_class` at the model's threshold, and raises `alarm_type` besides
+        its usual rule (`AlarmConfig.rhythm_stage`)."""
+        threshold = self.rhythm_thresholds.get(rhythm_class)
+        return (alarm_type in self.config.rhythm_stage and rhythm is not None and threshold is not None
+                and rhythm.get(rhythm_class, 0.0) >= threshold)
 
     def _beats(self, beats: list[tuple[float, str]], now: float) -> list[AlarmEvent]:
         """The rules run after each beat, so a pattern that ends inside a window is not missed."""
@@ -436,7 +472,7 @@ class DeviceAlarms:
         self.times.clear()
         self.classes.clear()
         self.v_times.clear()
-        self.vf_since = self.vf_last = self.af_since = self.af_last = None
+        self.vf_since = self.vf_last = self.af_since = self.af_last = self.rhythm_vt_since = self.rhythm_vt_last = None
         self.started = now
 
     def on_overload(self, now: float, dropped: int) -> list[AlarmEvent]:
@@ -578,7 +614,8 @@ class DeviceAlarms:
             recent = classes[-c.clear_after_beats:]
             if run:
                 events += self._set(alarm_type, True, now, self._evidence(n, hr))
-            elif alarm_type in self.active and cls not in recent:
+            elif alarm_type in self.active and cls not in recent and not (
+                    alarm_type == "ventricular_tachycardia" and self._rhythm_holds_vt(now)):
                 events += self._set(alarm_type, False, now, {})
         return events
 

@@ -2,9 +2,10 @@
 
 The ONNX file is the single source of truth: the daemon takes the model rate, frame size,
 output delay, filter, class names and decision rule from its metadata, never from
-constants of its own. A model may carry a second stage, the beat-sequence network that
-re-decides each beat's class from its rhythm context: a small ONNX graph of its own, stored
-in the same file's metadata (`BEAT_STAGE_KEY`, base64), so one file still holds the whole model.
+constants of its own. A model may carry sequence stages (`models.network.StageNet`), each a small ONNX graph
+of its own stored in the same file's metadata (base64), so one file still holds the whole model: the beat
+stage (`BEAT_STAGE_KEY`), which re-decides each beat's class from its rhythm context, and the rhythm stage
+(`RHYTHM_STAGE_KEY`), which says each lead's rhythm window by window (`pipeline.detectors.rhythm`).
 """
 
 from __future__ import annotations
@@ -19,24 +20,27 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.config import BeatStageConfig, ModelConfig
+from models.config import BeatStageConfig, ModelConfig, RhythmStageConfig, StageConfig
 from pipeline.analysis.beat_context import FEATURE_NAMES
 from pipeline.analysis.beats import Decision
 from pipeline.analysis.dsp import FilterSpec
 from pipeline.detectors.af import AF_FEATURE_NAMES, AfDetectorInfo
 from pipeline.detectors.quality import QUALITY_FEATURE_NAMES, QualityDetectorInfo
+from pipeline.detectors.rhythm import RHYTHM_FEATURE_NAMES
 from pipeline.detectors.vf import VF_FEATURE_NAMES, VfDetectorInfo
 
 FRAMES_INPUT = "frames"
 PROBS_OUTPUT = "probs"
 STATE_OUT_SUFFIX = "_out"
 FEATURES_INPUT = "features"
-BEAT_STATE_INPUT = "h"
+STAGE_STATE_INPUT = "h"
 BEAT_STAGE_KEY = "beat_stage_onnx"
+RHYTHM_STAGE_KEY = "rhythm_stage_onnx"
 # Parts a model may lack.
-OPTIONAL_PARTS = frozenset({"beat_stage", "vf_detector", "af_detector", "quality_detector", "lead_fusion"})
+OPTIONAL_PARTS = frozenset({"beat_stage", "rhythm_stage", "vf_detector", "af_detector", "quality_detector",
+                            "lead_fusion"})
 # What onnxruntime raises for a file it cannot load (its exception classes derive from Exception directly).
 ORT_LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                    ort_errors.InvalidArgument, ort_errors.NotImplemented, ort_errors.RuntimeException)
@@ -46,14 +50,27 @@ class ModelError(RuntimeError):
     """The model file is missing, unreadable or not an ecgmon beat model."""
 
 
-class BeatStageInfo(BeatStageConfig):
+class Provenance(BaseModel):
+    """Where a sequence stage comes from."""
+
+    version: str = Field(description="hash of the stage's weights")
+    training_data: str
+    cv_metrics: dict[str, Any] = Field(description="what its cross-validation measured")
+
+
+class BeatStageInfo(BeatStageConfig, Provenance):
     """The beat-sequence stage's network config and provenance."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: str = Field(description="hash of the stage's weights")
-    training_data: str
-    cv_metrics: dict[str, Any] = Field(description="patient-wise cross-validation of both stages together")
+
+class RhythmStageInfo(RhythmStageConfig, Provenance):
+    """The rhythm stage's network config, provenance, and the probability of each alarm rhythm at or above which
+    a lead shows it (`pipeline.detectors.rhythm`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    thresholds: dict[str, float] = Field(description="rhythm class -> probability at or above which a lead shows it")
 
 
 class ModelInfo(ModelConfig):
@@ -78,6 +95,7 @@ class ModelInfo(ModelConfig):
                                                          "(`pipeline.detectors.quality`), null when the model has none")
     beat_stage: BeatStageInfo | None = Field(None, description="the beat-sequence stage, null when the frame stage "
                                              "decides the classes alone")
+    rhythm_stage: RhythmStageInfo | None = Field(None, description="the rhythm stage, null when the model has none")
     lead_fusion: str | None = Field(None, description="the rule the network was trained to have a device's leads "
                                     "fused by (`pipeline.analysis.beats.LEAD_FUSION`), null when it was trained on one "
                                     "lead at a time")
@@ -111,22 +129,27 @@ def open_session(model: str | bytes, options: ort.SessionOptions, what: str) -> 
         raise ModelError(f"cannot load {what}: {err}") from err
 
 
-class BeatStage:
-    """The beat-sequence network in ONNX Runtime: one step per beat, batched across streams."""
+class SequenceStage:
+    """A sequence stage in ONNX Runtime: one step per beat or window, batched across streams."""
 
-    def __init__(self, onnx_base64: str, info: BeatStageInfo, options: ort.SessionOptions, path: Path) -> None:
+    def __init__(self, props: dict[str, str], key: str, info: StageConfig, computed: tuple[str, ...], command: str,
+                 options: ort.SessionOptions, path: Path) -> None:
+        """`key`: where `props` (the file's metadata) holds its graph; `computed`: the features this version of
+        ecgmon computes for it; `command`: the one that trains it."""
+        if key not in props:
+            raise ModelError(f"{path}: metadata describes a stage but holds no {key}")
         try:
-            model = base64.b64decode(onnx_base64, validate=True)
+            model = base64.b64decode(props[key], validate=True)
         except (binascii.Error, ValueError) as err:
-            raise ModelError(f"{path}: {BEAT_STAGE_KEY} is not base64: {err}") from err
-        self._session = open_session(model, options, f"the beat stage of {path}")
+            raise ModelError(f"{path}: {key} is not base64: {err}") from err
+        self._session = open_session(model, options, f"the stage {key} of {path}")
         self.info = info
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
-        if set(inputs) != {FEATURES_INPUT, BEAT_STATE_INPUT} or inputs[FEATURES_INPUT][-1] != len(info.feature_names):
-            raise ModelError(f"{path}: beat stage inputs {inputs} do not match its metadata")
-        if info.feature_names != FEATURE_NAMES:
-            raise ModelError(f"{path}: the beat stage takes the features {info.feature_names}, but this version of "
-                             f"ecgmon computes {FEATURE_NAMES}; retrain it with `ecgmon train-beat-stage`")
+        if set(inputs) != {FEATURES_INPUT, STAGE_STATE_INPUT} or inputs[FEATURES_INPUT][-1] != len(info.feature_names):
+            raise ModelError(f"{path}: {key} inputs {inputs} do not match its metadata")
+        if info.feature_names != computed:
+            raise ModelError(f"{path}: {key} takes the features {info.feature_names}, but this version of ecgmon "
+                             f"computes {computed}; retrain it with `ecgmon {command}`")
 
     def initial_state(self, n_streams: int) -> NDArray[np.float32]:
         """Zero state (1, n_streams, hidden_size)."""
@@ -134,14 +157,14 @@ class BeatStage:
 
     def run(self, features: NDArray[np.float32], state: NDArray[np.float32]
             ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """One beat per stream: features (streams, n_features) -> AAMI class probabilities (streams, 5), state."""
-        probs, new_state = self._session.run(None, {FEATURES_INPUT: features[:, None], BEAT_STATE_INPUT: state})
+        """One step per stream: features (streams, n_features) -> class probabilities (streams, classes), state."""
+        probs, new_state = self._session.run(None, {FEATURES_INPUT: features[:, None], STAGE_STATE_INPUT: state})
         return probs[:, 0], new_state
 
 
 class BeatModel:
-    """ONNX Runtime sessions of the beat model (the frame stage, and the beat stage when it has one), run on
-    batches of streams."""
+    """ONNX Runtime sessions of the beat model (the frame stage, and the beat and rhythm stages when it has them),
+    run on batches of streams."""
 
     def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
         if not path.is_file():
@@ -152,11 +175,10 @@ class BeatModel:
         self._session = open_session(str(path), options, f"model {path}")
         props = dict(self._session.get_modelmeta().custom_metadata_map)
         self.info = ModelInfo.from_metadata(props)
-        self.beat_stage: BeatStage | None = None
-        if self.info.beat_stage is not None:
-            if BEAT_STAGE_KEY not in props:
-                raise ModelError(f"{path}: metadata describes a beat stage but holds no {BEAT_STAGE_KEY}")
-            self.beat_stage = BeatStage(props[BEAT_STAGE_KEY], self.info.beat_stage, options, path)
+        self.beat_stage = None if self.info.beat_stage is None else SequenceStage(
+            props, BEAT_STAGE_KEY, self.info.beat_stage, FEATURE_NAMES, "train-beat-stage", options, path)
+        self.rhythm_stage = None if self.info.rhythm_stage is None else SequenceStage(
+            props, RHYTHM_STAGE_KEY, self.info.rhythm_stage, RHYTHM_FEATURE_NAMES, "train-rhythm", options, path)
         for name, detector, features in (("VF", self.info.vf_detector, VF_FEATURE_NAMES),
                                          ("AF", self.info.af_detector, AF_FEATURE_NAMES),
                                          ("quality", self.info.quality_detector, QUALITY_FEATURE_NAMES)):
@@ -195,3 +217,9 @@ class BeatModel:
         feeds = {FRAMES_INPUT: frames, **dict(zip(self.state_names, state, strict=True))}
         probs, *new_state = self._session.run(None, feeds)
         return probs, new_state
+
+
+def rhythm_thresholds(model: BeatModel) -> dict[str, float]:
+    """The rhythm stage's thresholds (rhythm class -> probability), empty for a model without one."""
+    stage = model.info.rhythm_stage
+    return dict(stage.thresholds) if stage is not None else {}

@@ -39,6 +39,7 @@ from pipeline.analysis.recent import RecentSignal, spectrum
 from pipeline.config import FLAT_MV
 from pipeline.detectors.qrs import ORGANIZED_BPM, QrsDetectorBank, QrsEvidence
 from pipeline.detectors.quality import quality_extra_features
+from pipeline.detectors.rhythm import rhythm_features
 from pipeline.detectors.vf import vf_features
 
 CLEAN_P = 0.2  # the second QRS detector is heard on leads whose P(unreadable) from the quality detector is below this
@@ -88,11 +89,11 @@ class _Slots:
         self._free.append(self.of.pop(key))
 
 
-def _grown(array: NDArray[Any], capacity: int, axis: int = 0) -> NDArray[Any]:
-    """`array` extended with zeros along `axis` to `capacity` entries."""
+def _grown(array: NDArray[Any], capacity: int, axis: int = 0, fill: float = 0.0) -> NDArray[Any]:
+    """`array` extended with `fill` along `axis` to `capacity` entries."""
     shape = list(array.shape)
     shape[axis] = capacity - shape[axis]
-    return np.concatenate([array, np.zeros(shape, dtype=array.dtype)], axis=axis)
+    return np.concatenate([array, np.full(shape, fill, dtype=array.dtype)], axis=axis)
 
 
 class BeatStreams:
@@ -128,6 +129,9 @@ class BeatStreams:
         self._recent = RecentSignal(capacity, self.info.fs)
         self._qrs = QrsDetectorBank(capacity, self._recent.fs)
         self._vf_found = np.zeros(capacity, dtype=bool)
+        rhythm = model.rhythm_stage
+        self._rhythm_state = rhythm.initial_state(capacity) if rhythm else None
+        self._rhythm_p = np.full((capacity, len(rhythm.info.classes) if rhythm else 0), np.nan, dtype=np.float32)
         self._unreadable = np.zeros(capacity, dtype=bool)
         self._clean = np.zeros(capacity, dtype=bool)
         self._lead_flat = np.zeros(capacity, dtype=bool)
@@ -178,6 +182,9 @@ class BeatStreams:
         self._qrs.reset(np.array([slot]), clock)
         self._vf_found[slot] = self._unreadable[slot] = self._lead_flat[slot] = self._clean[slot] = False
         self._lead_age_s[slot] = 0.0
+        self._rhythm_p[slot] = np.nan
+        if self._rhythm_state is not None:
+            self._rhythm_state[:, slot] = 0.0
 
     def _set_leads(self, stream_id: str, leads: Sequence[str]) -> list[int]:
         """The lead slots of the device's window, in its order: leads no longer sent are forgotten, new ones open."""
@@ -223,6 +230,8 @@ class BeatStreams:
                                  "recurrent": [a[:, s].tolist() for a in self._state],
                                  "recent": self._recent.save_slot(s), "qrs": self._qrs.save_slot(s),
                                  "vf_found": bool(self._vf_found[s]),
+                                 "rhythm": None if self._rhythm_state is None or np.isnan(self._rhythm_p[s, 0])
+                                 else [self._rhythm_p[s].tolist(), self._rhythm_state[:, s].tolist()],
                                  "unreadable": bool(self._unreadable[s]), "clean": bool(self._clean[s]),
                                  "flat": bool(self._lead_flat[s]),
                                  "age_s": float(self._lead_age_s[s])})
@@ -249,6 +258,10 @@ class BeatStreams:
             self._recent.load_slot(s, saved["recent"])
             self._qrs.load_slot(s, saved["qrs"])
             self._vf_found[s], self._unreadable[s] = bool(saved["vf_found"]), bool(saved["unreadable"])
+            if saved["rhythm"] is not None and self._rhythm_state is not None:
+                p, state = saved["rhythm"]
+                self._rhythm_p[s] = np.asarray(p, dtype=np.float32).reshape(self._rhythm_p[s].shape)
+                self._rhythm_state[:, s] = np.asarray(state, dtype=np.float32).reshape(self._rhythm_state[:, s].shape)
             self._clean[s] = bool(saved["clean"])
             self._lead_flat[s], self._lead_age_s[s] = bool(saved["flat"]), float(saved["age_s"])
 
@@ -291,6 +304,22 @@ class BeatStreams:
         if not len(judged):
             judged = slots[~self._lead_flat[slots]]
         return bool(self._vf_found[judged].any())
+
+    def rhythm(self, stream_id: str) -> dict[str, float] | None:
+        """The rhythm stage's (`pipeline.detectors.rhythm`) probability of each rhythm class in `stream_id` as of
+        its latest window, averaged over the usable leads it has judged (over every judged lead with signal when
+        none is usable); None for a model without a rhythm stage, and before a lead has been judged."""
+        stage = self.info.rhythm_stage
+        if stage is None:
+            return None
+        slots = self._lead_array(stream_id)
+        slots = slots[~np.isnan(self._rhythm_p[slots, 0])]
+        judged = slots[self._usable(slots)]
+        if not len(judged):
+            judged = slots[~self._lead_flat[slots]]
+        if not len(judged):
+            return None
+        return dict(zip(stage.classes, self._rhythm_p[judged].mean(axis=0).tolist(), strict=True))
 
     def unreadable(self, stream_id: str) -> bool:
         """Whether the signal the beats of `stream_id` come from is too noisy for them to be trusted, as of its latest
@@ -428,15 +457,18 @@ class BeatStreams:
         """Take the frames into each lead's recent signal and the second QRS detector; the VF and signal-quality
         detectors judge the recent signal once a whole `RECENT_S` has been seen."""
         self._qrs.update(slots, self._recent.update(slots, frames))
-        vf, quality = self.info.vf_detector, self.info.quality_detector
+        vf, quality, rhythm = self.info.vf_detector, self.info.quality_detector, self.model.rhythm_stage
         ready = slots[self._recent.ready(slots)]
-        if (vf is None and quality is None) or not len(ready):
+        if (vf is None and quality is None and rhythm is None) or not len(ready):
             return
         x = self._recent.history[ready]
         spec = spectrum(x, self._recent.fs)
         features = vf_features(x, self._recent.fs, spec)
         if vf is not None:
             self._vf_found[ready] = vf.probability(features) >= vf.threshold
+        if rhythm is not None and self._rhythm_state is not None:
+            self._rhythm_p[ready], self._rhythm_state[:, ready] = rhythm.run(
+                rhythm_features(features, spec, self._qrs.rate_bpm(ready)), self._rhythm_state[:, ready])
         if quality is not None:
             features = np.hstack([features, quality_extra_features(x, self._recent.fs, spec)])
             p = quality.probability(features)
@@ -480,3 +512,6 @@ class BeatStreams:
         self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s, self._clean = (
             _grown(a, capacity) for a in (self._vf_found, self._unreadable, self._lead_flat, self._lead_age_s,
                                           self._clean))
+        self._rhythm_p = _grown(self._rhythm_p, capacity, fill=np.nan)
+        if self._rhythm_state is not None:
+            self._rhythm_state = _grown(self._rhythm_state, capacity, axis=1)

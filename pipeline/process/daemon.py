@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.alarms.reconcile import reconcile
 from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
-from pipeline.analysis.model import BeatModel, ModelError
+from pipeline.analysis.model import BeatModel, ModelError, rhythm_thresholds
 from pipeline.analysis.streams import Beat, BeatStreams
 from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import messages
@@ -257,7 +257,8 @@ class Daemon:
             self._forget(device)
             try:
                 self._alarms[device] = DeviceAlarms.from_dict(device, self.config.alarms, self.model_version,
-                                                              self.model.info.af_detector, doc["alarms"])
+                                                              self.model.info.af_detector, doc["alarms"],
+                                                              rhythm_thresholds(self.model))
                 if "dormant" in doc:
                     signal_time, silent_since_unix = doc["dormant"]
                     self._dormant[device] = (float(signal_time), float(silent_since_unix) - unix_minus_monotonic)
@@ -362,7 +363,8 @@ class Daemon:
 
     def _new_alarms(self, device: str, started: float) -> DeviceAlarms:
         """A device's alarm state from nothing, its stream (re)started at `started` (s, signal time)."""
-        return DeviceAlarms(device, self.config.alarms, self.model_version, started, self.model.info.af_detector)
+        return DeviceAlarms(device, self.config.alarms, self.model_version, started, self.model.info.af_detector,
+                            rhythm_thresholds(self.model))
 
     def _start_worker(self) -> None:
         self._stop_worker.clear()
@@ -609,7 +611,8 @@ class Daemon:
             self._beat_batches[a.device] = gathered
         self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
                                                     self._streams.vf_found(a.device), p_af,
-                                                    self._streams.qrs_evidence(a.device).shifted(a.stream.origin)))
+                                                    self._streams.qrs_evidence(a.device).shifted(a.stream.origin),
+                                                    self._streams.rhythm(a.device)))
 
     def _publish_beats(self, device: str, gathered: BeatBatch) -> None:
         assert self._sink is not None

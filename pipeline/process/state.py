@@ -19,8 +19,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing; 4: recent signal
-# with the VF and quality verdicts, poor-signal timing; 5: the streams' time line (restart after a flat line)
-STATE_FORMAT = 7
+# with the VF and quality verdicts, poor-signal timing; 5: the streams' time line (restart after a flat line); 8: the
+# rhythm stage's state and verdicts per lead
+STATE_FORMAT = 8
 
 
 def encode_state(model_version: str, devices: dict[str, dict[str, Any]]) -> bytes:
