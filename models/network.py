@@ -87,6 +87,11 @@ class StageNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, len(config.classes))
 
+    def standardise_on(self, features: Tensor) -> None:
+        """Set `feature_mean` and `feature_std` from the training steps' features (n, n_features)."""
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0, unbiased=False) + 1e-6)
+
     def initial_state(self, batch_size: int) -> Tensor:
         """Zero state of shape (1, batch_size, hidden_size)."""
         return torch.zeros(1, batch_size, self.config.hidden_size, device=self.feature_mean.device)

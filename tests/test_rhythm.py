@@ -97,8 +97,11 @@ class TestStage:
         _, after = stream(staged.model, cu01, restored, start=40)
         np.testing.assert_array_equal(before + after, whole)
 
-    def test_a_model_without_a_rhythm_stage_says_nothing(self, cu01: EcgRecord) -> None:
-        _, probs = stream(BeatModel(SHIPPED_MODEL), cu01, stop=10)
+    def test_a_model_without_a_rhythm_stage_says_nothing(self, cu01: EcgRecord, tmp_path: Path) -> None:
+        path = tmp_path / "without.onnx"
+        path.write_bytes(SHIPPED_MODEL.read_bytes())
+        write_metadata(path, read_metadata(path).model_copy(update={"rhythm_stage": None}))
+        _, probs = stream(BeatModel(path), cu01, stop=10)
         assert probs == []
 
     def test_a_stage_that_takes_other_features_is_refused(self, staged: Staged, tmp_path: Path) -> None:

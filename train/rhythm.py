@@ -154,9 +154,7 @@ def train_rhythm_stage(sequences: list[RhythmSequence], config: RhythmTrainConfi
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = StageNet(config.model)
-    every = np.concatenate([s.features for s in sequences])
-    net.feature_mean.copy_(torch.from_numpy(every.mean(axis=0)))
-    net.feature_std.copy_(torch.from_numpy(every.std(axis=0) + 1e-6))
+    net.standardise_on(torch.from_numpy(np.concatenate([s.features for s in sequences])))
     features, labels = _segments(sequences, config.segment_windows)
     counts = np.bincount(labels[labels >= 0].numpy(), minlength=len(RHYTHM_CLASSES)).astype(np.float64)
     weights = torch.tensor(np.minimum(config.loss_weight_max,
