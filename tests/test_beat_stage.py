@@ -120,7 +120,8 @@ def with_beat_stage(tiny_cv: Path, physionet: Path, tmp_path_factory: pytest.Tem
     frame_model = SHIPPED_MODEL
     code = main(["--log-level", "WARNING", "train-beat-stage", "--cv-dir", str(tiny_cv), "--model", str(frame_model),
                  "--out", str(out / "model.onnx"), "--report-dir", str(out / "report"), "--physionet-dir",
-                 str(physionet), "--leads", "MLII", "--set", "epochs=2", "--set", "sequence_beats=64", "--set", "model.hidden_size=8"])
+                 str(physionet), "--leads", "MLII", "--set", "epochs=2", "--set", "sequence_beats=64", "--set",
+                 "model.hidden_size=8"])
     assert code == 0
     return out, frame_model
 
