@@ -314,7 +314,10 @@ class DeviceAlarms:
 
     def _rhythm_vt(self, shown: bool, now: float) -> list[AlarmEvent]:
         """VT raised once the rhythm stage has shown VT for `rhythm_vt_confirm_s`; one it raised clears after
-        `rhythm_vt_clear_s` without it, once the beats' own VT rule would not hold it (no V among the last beats)."""
+        `rhythm_vt_clear_s` without it, once the beats' own VT rule would not hold it (no V among the last beats).
+        Nothing where `AlarmConfig.rhythm_stage` leaves VT to the beats alone."""
+        if "ventricular_tachycardia" not in self.config.rhythm_stage:
+            return []
         if shown:
             self.rhythm_vt_since = now if self.rhythm_vt_since is None else self.rhythm_vt_since
             self.rhythm_vt_last = now
