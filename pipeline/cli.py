@@ -93,7 +93,7 @@ def cmd_train_vf(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.vf import train_vf
 
-    report = train_vf(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
+    report = train_vf(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
                       load_config(args.config).alarms, args.folds, args.max_false_per_hour, tuple(args.records))
     for t, scores in report["thresholds"].items():
         vf = scores["vf"]
@@ -108,7 +108,7 @@ def cmd_train_quality(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.quality import format_quality_report, train_quality
 
-    report = train_quality(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
+    report = train_quality(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
                            load_config(args.config).alarms, args.folds, args.max_clean_flagged, tuple(args.records),
                            args.jobs)
     print(format_quality_report(report))
@@ -121,7 +121,7 @@ def cmd_train_af(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from train.af import train_af
 
-    report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.leads,
+    report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
                       load_config(args.config).alarms, args.folds, args.challenge_limit)
     for t, f1 in report["thresholds"].items():
         print(f"threshold {t}: Challenge 2017 F1 N {f1['N']:.3f} A {f1['A']:.3f} O {f1['O']:.3f} ~ {f1['~']:.3f}, "

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.io.sources import Deliver
+from pipeline.io.sources import Acknowledge, Deliver
 
 
 class MemorySource:
@@ -15,10 +15,11 @@ class MemorySource:
 
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
+        self._acknowledge: Acknowledge | None = None
         self.started = threading.Event()
 
-    def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None:
+        self._deliver, self._acknowledge = deliver, acknowledge
         self.started.set()
 
     def proven_until(self, now: float) -> float:
@@ -33,6 +34,10 @@ class MemorySource:
     def send(self, device: str, payload: bytes) -> None:
         if self._deliver is not None:
             self._deliver(device, payload, time.monotonic())
+
+    def acknowledge(self, device: str, payload: bytes) -> None:
+        if self._acknowledge is not None:
+            self._acknowledge(device, payload)
 
 
 class MemorySink:

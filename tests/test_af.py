@@ -10,9 +10,12 @@ import numpy as np
 from models import SHIPPED_MODEL
 from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck, af_probabilities
 from pipeline.analysis.model import BeatModel
+from pipeline.cli import main
 from pipeline.config import AlarmConfig
 from pipeline.detectors.af import AF_BEATS, AF_FEATURE_NAMES, AfDetectorInfo, af_feature_rows, af_features
-from train.af import f1_scores, train_af
+from pipeline.tools.records import challenge_labels, load_records
+from train.af import OTHER_THRESHOLDS, f1_scores
+from train.alarm_eval import analyse_records
 
 CLEAN = SignalCheck(flat=False, saturated=False, unreadable=False, peak_to_peak_mv=1.5)
 RNG = np.random.default_rng(0)
@@ -24,7 +27,7 @@ def beat_times(rr_s: np.ndarray) -> np.ndarray:
 
 def feature(times: np.ndarray, name: str, ectopic: np.ndarray | None = None) -> float:
     ectopic = np.zeros(len(times), bool) if ectopic is None else ectopic
-    return float(af_features(times, ectopic)[AF_FEATURE_NAMES.index(name)])
+    return float(af_features(times, ectopic, None)[AF_FEATURE_NAMES.index(name)])
 
 
 def test_random_rr_is_irregular_sinus_and_bigeminy_are_not() -> None:
@@ -37,24 +40,39 @@ def test_random_rr_is_irregular_sinus_and_bigeminy_are_not() -> None:
     assert feature(af, "entropy") > feature(sinus, "entropy")
 
 
+def test_p_wave_interval_repeats_in_sinus_rhythm_not_in_af(physionet: Path) -> None:
+    """The daemon's P-wave consistency at the end of 20 normal and 20 AF recordings of the Challenge 2017: the
+    interval before each R peak repeats from beat to beat in sinus rhythm and not in AF."""
+    labels = challenge_labels(physionet / "challenge-2017")
+    names = [n for n in sorted(labels) if labels[n] == "N"][:20] + [n for n in sorted(labels) if labels[n] == "A"][:20]
+    records = [r for _, r in load_records([f"challenge-2017/{n}" for n in names], physionet, ["MLII"])]
+    last: dict[int, float | None] = {}
+    for w in analyse_records(BeatModel(SHIPPED_MODEL), records, AlarmConfig(), 1.0):
+        last[w.record] = w.p_wave
+    consistency = np.array([np.nan if last[i] is None else last[i] for i in range(len(names))], dtype=np.float64)
+    assert not np.isnan(consistency).any() and ((consistency >= -1.0) & (consistency <= 1.0)).all()
+    assert np.median(consistency[20:]) + 0.15 < np.median(consistency[:20])
+
+
 # A hand-made detector: AF when the median |dRR| / RR is high (standardised around 0.1).
-DETECTOR = AfDetectorInfo(feature_names=AF_FEATURE_NAMES, feature_mean=(0.0,) * 2 + (0.1,) + (0.0,) * 4,
-                          feature_std=(1.0,) * 2 + (0.05,) + (1.0,) * 4, coef=(0.0,) * 2 + (3.0,) + (0.0,) * 4,
+DETECTOR = AfDetectorInfo(feature_names=AF_FEATURE_NAMES, feature_mean=(0.0,) * 2 + (0.1,) + (0.0,) * 5,
+                          feature_std=(1.0,) * 2 + (0.05,) + (1.0,) * 5, coef=(0.0,) * 2 + (3.0,) + (0.0,) * 5,
                           intercept=0.0, threshold=0.5, training_data="test", cv_metrics={})
 
 
 def step(alarms: DeviceAlarms, t: float, cls: str = "N") -> list[AlarmEvent]:
     """One window with one beat at `t` (s), judged by DETECTOR as the daemon does."""
-    p_af = af_probabilities(DETECTOR, [alarms], [[(t, cls)]])[0]
+    p_af = af_probabilities(DETECTOR, [alarms], [[(t, cls)]], [None])[0]
     return alarms.on_window(CLEAN, [(t, cls)], t + 0.3, t, p_af=p_af)
 
 
 def test_features_of_many_rows_at_once_equal_those_of_each() -> None:
     times = np.stack([beat_times(RNG.uniform(0.4, 1.2, AF_BEATS)) for _ in range(50)])
     ectopic = RNG.random(times.shape) < 0.2
-    rows = af_feature_rows(times, ectopic)
+    p_wave = RNG.random(len(times)).tolist()
+    rows = af_feature_rows(times, ectopic, p_wave)
     for k in range(len(times)):
-        np.testing.assert_allclose(rows[k], af_features(times[k], ectopic[k]), rtol=1e-12)
+        np.testing.assert_allclose(rows[k], af_features(times[k], ectopic[k], p_wave[k]), rtol=1e-12)
 
 
 def test_alarm_raised_after_confirmation_with_configured_priority_and_cleared() -> None:
@@ -83,11 +101,15 @@ def test_f1_scores_follow_the_challenge_definition() -> None:
 
 def test_train_af_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
-    report = train_af(SHIPPED_MODEL, out, tmp_path, physionet, "MLII", AlarmConfig(), k=2, challenge_limit=80)
+    assert main(["train-af", "--out", str(out), "--report-dir", str(tmp_path), "--physionet-dir", str(physionet),
+                 "--folds", "2", "--challenge-limit", "80"]) == 0
+    report = json.loads((tmp_path / "af-cv.json").read_text())
     detector = BeatModel(out).info.af_detector
     assert detector is not None and detector.threshold == report["threshold"]
-    saved = json.loads((tmp_path / "af-cv.json").read_text())
-    assert saved["recordings"] == 80 and 0.0 <= saved["thresholds"][str(report["threshold"])]["A"] <= 1.0
+    assert report["recordings"] == 80 and 0.0 <= report["thresholds"][str(report["threshold"])]["A"] <= 1.0
+    # The learned "other rhythm" class changes which recordings are O or N, never which are A.
+    assert set(report["learned_other"]) == {str(t) for t in OTHER_THRESHOLDS}
+    assert {f1["A"] for f1 in report["learned_other"].values()} == {report["thresholds"][str(report["threshold"])]["A"]}
 
 
 def test_atrial_fibrillation_supersedes_svt() -> None:

@@ -11,6 +11,7 @@ import pytest
 from models import SHIPPED_MODEL
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.streams import BeatStreams
+from pipeline.cli import main
 from pipeline.config import AlarmConfig
 from pipeline.detectors.quality import QUALITY_FEATURE_NAMES
 from pipeline.tools.records import EcgRecord, load_record
@@ -51,13 +52,13 @@ def test_shipped_detector_flags_heavy_noise_and_not_a_clean_record(physionet: Pa
 
 def test_train_quality_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
-    report = train_quality(SHIPPED_MODEL, out, tmp_path / "report", physionet, "MLII", AlarmConfig(), k=2,
-                           specs=("cudb/cu01", "cudb/cu02"))
+    assert main(["train-quality", "--out", str(out), "--report-dir", str(tmp_path / "report"), "--physionet-dir",
+                 str(physionet), "--folds", "2", "--records", "cudb/cu01", "cudb/cu02"]) == 0
+    report = json.loads((tmp_path / "report" / "quality-cv.json").read_text())
     detector = BeatModel(out).info.quality_detector
     assert detector is not None and detector.threshold == report["threshold"]
     assert detector.feature_names == QUALITY_FEATURE_NAMES
     assert ".quality." in BeatModel(out).info.version
-    assert json.loads((tmp_path / "report" / "quality-cv.json").read_text())["folds"] == report["folds"]
     assert 0 < report["unreadable_rows"] < report["rows"]
 
 

@@ -135,7 +135,7 @@ def test_af_judges_beat_times_relative_to_the_stream(physionet: Path) -> None:
         for i in range(33, 600):
             device.times.extend((origin + times[i - 33:i]).tolist())
             device.classes.extend(["N"] * 33)
-            row.append(af_probabilities(detector, [device], [[(origin + times[i], "N")]])[0])
+            row.append(af_probabilities(detector, [device], [[(origin + times[i], "N")]], [0.5])[0])
         p.append(row)
     assert p[0] == p[1]
     judged = [x for x in p[0] if x is not None]

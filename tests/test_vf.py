@@ -13,6 +13,7 @@ from pipeline.analysis.dsp import Preprocessor
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.recent import RecentSignal
 from pipeline.analysis.streams import BeatStreams
+from pipeline.cli import main
 from pipeline.config import AlarmConfig
 from pipeline.detectors.vf import VF_FEATURE_NAMES, vf_features
 from pipeline.tools.records import load_record
@@ -88,12 +89,12 @@ def test_shipped_detector_alarms_real_vf_and_not_normal_rhythm(physionet: Path) 
 
 def test_train_vf_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
-    report = train_vf(SHIPPED_MODEL, out, tmp_path / "report", physionet, "MLII", AlarmConfig(), k=2,
-                      specs=("cudb/cu01", "cudb/cu02", "cudb/cu03", "cudb/cu05"))
+    assert main(["train-vf", "--out", str(out), "--report-dir", str(tmp_path / "report"), "--physionet-dir",
+                 str(physionet), "--folds", "2", "--records", "cudb/cu01", "cudb/cu02", "cudb/cu03", "cudb/cu05"]) == 0
+    report = json.loads((tmp_path / "report" / "vf-cv.json").read_text())
     detector = BeatModel(out).info.vf_detector
     assert detector is not None and detector.threshold == report["threshold"]
     assert detector.feature_names == VF_FEATURE_NAMES
-    assert json.loads((tmp_path / "report" / "vf-cv.json").read_text())["folds"] == report["folds"]
     assert sum(len(f) for f in report["folds"]) == 4
 
 

@@ -65,8 +65,8 @@ class RecordAlarms:
 class AnalysedWindow:
     """One record's window after the daemon's analysis: its beats (R-peak time s, AAMI class), signal check,
     the time up to which every beat has been emitted (s), the VF detector's verdict, the recent signal the
-    detectors judged (`BeatStreams.recent_signal`), the second QRS detector's evidence and the rhythm stage's
-    verdict."""
+    detectors judged (`BeatStreams.recent_signal`), the second QRS detector's evidence, the rhythm stage's
+    verdict and the P-wave consistency (`BeatStreams.p_wave_consistency`)."""
 
     record: int
     window: Window
@@ -77,6 +77,7 @@ class AnalysedWindow:
     recent_mv: NDArray[np.float32] | None
     qrs: QrsEvidence
     rhythm: dict[str, float] | None
+    p_wave: float | None
 
 
 def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -100,7 +101,7 @@ def analyse_records(model: BeatModel, records: list[EcgRecord], config: AlarmCon
             name = records[i].name
             yield AnalysedWindow(i, window, beats_of[name], check, streams.analysed_until_s(name),
                                  streams.vf_found(name), streams.recent_signal(name), streams.qrs_evidence(name),
-                                 streams.rhythm(name))
+                                 streams.rhythm(name), streams.p_wave_consistency(name))
 
 
 def run_alarms(model: BeatModel, records: list[EcgRecord], config: AlarmConfig, window_s: float
@@ -131,7 +132,7 @@ def run_variants(model: BeatModel, records: list[EcgRecord], configs: list[Alarm
     for w in analyse_records(model, records, configs[0], window_s):
         for variant, devices in zip(events, alarms, strict=True):
             device = devices[w.record]
-            p_af = af_probabilities(model.info.af_detector, [device], [w.beats])[0]
+            p_af = af_probabilities(model.info.af_detector, [device], [w.beats], [w.p_wave])[0]
             variant[w.record] += device.on_window(w.check, w.beats, w.window.t0 + w.window.duration_s,
                                                   w.analysed_until_s, w.vf_found, p_af, w.qrs, w.rhythm)
         beats[w.record] += w.beats

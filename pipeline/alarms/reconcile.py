@@ -34,7 +34,10 @@ def reconcile(open_docs: list[dict[str, Any]], alarms_of: dict[str, DeviceAlarms
         held |= alarms.alarm_ids()
     adopted: dict[str, float] = {}
     for doc in open_docs:
+        acknowledged = doc.get("acknowledged") if isinstance(doc.get("acknowledged"), dict) else None
         if str(doc.get("alarm_id")) in held:
+            if acknowledged is not None and str(doc.get("device")) in alarms_of:
+                alarms_of[str(doc["device"])].keep_acknowledgement(str(doc["alarm_id"]), acknowledged)
             continue
         try:
             device, alarm_type, time = str(doc["device"]), str(doc["type"]), float(doc["time"])
@@ -45,7 +48,7 @@ def reconcile(open_docs: list[dict[str, Any]], alarms_of: dict[str, DeviceAlarms
             log.warning("ignored a malformed open alarm on the broker (%s): %.200r", err, doc)
             continue
         alarms = alarms_of.get(device) or alarms_of.setdefault(device, new_alarms(device, time))
-        alarms.adopt(str(doc["alarm_id"]), alarm_type, raised, time, doc["evidence"])
+        alarms.adopt(str(doc["alarm_id"]), alarm_type, raised, time, doc["evidence"], acknowledged)
         adopted[device] = max(time, adopted.get(device, time))
     log.info("open alarms on the broker: %d, continued from the state: %d, adopted: %d", len(open_docs),
              len(held & open_ids), len(open_docs) - len(held & open_ids))

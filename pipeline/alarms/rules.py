@@ -75,6 +75,7 @@ class AlarmEvent:
     time: float
     evidence: dict[str, Any]
     priority: Priority
+    acknowledged: dict[str, Any] | None = None  # by (staff login), at (s, Unix), silenced_until (s, Unix, or None)
 
     @property
     def kind(self) -> str:
@@ -92,6 +93,7 @@ class _Active:
     last_seen: float
     last_update: float
     evidence: dict[str, Any]
+    acknowledged: dict[str, Any] | None = None  # `AlarmEvent.acknowledged`
 
 
 INT16_RAILS = (-32768, 32767)  # the binary format's ADC limits
@@ -232,7 +234,7 @@ class DeviceAlarms:
                 "organized": self.organized, "rhythm_vt": [self.rhythm_vt_since, self.rhythm_vt_last],
                 "times": list(self.times),
                 "classes": list(self.classes), "v_times": list(self.v_times),
-                "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence]
+                "active": {t: [a.alarm_id, a.raised, a.last_seen, a.last_update, a.evidence, a.acknowledged]
                            for t, a in self.active.items()}}
 
     @classmethod
@@ -498,15 +500,34 @@ class DeviceAlarms:
         return [self._event(t, "raised" if a.last_update == a.raised else "updated", a.last_update, a.evidence)
                 for t, a in self.active.items()]
 
+    def acknowledge(self, alarm_id: str, by: str, at: float, silence_s: float | None) -> list[AlarmEvent]:
+        """Staff login `by` acknowledged the open alarm `alarm_id` at `at` (s, Unix), and silenced it for `silence_s`
+        (s; None: not silenced): its `updated` event carries that, and so do its later events. [] when no open alarm
+        of this device has that id (cleared meanwhile). An alarm that escalates is a new alarm: it sounds."""
+        for alarm_type, active in self.active.items():
+            if active.alarm_id == alarm_id:
+                active.acknowledged = {"by": by, "at": at,
+                                       "silenced_until": None if silence_s is None else at + silence_s}
+                active.last_update = active.last_seen
+                return [self._event(alarm_type, "updated", active.last_seen, active.evidence)]
+        return []
+
+    def keep_acknowledgement(self, alarm_id: str, acknowledged: dict[str, Any]) -> None:
+        """Hold the acknowledgement subscribers saw on the open alarm `alarm_id`, if its restored state has none."""
+        for active in self.active.values():
+            if active.alarm_id == alarm_id and active.acknowledged is None:
+                active.acknowledged = acknowledged
+
     def keep_only(self, open_alarm_ids: set[str]) -> None:
         """Forget active alarms whose ids are not in `open_alarm_ids`: their subscribers saw them cleared."""
         self.active = {t: a for t, a in self.active.items() if a.alarm_id in open_alarm_ids}
 
-    def adopt(self, alarm_id: str, alarm_type: str, raised: float, last: float, evidence: dict[str, Any]) -> None:
+    def adopt(self, alarm_id: str, alarm_type: str, raised: float, last: float, evidence: dict[str, Any],
+              acknowledged: dict[str, Any] | None = None) -> None:
         """Hold an alarm that subscribers see open, raised at `raised` with its last message at `last` (s), whose
         state was lost: it stays open until the rules judge it again on the device's data."""
         evidence = {k: v for k, v in evidence.items() if k not in ("raised_at", "model_version")}
-        self.active[alarm_type] = _Active(alarm_id, raised, last, last, evidence)
+        self.active[alarm_type] = _Active(alarm_id, raised, last, last, evidence, acknowledged)
         if alarm_type == "data_gap":
             self.gap_since = last
 
@@ -703,13 +724,15 @@ class DeviceAlarms:
         active = self.active[alarm_type]
         priority = self.config.af_priority if alarm_type == "atrial_fibrillation" else ALARM_TYPES[alarm_type][1]
         return AlarmEvent(active.alarm_id, self.device, alarm_type, state, now,
-                          {**evidence, "raised_at": active.raised, "model_version": self.model_version}, priority)
+                          {**evidence, "raised_at": active.raised, "model_version": self.model_version}, priority,
+                          active.acknowledged)
 
 
 def af_probabilities(detector: AfDetectorInfo | None, devices: list[DeviceAlarms],
-                     beats: list[list[tuple[float, str]]]) -> list[float | None]:
-    """P(AF) of each device's last AF_BEATS RR intervals with its window's `beats` added, all devices in one
-    computation (None where `DeviceAlarms.af_row` is None or there is no detector)."""
+                     beats: list[list[tuple[float, str]]], p_wave: list[float | None]) -> list[float | None]:
+    """P(AF) of each device's last AF_BEATS RR intervals with its window's `beats` added and its P-wave
+    consistency (`BeatStreams.p_wave_consistency`), all devices in one computation (None where
+    `DeviceAlarms.af_row` is None or there is no detector)."""
     out: list[float | None] = [None] * len(devices)
     if detector is None:
         return out
@@ -717,6 +740,7 @@ def af_probabilities(detector: AfDetectorInfo | None, devices: list[DeviceAlarms
     if rows:
         times = np.array([r[0] for _, r in rows])
         ectopic = np.array([r[1] for _, r in rows])
-        for (i, _), p in zip(rows, detector.probability(af_feature_rows(times, ectopic)), strict=True):
+        features = af_feature_rows(times, ectopic, [p_wave[i] for i, _ in rows])
+        for (i, _), p in zip(rows, detector.probability(features), strict=True):
             out[i] = float(p)
     return out

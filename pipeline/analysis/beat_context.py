@@ -20,6 +20,11 @@ Features of a beat:
         template_correlation: best Pearson correlation, within half a frame of shift, with the stream's running
             average beat (its dominant morphology, `SHAPE_WEIGHT` per beat);
     p_N .. p_Q: the frame stage's class probabilities summed over the beat, normalised to sum 1.
+
+Atrial activity, for the AF detector rather than the beat stage (`p_wave_consistency`): the signal in `P_WINDOW_S`
+before each R peak (where a P wave lies in sinus rhythm) is correlated with the stream's running average of it;
+the running average of those correlations (`P_WEIGHT` per beat) is high where every beat has the same P wave and
+low in atrial fibrillation, where that interval holds fibrillatory waves unlike from beat to beat.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ LONG_WEIGHT = 0.02
 QRS_WINDOW_S = (0.10, 0.15)  # signal kept before and after the R peak (s)
 LOOKBACK_S = 1.5  # a beat whose window starts longer than this before it was picked gets no shape (s)
 SHAPE_WEIGHT = 0.05
+P_WINDOW_S = (0.30, 0.08)  # the P-wave interval: from this long before the R peak to this long before it (s)
+P_WEIGHT = 0.1
+UNSET = -2.0  # a saved NaN (times are never negative, correlations never below -1)
 FEATURE_NAMES = ("rr_over_local", "previous_rr_over_local", "rr_over_long", "log_rr_s", "local_over_long",
                  "log_local_rr_s", "rr_irregularity", "qrs_pp_over_running", "qrs_width_s", "template_correlation",
                  *(f"p_{c}" for c in AAMI_CLASSES))
@@ -62,7 +70,7 @@ class BeatContext:
     """Per-slot context (arrays indexed by slot): rhythm, the last `LOOKBACK_S` of signal, the running beat."""
 
     FIELDS = ("last_time_s", "recent_rr_s", "long_rr_s", "previous_rr_s", "lookback", "samples_seen",
-              "template", "running_pp_mv", "has_template")
+              "template", "running_pp_mv", "has_template", "p_template", "p_consistency")
 
     def __init__(self, n_slots: int, fs: float, frame_size: int) -> None:
         """`fs`: model rate (Hz); `frame_size`: samples per frame at fs."""
@@ -77,6 +85,9 @@ class BeatContext:
         self.template = np.zeros((n_slots, self.before + self.after), dtype=np.float32)
         self.running_pp_mv = np.zeros(n_slots, dtype=np.float32)
         self.has_template = np.zeros(n_slots, dtype=bool)
+        self.p_from, self.p_to = (round(s * fs) for s in P_WINDOW_S)
+        self.p_template = np.zeros((n_slots, self.p_from - self.p_to), dtype=np.float32)
+        self.p_consistency = np.full(n_slots, np.nan)  # NaN: no beat yet
 
     def reset(self, slots: NDArray[np.int64]) -> None:
         """Forget these slots (a new or restarted stream)."""
@@ -93,13 +104,15 @@ class BeatContext:
             setattr(self, name, getattr(fresh, name))
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        return {name: np.nan_to_num(getattr(self, name)[slot], nan=-1.0).tolist() for name in self.FIELDS}
+        """JSON-able values; NaN (no beat yet) saved as UNSET."""
+        return {name: np.nan_to_num(getattr(self, name)[slot], nan=UNSET).tolist() for name in self.FIELDS}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
         for name in self.FIELDS:
             getattr(self, name)[slot] = doc[name]
-        if self.last_time_s[slot] < 0:
-            self.last_time_s[slot] = np.nan
+        for name in ("last_time_s", "p_consistency"):
+            if getattr(self, name)[slot] == UNSET:
+                getattr(self, name)[slot] = np.nan
 
     def window(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> SignalWindow:
         """Take in a window of frames (n_rows, n_frames, frame_size) of each of `slots`; return the signal its
@@ -121,9 +134,33 @@ class BeatContext:
             class_sum: (n, 5) the frame stage's N, S, V, F, Q probabilities summed over each beat.
             signal: from `window`; `rows` are the beats' rows in it.
         """
+        self._atrial(slots, time_s, end_frame, signal, rows)
         return np.concatenate([self._rhythm(slots, time_s), self._shape(slots, time_s, end_frame, signal, rows),
                                class_sum / np.maximum(class_sum.sum(axis=1, keepdims=True), 1e-9)],
                               axis=1).astype(np.float32)
+
+    def _cut(self, time_s: NDArray[np.float64], end_frame: NDArray[np.int64], signal: SignalWindow,
+             rows: NDArray[np.int64], before: int, length: int) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+        """Each beat's `length` samples from `before` samples before its R peak (zeros where not available), and
+        whether they were: judged against when the beat was picked, never the window's edges (chunking-invariant)."""
+        start = np.round(time_s * self.fs).astype(np.int64) - before
+        picked_at = end_frame * self.frame_size
+        ok = (start >= picked_at - self.lookback.shape[1]) & (start + length <= picked_at)
+        offset = np.where(ok, start - signal.first_sample[rows], 0)
+        cut: NDArray[np.float32] = signal.samples[rows[:, None], offset[:, None] + np.arange(length)] * ok[:, None]
+        return cut, ok
+
+    def _atrial(self, slots: NDArray[np.int64], time_s: NDArray[np.float64], end_frame: NDArray[np.int64],
+                signal: SignalWindow, rows: NDArray[np.int64]) -> None:
+        """Correlate each beat's P-wave interval with the stream's running one; update both running averages."""
+        p, ok = self._cut(time_s, end_frame, signal, rows, self.p_from, self.p_from - self.p_to)
+        first = ok & np.isnan(self.p_consistency[slots])
+        self.p_template[slots[first]] = p[first]
+        r = best_correlation(p, self.p_template[slots], self.frame_size // 2)
+        later = slots[ok & ~first]
+        self.p_consistency[slots[first]] = 1.0
+        self.p_consistency[later] += P_WEIGHT * (r[ok & ~first] - self.p_consistency[later])
+        self.p_template[later] += SHAPE_WEIGHT * (p[ok & ~first] - self.p_template[later])
 
     def _rhythm(self, slots: NDArray[np.int64], time_s: NDArray[np.float64]) -> NDArray[np.float64]:
         last = self.last_time_s[slots]
@@ -142,13 +179,7 @@ class BeatContext:
 
     def _shape(self, slots: NDArray[np.int64], time_s: NDArray[np.float64], end_frame: NDArray[np.int64],
                signal: SignalWindow, rows: NDArray[np.int64]) -> NDArray[np.float64]:
-        start = np.round(time_s * self.fs).astype(np.int64) - self.before
-        length = self.before + self.after
-        # Chunking-invariant availability: judged against when the beat was picked, never the window's edges.
-        picked_at = end_frame * self.frame_size
-        ok = (start >= picked_at - self.lookback.shape[1]) & (start + length <= picked_at)
-        offset = np.where(ok, start - signal.first_sample[rows], 0)
-        beats = signal.samples[rows[:, None], offset[:, None] + np.arange(length)] * ok[:, None]
+        beats, ok = self._cut(time_s, end_frame, signal, rows, self.before, self.before + self.after)
         pp = beats.max(axis=1) - beats.min(axis=1)
         deviation = np.abs(beats - np.median(beats, axis=1, keepdims=True))
         width_s = (deviation > 0.5 * deviation.max(axis=1, keepdims=True)).sum(axis=1) / self.fs * (pp > 0)

@@ -321,6 +321,15 @@ class BeatStreams:
             return None
         return dict(zip(stage.classes, self._rhythm_p[judged].mean(axis=0).tolist(), strict=True))
 
+    def p_wave_consistency(self, stream_id: str) -> float | None:
+        """How alike the P-wave intervals before the recent beats of `stream_id` are, on its primary lead
+        (`pipeline.analysis.beat_context`): about 1 where every beat has the same P wave; None for a model without a
+        beat stage, and before a beat."""
+        if self._context is None:
+            return None
+        value = float(self._context.p_consistency[self._devices.of[stream_id]])
+        return None if np.isnan(value) else value
+
     def unreadable(self, stream_id: str) -> bool:
         """Whether the signal the beats of `stream_id` come from is too noisy for them to be trusted, as of its latest
         window: its primary lead (every lead with signal, for a model trained on fused leads). Always False for a

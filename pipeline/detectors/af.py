@@ -12,9 +12,12 @@ hardly at all. Over the last `AF_BEATS` RR intervals of a stream's detected beat
 - `entropy`: Shannon entropy (bits) of ΔRR over 8 bins of ±0.5 times the median RR.
 - `log_rr_s`: log mean RR (s).
 - `ectopic_share`: the share of the beats the beat model called S or V.
+- `p_wave_consistency`: atrial activity, how alike the intervals before the recent R peaks
+  are (`pipeline.analysis.beat_context`): high where every beat has the same P wave, low in
+  AF, where that interval holds fibrillatory waves; 0 where the model has no beat stage.
 
 A logistic regression, trained by `ecgmon train-af` and carried in the model's metadata,
-turns them into P(AF). The P-wave's absence is not used yet.
+turns them into P(AF).
 """
 
 from __future__ import annotations
@@ -26,23 +29,28 @@ from pipeline.detectors.logistic import LogisticDetector
 
 AF_BEATS = 32  # RR intervals judged
 ENTROPY_EDGES = np.linspace(-0.5, 0.5, 9)
-AF_FEATURE_NAMES = ("rr_cv", "nrmssd", "median_drr", "turning_points", "entropy", "log_rr_s", "ectopic_share")
+AF_FEATURE_NAMES = ("rr_cv", "nrmssd", "median_drr", "turning_points", "entropy", "log_rr_s", "ectopic_share",
+                    "p_wave_consistency")
 
 
 class AfDetectorInfo(LogisticDetector):
     """The AF detector (P(AF) of AF_FEATURE_NAMES), trained by `ecgmon train-af`."""
 
 
-def af_features(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_]) -> NDArray[np.float64]:
+def af_features(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_], p_wave: float | None
+                ) -> NDArray[np.float64]:
     """AF_FEATURE_NAMES of the beats at `times_s` (s, ascending, 4 or more: the last AF_BEATS + 1 are used);
-    `ectopic`: whether each beat was called S or V."""
-    row: NDArray[np.float64] = af_feature_rows(times_s[None, -(AF_BEATS + 1):], ectopic[None, -(AF_BEATS + 1):])[0]
+    `ectopic`: whether each beat was called S or V; `p_wave`: the stream's P-wave consistency (None: unknown)."""
+    row: NDArray[np.float64] = af_feature_rows(times_s[None, -(AF_BEATS + 1):], ectopic[None, -(AF_BEATS + 1):],
+                                               [p_wave])[0]
     return row
 
 
-def af_feature_rows(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """AF_FEATURE_NAMES of each row of beats (n, m): times (s, ascending along a row, m ≥ 4) and whether each
-    beat was called S or V; all rows at once (the daemon judges every device of a batch together)."""
+def af_feature_rows(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_], p_wave: list[float | None]
+                    ) -> NDArray[np.float64]:
+    """AF_FEATURE_NAMES of each row of beats (n, m): times (s, ascending along a row, m ≥ 4), whether each
+    beat was called S or V, and each row's P-wave consistency (None: unknown, taken as 0); all rows at once (the
+    daemon judges every device of a batch together)."""
     rr = np.diff(times_s, axis=1)
     mean = np.maximum(rr.mean(axis=1), 1e-3)
     median = np.maximum(np.median(rr, axis=1), 1e-3)
@@ -62,5 +70,6 @@ def af_feature_rows(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_]) ->
         entropy = -np.where(share > 0, share * np.log2(share), 0.0).sum(axis=1)
     features: NDArray[np.float64] = np.stack(
         [rr.std(axis=1) / mean, np.sqrt(np.mean(drr**2, axis=1)) / mean, np.median(np.abs(drr), axis=1) / median,
-         turning.mean(axis=1), entropy, np.log(mean), ectopic[:, 1:].mean(axis=1)], axis=1)
+         turning.mean(axis=1), entropy, np.log(mean), ectopic[:, 1:].mean(axis=1),
+         np.array([0.0 if p is None else p for p in p_wave])], axis=1)
     return features

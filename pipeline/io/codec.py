@@ -328,3 +328,37 @@ def encode_json(seq: int, t0: float, fs: float, leads: Sequence[str], samples: N
     return json.dumps({"v": FORMAT_VERSION, "seq": seq, "t0": t0, "fs": fs, "leads": [
         {"lead": lead, "gain": float(lead_gain), "baseline": float(lead_baseline), "samples": row.tolist()}
         for lead, lead_gain, lead_baseline, row in zip(leads, gain, baseline, rows, strict=True)]}).encode()
+
+
+ACK_ACTIONS = {"acknowledge": None, "silence": 120.0}  # action -> how long it silences the alarm (s)
+MAX_ACK_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A staff acknowledgement of one open alarm (`<prefix>/acks/<device>`, docs/asyncapi.yaml)."""
+
+    alarm_id: str
+    by: str  # the staff login
+    silence_s: float | None  # how long the alarm is silenced (s); None: acknowledged only
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """An acknowledgement from its JSON payload {"alarm_id", "action": acknowledge | silence, "by"}; DecodeError
+    with the reason otherwise."""
+    if len(payload) > MAX_ACK_BYTES:
+        raise DecodeError("too_large", f"{len(payload)} bytes; an acknowledgement is at most {MAX_ACK_BYTES}")
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DecodeError("bad_json", str(err)) from err
+    if not isinstance(doc, dict) or set(doc) != {"alarm_id", "action", "by"}:
+        raise DecodeError("bad_ack", "an acknowledgement is an object with exactly alarm_id, action and by")
+    alarm_id, action, by = doc["alarm_id"], doc["action"], doc["by"]
+    if not isinstance(alarm_id, str) or not 0 < len(alarm_id) <= 100:
+        raise DecodeError("bad_ack", "alarm_id must be a string of 1-100 characters")
+    if not isinstance(by, str) or not 0 < len(by) <= 100:
+        raise DecodeError("bad_ack", "by must be a string of 1-100 characters (the staff login)")
+    if action not in ACK_ACTIONS:
+        raise DecodeError("bad_ack", f"action must be one of {sorted(ACK_ACTIONS)}")
+    return Ack(alarm_id, by, ACK_ACTIONS[action])

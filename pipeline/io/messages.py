@@ -1,4 +1,5 @@
-"""Every message the daemon publishes, built here: one function per message of docs/asyncapi.yaml.
+"""Every message the daemon publishes, and the acknowledgement a central station sends it, built here: one function
+per message of docs/asyncapi.yaml.
 
 Times are Unix times (s): signal times (the sensor's clock) for beats and alarms, the daemon's clock
 for the rest.
@@ -21,10 +22,16 @@ def beats(device: str, seq: int, t0: float, t1: float, model_version: str,
 
 
 def alarm(event: AlarmEvent) -> dict[str, Any]:
-    """Alarm: one lifecycle event."""
+    """Alarm: one lifecycle event; `acknowledged` once staff acknowledged it (`ecgmon/acks/<device>`), else null."""
     return {"alarm_id": event.alarm_id, "device": event.device, "type": event.type, "kind": event.kind,
             "priority": event.priority, "state": event.state, "time": event.time, "message": event.message,
-            "evidence": event.evidence}
+            "evidence": event.evidence, "acknowledged": event.acknowledged}
+
+
+def ack(alarm_id: str, action: str, by: str) -> dict[str, Any]:
+    """Ack: staff login `by` acknowledges (action "acknowledge") or silences ("silence") the open alarm `alarm_id`;
+    decoded by `pipeline.io.codec.decode_ack`."""
+    return {"alarm_id": alarm_id, "action": action, "by": by}
 
 
 def rejection(device: str, reason: str, detail: str, now: float) -> dict[str, Any]:

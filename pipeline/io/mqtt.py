@@ -57,6 +57,10 @@ class Topics:
     def alarms(self, device: str = "+") -> str:
         return f"{self.prefix}/alarms/{device}"
 
+    def acks(self, device: str = "+") -> str:
+        """Staff acknowledgements of a device's alarms (from a central station)."""
+        return f"{self.prefix}/acks/{device}"
+
     def errors(self, device: str = "+") -> str:
         """Rejections of a device's messages; an invalid device id gets the bare `<prefix>/errors`."""
         return f"{self.prefix}/errors/{device}" if device == "+" or DEVICE_ID.match(device) else \

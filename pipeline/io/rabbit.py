@@ -51,7 +51,7 @@ from pika.spec import Basic, BasicProperties
 from pipeline.io import messages
 from pipeline.io.codec import DecodeError, decode_window
 from pipeline.io.mqtt import ConnectError, Topics
-from pipeline.io.sources import Deliver, DeviceStates
+from pipeline.io.sources import Acknowledge, Deliver, DeviceStates
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class PartitionedSource:
         self._prefetch, self._checkpoint_s = prefetch, checkpoint_s
         self._reconnect_max_s = reconnect_max_s
         self._deliver: Deliver | None = None
+        self._acknowledge: Acknowledge | None = None
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -218,10 +219,10 @@ class PartitionedSource:
         self.checkpoints = 0  # written
         self.restored = 0  # devices continued from a checkpoint
 
-    def start(self, deliver: Deliver) -> None:
+    def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None:
         """Connect, declare the topology and consume this daemon's partitions (raise ConnectError if no node
-        answers)."""
-        self._deliver = deliver
+        answers). Every daemon hears every acknowledgement; the one that holds its device applies it."""
+        self._deliver, self._acknowledge = deliver, acknowledge
         self._stopping.clear()
         self._connect()
         self._stop.clear()
@@ -244,11 +245,19 @@ class PartitionedSource:
         self._store.confirm_delivery()
         heartbeats = self.partitions.heartbeat_key()
         query = routing_key(Topics(self.partitions.prefix).query_active)
+        acks = routing_key(Topics(self.partitions.prefix).acks(""))
 
         def on_control(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
             if method.routing_key == query:  # a subscriber asks for the open alarms (answered in _rebalance)
                 if self._answer_due is None:
                     self._answer_due = max(time.monotonic(), self._last_answer + QUERY_INTERVAL_S)
+                return
+            if method.routing_key.startswith(acks):
+                device = routing_key(method.routing_key[len(acks):])
+                with self._lock:
+                    held = any(device in c.devices for c in self._consumers.values())
+                if held and self._acknowledge is not None:
+                    self._acknowledge(device, body)
                 return
             member = routing_key(method.routing_key[len(heartbeats):])
             if body == LEAVING:
@@ -261,6 +270,7 @@ class PartitionedSource:
         members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
         channel.queue_bind(members, "amq.topic", routing_key=query)
+        channel.queue_bind(members, "amq.topic", routing_key=f"{acks}*")
         channel.basic_consume(members, on_control, auto_ack=True)
         self._channel = channel
         self._consumers = {}

@@ -29,6 +29,13 @@ class Deliver(Protocol):
                  ) -> None: ...
 
 
+class Acknowledge(Protocol):
+    """Hands the daemon a staff acknowledgement of one of `device`'s alarms: device id and payload
+    (`pipeline.io.codec.decode_ack`)."""
+
+    def __call__(self, device: str, payload: bytes) -> None: ...
+
+
 class DeviceStates(Protocol):
     """The daemon's side of handing devices from one daemon to another, for a source that moves them
     (pipeline/io/rabbit.py), and of telling which alarms are open there. `save_devices`, `restore_devices` and
@@ -45,9 +52,10 @@ class DeviceStates(Protocol):
 
 
 class WindowSource(Protocol):
-    """Delivers raw ECG window payloads per device, in arrival order per device."""
+    """Delivers raw ECG window payloads per device, in arrival order per device, and the staff's acknowledgements
+    of alarms."""
 
-    def start(self, deliver: Deliver) -> None: ...
+    def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None: ...
 
     def proven_until(self, now: float) -> float:
         """A time (s, monotonic, at most `now`) up to which every window sent to the daemon has been delivered: a
@@ -94,7 +102,8 @@ class ResultSink(Protocol):
 
 class MqttSource:
     """ECG windows from `<prefix>/ecg/+`, each acknowledged to the broker (QoS 1) only when the daemon calls its
-    `done`; and probes of the daemon's own link through the broker, every PROBE_S."""
+    `done`; alarm acknowledgements from `<prefix>/acks/+`; and probes of the daemon's own link through the broker,
+    every PROBE_S."""
 
     PROBE_S = 1.0
 
@@ -106,15 +115,20 @@ class MqttSource:
         self._last_probe = 0.0
         self._proven = time.monotonic()
 
-    def start(self, deliver: Deliver) -> None:
+    def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None:
         """Subscribe (or, before the client connects, have it subscribe on connect)."""
         def on_window(topic: str, payload: bytes, ack: Callable[[], None]) -> None:
             if self._taking:  # else left unacknowledged: the broker keeps it for the next run
                 deliver(self._topics.device_of(topic), payload, time.monotonic(), ack)
 
+        def on_ack(topic: str, payload: bytes) -> None:
+            if self._taking:
+                acknowledge(self._topics.device_of(topic), payload)
+
         self._taking = True
         self._proven = time.monotonic()
         self._client.subscribe(self._probe_topic, self._on_probe, self._qos)
+        self._client.subscribe(self._topics.acks(), on_ack, self._qos)
         self._client.subscribe_manual_ack(self._topics.ecg(), on_window, self._qos)
 
     def _on_probe(self, topic: str, payload: bytes) -> None:

@@ -28,7 +28,7 @@ from pipeline.analysis.model import BeatModel, ModelError, rhythm_thresholds
 from pipeline.analysis.streams import Beat, BeatStreams
 from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import messages
-from pipeline.io.codec import DecodeError, Window, decode_window
+from pipeline.io.codec import DecodeError, Window, decode_ack, decode_window
 from pipeline.io.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
 from pipeline.io.sources import MqttSink, MqttSource, ResultSink, WindowSource
 from pipeline.process.admission import Admission, DeviceStream
@@ -338,7 +338,7 @@ class Daemon:
 
     def _start_source(self) -> None:
         assert self.source is not None
-        self.source.start(self._deliver)
+        self.source.start(self._deliver, self._acknowledge)
 
     def _connect(self) -> None:
         assert self._sink is not None
@@ -433,6 +433,28 @@ class Daemon:
                     self._degraded_since = self._last_drop
                     log.error("cannot keep up: window queue full (%d), dropping windows", self._queue.maxsize)
                     self._publish_status("online")
+
+    def _acknowledge(self, device: str, payload: bytes) -> None:
+        """A staff acknowledgement of one of `device`'s alarms, handled on the worker (`_on_ack`)."""
+        self.call_soon(functools.partial(self._on_ack, device, payload))
+
+    def _on_ack(self, device: str, payload: bytes) -> None:
+        """Record an acknowledgement in the open alarm's state and publish it in the alarm's `updated` event; reject
+        (with the reason, counted) one that is malformed or names no open alarm of the device."""
+        try:
+            ack = decode_ack(payload)
+        except DecodeError as err:
+            self._reject(device, err.reason, err.detail)
+            return
+        alarms = self._alarms.get(device)
+        events = [] if alarms is None else alarms.acknowledge(ack.alarm_id, ack.by, time.time(), ack.silence_s)
+        if not events:
+            self._reject(device, "unknown_alarm", f"no open alarm {ack.alarm_id[:100]!r} of this device to acknowledge")
+            return
+        self._count("acknowledged")
+        log.info("alarm %s of %s acknowledged by %s%s", ack.alarm_id, device, ack.by,
+                 "" if ack.silence_s is None else f", silenced for {ack.silence_s:g} s")
+        self._emit(events)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -574,7 +596,8 @@ class Daemon:
         checks = SignalCheck.batch([a.window for a in group], [self._streams.unreadable(a.device) for a in group],
                                    [self._streams.unreadable_leads(a.device) for a in group], self.config.alarms)
         p_af = af_probabilities(self.model.info.af_detector, [self._alarms[a.device] for a in group],
-                                [[(t, c) for t, c, _ in b] for b in beats])
+                                [[(t, c) for t, c, _ in b] for b in beats],
+                                [self._streams.p_wave_consistency(a.device) for a in group])
         analysed_until = self._streams.analysed_until_many([a.device for a in group])
         reported: list[Admitted] = []
         for a, check, window_beats, p, until in zip(group, checks, beats, p_af, analysed_until, strict=True):

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 # 2: streams carry the beat context and beat stage state; 3: VF history, VF and AF alarm timing; 4: recent signal
 # with the VF and quality verdicts, poor-signal timing; 5: the streams' time line (restart after a flat line); 8: the
-# rhythm stage's state and verdicts per lead
-STATE_FORMAT = 8
+# rhythm stage's state and verdicts per lead; 9: the beat context's P-wave template and consistency
+STATE_FORMAT = 9
 
 
 def encode_state(model_version: str, devices: dict[str, dict[str, Any]]) -> bytes:

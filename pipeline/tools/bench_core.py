@@ -32,7 +32,7 @@ from models import SHIPPED_MODEL
 from pipeline.config import DaemonConfig
 from pipeline.io.codec import encode_binary
 from pipeline.io.mqtt import DEVICE_ID, encode_json
-from pipeline.io.sources import Deliver
+from pipeline.io.sources import Acknowledge, Deliver
 from pipeline.process.daemon import Daemon
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
@@ -84,7 +84,8 @@ class HandSource:
     def __init__(self) -> None:
         self.deliver: Deliver | None = None
 
-    def start(self, deliver: Deliver) -> None:
+    def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None:
+        """Hands windows only: the benchmark acknowledges no alarm."""
         self.deliver = deliver
 
     def proven_until(self, now: float) -> float:
