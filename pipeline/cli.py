@@ -207,6 +207,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def cmd_station(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pipeline.io.mqtt import ConnectError
+    from pipeline.tools.station.app import Station
+    from pipeline.tools.station.config import load_station_config
+    from pipeline.tools.station.users import UsersError
+
+    config = load_station_config(args.config)
+    if args.check_config:
+        print(f"{args.config or 'defaults'}: valid")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        station = Station(config)
+        station.start()
+    except (ConnectError, OSError, UsersError) as err:
+        print(f"station failed to start: {err}", file=sys.stderr)
+        return 1
+    print(f"central station at {station.url} (broker {config.mqtt.host}:{config.mqtt.port})", flush=True)
+    stop.wait()
+    station.stop()
+    return 0
+
+
+def cmd_station_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from pipeline.tools.station.users import UsersError, set_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+    try:
+        set_user(args.users_file, args.name, password)
+    except UsersError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"{args.name}: written to {args.users_file}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.tools.replay import ReplayPlan, load_signals, replay
 
@@ -463,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "Run the daemon: ECG windows in over MQTT, beats and alarms out.")
     p.add_argument("--config", type=Path, help="daemon config YAML (configs/daemon.yaml); defaults if omitted")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    p = add("station", cmd_station, "Serve the central station web page: every bed's ECG and alarms, acknowledge and "
+            "silence, review strips (needs the [station] extra).")
+    p.add_argument("--config", type=Path, help="station config YAML (configs/station.yaml); defaults if omitted")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    p = add("station-user", cmd_station_user, "Add a staff login to the station's users file, or change its password.")
+    p.add_argument("name", help="the login (1-64 of A-Z a-z 0-9 _ . @ -)")
+    p.add_argument("--users-file", type=Path, default=Path("/etc/ecgmon/station-users"))
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input's first line")
 
     def add_broker(p: argparse.ArgumentParser) -> None:
         p.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker host:port")
