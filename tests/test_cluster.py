@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import DaemonConfig
+from pipeline.config import DaemonConfig, MqttConfig
 from pipeline.io.mqtt import MqttClient, Topics
 from pipeline.io.rabbit import PartitionedSource, owners
 from pipeline.process.daemon import Daemon
 from pipeline.tools.bench_cluster import run_cluster_point
 from pipeline.tools.rabbit_cluster import RabbitCluster, RabbitNode
 from pipeline.tools.records import load_record
+from pipeline.tools.station.hub import Hub
 from tests.conftest import T0, Collector, serve_command, wait_until
 from tests.ecg_synth import beat_templates, synthesize
 from tests.wire import binary_v1
@@ -354,3 +355,37 @@ def test_the_cluster_bench_measures_a_point(physionet: Path, cluster: RabbitClus
     point = run_cluster_point(cluster, 1, 10, 5.0, ["mitdb/100"], physionet)
     assert point.sent == 50 and point.lost == 0 and point.twice == 0
     assert point.daemons_cpu_s > 0 and point.brokers_cpu_s > 0 and point.latency_p99_ms < 5000
+
+
+def test_the_central_station_reads_the_cluster_and_its_acknowledgement_reaches_the_holder(
+        physionet: Path, cluster: RabbitCluster, daemons: list[Daemon], ward: Ward) -> None:
+    """The station's hub, coming after four devices raised asystole, gets their open alarms through
+    `query/active` (the cluster keeps no retained copies) and their ECG; its acknowledgement is applied by the
+    daemon holding the device, and comes back in the alarm's events until it clears."""
+    topics, devices = ward.topics, 4
+    alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
+    x = asystole_signal(physionet)
+    send(ward.publisher, topics, x, devices, range(26), stagger_s=0)
+    alarms.wait_for(lambda docs: sum(d["state"] == "raised" for d in docs) >= devices, timeout=60)
+    hub = Hub(MqttConfig(host=cluster.host, port=cluster.nodes[0].mqtt_port, client_id=f"{topics.prefix}-station",
+                         topic_prefix=topics.prefix, protocol="3.1.1"), keep_s=60.0, silent_s=60.0, beds_file=None)
+    hub.start()
+    try:
+        def open_alarms() -> list[dict[str, Any]]:
+            return [a for bed in hub.wall.snapshot()["beds"] for a in bed["alarms"]]
+
+        wait_until(lambda: len(open_alarms()) >= devices, timeout=30)
+        raised = next(a for a in open_alarms() if a["device"] == "bed-0")
+        hub.acknowledge("bed-0", raised["alarm_id"], "silence", "nurse-ana")
+        acked = alarms.wait_for(lambda docs: any(d["acknowledged"] for d in docs), timeout=30)
+        assert [(d["alarm_id"], d["acknowledged"]["by"]) for d in acked if d["acknowledged"]] == [
+            (raised["alarm_id"], "nurse-ana")]
+        send(ward.publisher, topics, x, devices, range(26, int(len(x) / 360)), stagger_s=0)
+        cleared = alarms.wait_for(lambda docs: any(d["state"] == "cleared" and d["device"] == "bed-0" for d in docs),
+                                  timeout=60)
+        assert next(d for d in cleared if d["state"] == "cleared" and d["device"] == "bed-0")["acknowledged"][
+            "by"] == "nurse-ana"
+        wait_until(lambda: any(bed["leads"] == ["MLII"] for bed in hub.wall.snapshot()["beds"]), timeout=10)  # ECG
+    finally:
+        hub.stop()
+        alarms.close()

@@ -15,7 +15,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from pipeline.config import DaemonConfig, load_config
-from pipeline.io.mqtt import ConnectError, MqttClient, Topics
+from pipeline.io import messages
+from pipeline.io.mqtt import ConnectError, MqttClient, Topics, encode_json
 from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker, free_port
 from tests.wire import binary_v1
@@ -24,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 TOPICS = Topics("ecgmon")
 T0 = time.time()  # the daemon rejects windows far from its clock
-STAFF = ("ecgmon-daemon", "nurse-station", "ecgmon-ops")
-USERS = {"ecgmon-daemon": "d-pass", "nurse-station": "n-pass", "ecgmon-ops": "o-pass", "bed-1": "b1-pass",
-         "bed-2": "b2-pass"}
+STAFF = ("ecgmon-daemon", "nurse-station", "ecgmon-ops", "ecgmon-station")
+USERS = {"ecgmon-daemon": "d-pass", "nurse-station": "n-pass", "ecgmon-ops": "o-pass", "ecgmon-station": "s-pass",
+         "bed-1": "b1-pass", "bed-2": "b2-pass"}
 
 
 def make_certs(d: Path) -> None:
@@ -143,9 +144,11 @@ def test_daemon_over_tls_and_the_acls(secure_broker: tuple[LocalBroker, Path]) -
                                                   "ECGMON_METRICS__PORT": "null"})
     daemon = Daemon(config)
     assert daemon.start()
-    nurse, bed1, bed2 = (client(broker, ca, user, user) for user in ("nurse-station", "bed-1", "bed-2"))
+    nurse, bed1, bed2, station = (client(broker, ca, user, user)
+                                  for user in ("nurse-station", "bed-1", "bed-2", "ecgmon-station"))
     inbox = Inbox(nurse, TOPICS.beats(), TOPICS.alarms())
-    for c in (nurse, bed1, bed2):
+    seen = Inbox(station, TOPICS.ecg(), TOPICS.errors())
+    for c in (nurse, bed1, bed2, station):
         c.connect(timeout_s=5)
     try:
         # What must be refused goes first, each acknowledged (so routed or refused) before the one window that
@@ -154,13 +157,22 @@ def test_daemon_over_tls_and_the_acls(secure_broker: tuple[LocalBroker, Path]) -
         published(bed2.publish(TOPICS.alarms("bed-2"), b'{"fake": "alarm"}', qos=1))  # sensors cannot raise alarms
         published(nurse.publish(TOPICS.ecg("bed-1"), window(1), qos=1))  # subscribers cannot publish ECG...
         published(nurse.publish(TOPICS.alarms("bed-1"), b'{"fake": "alarm"}', qos=1))  # ...nor alarms
+        ack = encode_json(messages.ack("bed-1/asystole/1", "silence", "bed-2"))
+        published(bed2.publish(TOPICS.acks("bed-1"), ack, qos=1))  # sensors cannot silence alarms
+        published(station.publish(TOPICS.ecg("bed-1"), window(1), qos=1))  # the station cannot publish ECG
         published(bed1.publish(TOPICS.ecg("bed-1"), window(0), qos=1))  # its own topic: analysed
         got = inbox.wait_for(TOPICS.beats("bed-1"))
         assert [t for t in got if "/beats/" in t] == [TOPICS.beats("bed-1")]
         assert all(b"fake" not in payload for _, payload in inbox.messages)  # only the daemon's own alarms arrive
         assert daemon.stats()["windows"] == 1
+        seen.wait_for(TOPICS.ecg("bed-1"))  # the station reads the ECG it shows...
+        published(station.publish(TOPICS.acks("bed-1"), encode_json(messages.ack("bed-1/asystole/1", "silence",
+                                                                                 "nurse-ana")), qos=1))
+        seen.wait_for(TOPICS.errors("bed-1"))  # ...and its acknowledgement reaches the daemon (no such alarm here)
+        rejected = daemon.metrics.registry.get_sample_value
+        assert rejected("ecgmon_messages_rejected_total", {"reason": "unknown_alarm"}) == 1  # not the sensor's
     finally:
-        for c in (nurse, bed1, bed2):
+        for c in (nurse, bed1, bed2, station):
             c.disconnect()
         daemon.stop()
 

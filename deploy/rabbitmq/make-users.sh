@@ -2,8 +2,10 @@
 # Logins and permissions of the ecgmon RabbitMQ cluster, the counterpart of deploy/mosquitto/acl:
 #   ./make-users.sh daemon NAME          a daemon (AMQP: its partitions, checkpoints, heartbeats and results)
 #   ./make-users.sh device NAME...       sensors: each publishes ECG on its own topic only, reads its own rejections
-#   ./make-users.sh station NAME...      nurses' stations, pagers, dashboards: read alarms, open alarms (asking
-#                                        for them on ecgmon/query/active), beats, status
+#   ./make-users.sh station NAME...      pagers, dashboards: read alarms, open alarms (asking for them on
+#                                        ecgmon/query/active), beats, status
+#   ./make-users.sh central NAME         the central station (`ecgmon station`): that, with ECG and rejections, and
+#                                        it sends the staff's acknowledgements on ecgmon/acks/<device>
 #   ./make-users.sh ops NAME...          operations: rejections, open alarms, status, stats
 # Asks for each password. Run on one node (users and permissions are cluster-wide); RABBITMQCTL overrides the
 # command (e.g. "docker compose exec rabbit1 rabbitmqctl"). Topic permissions apply to amq.topic, where the MQTT
@@ -24,16 +26,20 @@ for user in "$@"; do
     daemon)
       ctl set_permissions "$user" "$daemon" "$daemon" "$daemon"
       ctl set_topic_permissions "$user" amq.topic \
-        '^ecgmon\.(beats|alarms|errors|active|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons|query)(\..*)?$' ;;
+        '^ecgmon\.(beats|alarms|errors|active|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons|query|acks)(\..*)?$' ;;
     device)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
       ctl set_topic_permissions "$user" amq.topic '^ecgmon\.ecg\.{username}$' '^ecgmon\.errors\.{username}$' ;;
     station)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
       ctl set_topic_permissions "$user" amq.topic '^ecgmon\.query\.active$' '^ecgmon\.(alarms|active|beats|status|stats)(\..*)?$' ;;
+    central)
+      ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
+      ctl set_topic_permissions "$user" amq.topic '^ecgmon\.(query\.active|acks\..*)$' \
+        '^ecgmon\.(ecg|alarms|active|beats|errors|status|stats)(\..*)?$' ;;
     ops)
       ctl set_permissions "$user" '^mqtt-subscription-.*$' "$mqtt_only" "$mqtt_only"
       ctl set_topic_permissions "$user" amq.topic '^ecgmon\.query\.active$' '^ecgmon\.(errors|active|status|stats)(\..*)?$' ;;
-    *) echo "unknown role $role (daemon, device, station, ops)" >&2; exit 2 ;;
+    *) echo "unknown role $role (daemon, device, station, central, ops)" >&2; exit 2 ;;
   esac
 done
