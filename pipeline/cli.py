@@ -332,7 +332,8 @@ def cmd_rabbit_cluster(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.tools.demo import run_demo
 
-    count = run_demo(args.records, args.physionet_dir, args.speed, args.duration_s, args.encoding)
+    count = run_demo(args.records, args.physionet_dir, args.speed, args.duration_s, args.encoding, args.station_port,
+                     args.screenshots)
     print(f"demo finished: {count} alarm events")
     return 0
 
@@ -569,8 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "Local broker + daemon + shipped model + replayed PhysioNet records (ventricular "
             "ectopy, ventricular fibrillation, atrial fibrillation), one device each with every lead, the second "
-            "lead coming off for 30 s; prints alarms.")
+            "lead coming off for 30 s; prints alarms and serves the central station's page.")
     add_records(p, ["mitdb/200", "cudb/cu01", "mitdb/201"])
+    p.add_argument("--station-port", type=int, default=8080, help="the central station's page (any free port if busy)")
+    p.add_argument("--screenshots", type=Path, help="at the end, photograph the station's bed wall and a review strip "
+                   "into this folder (the README's: docs/station)")
     p.set_defaults(speed=10.0, duration_s=300.0, default_log_level="WARNING")  # the alarm lines are the output
     return parser
 

@@ -17,7 +17,8 @@ def test_demo_prints_alarms(physionet: Path) -> None:
                           "--speed", "30"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
-    assert lines[0].startswith("daemon online")
+    assert re.match(r"central station: http://127\.0\.0\.1:\d+/ \(login demo, password \S+\)$", lines[0]), lines[0]
+    assert lines[1].startswith("daemon online")
     assert any("raised" in line and "mitdb-200" in line for line in lines)  # record 200 has ventricular ectopy
     # cu01 falls into ventricular fibrillation at 214 s; 201 starts in atrial fibrillation
     assert any("raised" in line and "cudb-cu01" in line and "fibrillation" in line.lower() for line in lines), lines

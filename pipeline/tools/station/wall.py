@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_ALARMS = 5000  # alarm messages kept for the alarm list (the newest)
 MAX_WINDOW_BYTES = 1 << 20
 HR_BEATS = 8  # the heart rate is the median of the last HR_BEATS RR intervals
+NO_RATE = ("ventricular_fibrillation", "asystole")  # while open, the wall shows no heart rate
 REVIEW_S = (10.0, 10.0)  # a review strip: this long before and after the alarm (s)
 RHYTHMS = (("ventricular_fibrillation", "VF"), ("asystole", "Asystole"), ("ventricular_tachycardia", "VT"),
            ("atrial_fibrillation", "AF"), ("extreme_bradycardia", "Brady"), ("extreme_tachycardia", "Tachy"),
@@ -67,8 +68,9 @@ class Bed:
     alarms: dict[str, dict[str, Any]] = field(default_factory=dict)  # open alarms by id: last message
 
     def heart_rate_bpm(self) -> float | None:
+        """From the last beats; None without three, or while VF or asystole is open (no rate to count)."""
         times = [t for t, _ in list(self.beats)[-(HR_BEATS + 1):]]
-        if len(times) < 3:
+        if len(times) < 3 or any(a["type"] in NO_RATE for a in self.alarms.values()):
             return None
         return round(60.0 / float(np.median(np.diff(times))), 0)
 

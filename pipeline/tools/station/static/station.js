@@ -149,7 +149,7 @@ function addEcg(msg) {
   bed.chunks.push({ t0: msg.t0, fs: msg.fs, leads: msg.leads, samples: msg.samples,
                     end: msg.t0 + msg.samples[0].length / msg.fs });
   const newest = bed.chunks[bed.chunks.length - 1].end;
-  if (bed.playhead === null || bed.playhead < newest - DELAY_S - 3) bed.playhead = newest - DELAY_S;  // (re)start
+  if (bed.playhead === null || bed.playhead < newest - DELAY_S - 30) bed.playhead = newest - DELAY_S;  // (re)start
   while (bed.chunks.length && bed.chunks[0].end < bed.playhead - 1) bed.chunks.shift();
 }
 
@@ -167,7 +167,9 @@ function drawTrace(bed, dt) {
   if (bed.playhead === null || !bed.chunks.length) return;
   const newest = bed.chunks[bed.chunks.length - 1].end;
   const from = bed.playhead;
-  bed.playhead = Math.min(bed.playhead + dt, newest);  // never past the data: a gap shows as a pause
+  // Real time, faster while behind (a replay sped up, a burst after a stall), never past the data (a gap pauses it).
+  const lag = newest - DELAY_S - bed.playhead;
+  bed.playhead = Math.min(bed.playhead + dt * (lag > 0.5 ? 1 + lag : 1), newest);
   const ctx = bed.ctx, mid = TRACE_H / 2, scale = GAIN_MM_MV * PX_PER_MM;
   const x0 = from * PX_PER_S, x1 = bed.playhead * PX_PER_S;
   ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--trace") || "#3ee07a";
