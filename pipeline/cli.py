@@ -295,6 +295,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         leads = run_leads_bench(args.records, args.physionet_dir, args.core_devices)
         print(write_leads_report(leads, args.out, "ecgmon " + " ".join(sys.argv[1:])))
         return 0
+    if args.station:
+        from pipeline.tools.bench_station import run_station_bench, write_station_report
+
+        figures = run_station_bench(args.station_beds, args.records, args.physionet_dir, 20.0, args.duration_s)
+        print(write_station_report(figures, args.out, "ecgmon " + " ".join(sys.argv[1:])))
+        return 0
     if args.cluster:
         from pipeline.tools.bench_cluster import checkpoint_cost, run_cluster_bench, write_cluster_report
 
@@ -563,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "3-node RabbitMQ cluster, and one daemon killed (its section of --out only)")
     p.add_argument("--leads", action="store_true", help="instead: the daemon core with 1 and with 2 leads per "
                    "device, --core-devices devices, the first of --records (its section of --out only)")
+    p.add_argument("--station", action="store_true", help="instead: --station-beds beds replaying --records on one "
+                   "central station page in headless chromium, for --duration-s (its section of --out only)")
+    p.add_argument("--station-beds", type=int, default=64)
 
     p = add("rabbit-cluster", cmd_rabbit_cluster, "Start a local RabbitMQ cluster on loopback ports (Debian's "
             "rabbitmq-server, MQTT and consistent-hash plugins) for trying daemons on it; runs until Ctrl-C.")

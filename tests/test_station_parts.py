@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.io.codec import encode_binary
 from pipeline.tools.broker import LocalBroker
+from pipeline.tools.station.config import load_station_config
 from pipeline.tools.station.users import UsersError, read_users, set_user, verify
 from pipeline.tools.station.wall import Wall
 from tests.conftest import T0
@@ -135,3 +137,16 @@ def test_an_unreachable_broker_stops_the_station_with_a_reason(tmp_path: Path) -
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "station", "--config", str(config)],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert res.returncode == 1 and "station failed to start" in res.stderr
+
+
+def test_the_station_config_keeps_its_own_client_id_and_login(tmp_path: Path) -> None:
+    """A broker section in the file must not give the station the daemon's client id (each would throw the other
+    off the broker)."""
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump({"mqtt": {"host": "broker.example", "port": 8883}}))
+    config = load_station_config(path)
+    assert (config.mqtt.client_id, config.mqtt.username, config.mqtt.host) == (
+        "ecgmon-station", "ecgmon-station", "broker.example")
+    path.write_text(yaml.safe_dump({"mqtt": {"hots": "typo"}}))
+    with pytest.raises(ConfigError, match="hots"):
+        load_station_config(path)

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 P99_LIMIT_S = 0.250
 LEADS_HEADING = "## One lead and two"  # written by `ecgmon bench --leads`
-CLUSTER_HEADING = "## Many daemons on a RabbitMQ cluster"  # the last section, written by `ecgmon bench --cluster`
+CLUSTER_HEADING = "## Many daemons on a RabbitMQ cluster"  # written by `ecgmon bench --cluster`
+STATION_HEADING = "## The central station: many beds on one page"  # the last, written by `ecgmon bench --station`
 # Sections after the main report, in this order; each is written by its own command and kept by the others.
-EXTRA_SECTIONS = (LEADS_HEADING, CLUSTER_HEADING)
+EXTRA_SECTIONS = (LEADS_HEADING, CLUSTER_HEADING, STATION_HEADING)
 TOPICS = Topics("ecgmon")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -11,12 +11,19 @@ from pydantic import Field
 from pipeline.config import ConfigError, MqttConfig, Strict, apply_env, validate_config
 
 
+class StationMqttConfig(MqttConfig):
+    """The broker, as the daemon's `mqtt` section, with the station's own client id and login."""
+
+    client_id: str = "ecgmon-station"
+    username: str | None = "ecgmon-station"
+
+
 class StationConfig(Strict):
     """Where the station listens, the broker it reads, its staff and beds files, what it keeps."""
 
     host: str = Field("127.0.0.1", description="address the web page is served on")
     port: int = Field(8080, ge=0, le=65535, description="its port (0: any free one)")
-    mqtt: MqttConfig = MqttConfig(client_id="ecgmon-station", username="ecgmon-station")
+    mqtt: StationMqttConfig = StationMqttConfig()
     users_file: Path = Field(Path("/etc/ecgmon/station-users"), description="staff logins (`ecgmon station-user`)")
     beds_file: Path | None = Field(None, description="bed labels, patient names and order, written by the page "
                                    "(None: kept in memory)")

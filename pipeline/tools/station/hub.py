@@ -94,6 +94,9 @@ class Hub:
     def detach(self, browser: Browser) -> None:
         with self._lock:
             self._browsers.discard(browser)
+        if browser.dropped:
+            log.warning("a page fell behind: %d ECG updates were not sent to it (its traces showed gaps)",
+                        browser.dropped)
 
     # --- internals ----------------------------------------------------------------------------------
     def _broadcast(self, update: dict[str, Any]) -> None:

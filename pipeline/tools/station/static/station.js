@@ -8,6 +8,7 @@ const GAIN_MM_MV = 10;                // amplitude (mm/mV)
 const PX_PER_S = SWEEP_MM_S * PX_PER_MM;
 const DELAY_S = 1.5;                  // the trace runs this far behind the newest sample (windows come each second)
 const TRACE_W = 230, TRACE_H = 110;   // trace size (px)
+const TRACE_COLOUR = "#3ee07a";
 const PRIORITY_RANK = { high: 3, medium: 2, low: 1 };
 const TECHNICAL = new Set(["signal_loss", "leads_off", "saturation", "poor_signal", "lead_fault", "data_gap",
                            "windows_dropped"]);
@@ -18,7 +19,7 @@ const alarmLog = [];          // every alarm message seen, oldest first
 const openAlarms = new Map(); // alarm_id -> its last message, while open
 let socket = null, user = "", brokerUp = true, socketUp = false;
 const daemons = new Map();    // daemon id -> state
-window.stationStats = { frames: 0, ecgMessages: 0, started: performance.now() };
+window.stationStats = { frames: 0, ecgMessages: 0, frameMs: [] };  // read by `ecgmon bench --station`
 
 // --- the connection ---------------------------------------------------------------------------------
 function connect() {
@@ -50,7 +51,7 @@ function handle(msg) {
       break;
     case "ecg": addEcg(msg); break;
     case "bed": updateBed(msg.bed); break;
-    case "alarm": noteAlarm(msg.alarm); renderAlarms(); break;
+    case "alarm": noteAlarm(msg.alarm); renderAlarmsSoon(); break;
     case "broker": brokerUp = msg.up; renderBanners(); break;
     case "daemon": daemons.set(msg.daemon, msg.state); renderBanners(); break;
   }
@@ -172,7 +173,7 @@ function drawTrace(bed, dt) {
   bed.playhead = Math.min(bed.playhead + dt * (lag > 0.5 ? 1 + lag : 1), newest);
   const ctx = bed.ctx, mid = TRACE_H / 2, scale = GAIN_MM_MV * PX_PER_MM;
   const x0 = from * PX_PER_S, x1 = bed.playhead * PX_PER_S;
-  ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--trace") || "#3ee07a";
+  ctx.strokeStyle = TRACE_COLOUR;
   ctx.lineWidth = 1.4;
   for (let x = Math.floor(x0) + 1; x <= x1; x++) {
     const col = ((x % TRACE_W) + TRACE_W) % TRACE_W;
@@ -191,9 +192,11 @@ function drawTrace(bed, dt) {
 let lastFrame = performance.now();
 function frame(now) {
   const dt = Math.min((now - lastFrame) / 1000, 0.5);
+  const stats = window.stationStats;
+  if (stats.frameMs.length < 100000) stats.frameMs.push(now - lastFrame);
   lastFrame = now;
   for (const bed of beds.values()) drawTrace(bed, dt);
-  window.stationStats.frames++;
+  stats.frames++;
   requestAnimationFrame(frame);
 }
 
@@ -213,6 +216,13 @@ function evidenceText(e) {
   }
   if (e.leads) parts.push(Object.entries(e.leads).map(([l, f]) => `${l} ${f}`).join(", "));
   return parts.join("; ");
+}
+
+let alarmsDue = false;
+function renderAlarmsSoon() {  // at most one rebuild of the list per frame, however many alarms arrive
+  if (alarmsDue) return;
+  alarmsDue = true;
+  requestAnimationFrame(() => { alarmsDue = false; renderAlarms(); });
 }
 
 function renderAlarms() {
