@@ -150,3 +150,8 @@ def test_the_station_config_keeps_its_own_client_id_and_login(tmp_path: Path) ->
     path.write_text(yaml.safe_dump({"mqtt": {"hots": "typo"}}))
     with pytest.raises(ConfigError, match="hots"):
         load_station_config(path)
+
+
+def test_the_shipped_station_config_validates() -> None:
+    config = load_station_config(REPO / "configs" / "station.yaml")
+    assert config.mqtt.client_id == "ecgmon-station" and config.port == 8080
