@@ -25,7 +25,7 @@ from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
 from pipeline.tools.station.app import Station
-from pipeline.tools.station.config import StationConfig
+from pipeline.tools.station.config import StationConfig, StationMqttConfig
 from pipeline.tools.station.users import set_user
 from tests.conftest import T0
 from tests.wire import binary_v1
@@ -75,7 +75,7 @@ def ward(tmp_path_factory: pytest.TempPathFactory, physionet: Path) -> Iterator[
                                      alarms={"signal_loss_s": SIGNAL_LOSS_S}))
         assert daemon.start()
         station = Station(StationConfig(port=0, users_file=users, silent_s=SIGNAL_LOSS_S,
-                                        mqtt=MqttConfig(host=broker.host, port=broker.port, client_id="station")))
+                                        mqtt=StationMqttConfig(host=broker.host, port=broker.port, username=None)))
         station.start()
         alarms = Alarms()
         watcher = MqttClient(broker.host, broker.port, "test-alarms")
@@ -193,3 +193,32 @@ def _window(seq: int) -> bytes:
     """One second of a 1 mV sine at 360 Hz."""
     adc = np.round(np.sin(np.arange(360) / 20.0) * 200).astype(np.int16)
     return binary_v1(seq, T0 + seq, 360.0, "II", adc, 200.0)
+
+
+def test_a_daemon_gone_offline_and_a_lost_broker_fill_the_page_with_a_banner(browser: Browser, tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    set_user(users, USER, PASSWORD)
+    broker = LocalBroker().start()
+    station = Station(StationConfig(port=0, users_file=users,
+                                    mqtt=StationMqttConfig(host=broker.host, port=broker.port, username=None)))
+    try:
+        daemon = Daemon(DaemonConfig(mqtt=MqttConfig(host=broker.host, port=broker.port),
+                                     metrics=MetricsConfig(port=None)))
+        assert daemon.start()
+        station.start()
+        page = browser.new_page()
+        page.goto(station.url)
+        page.fill("#user", USER)
+        page.fill("#password", PASSWORD)
+        page.click("#submit")
+        page.wait_for_selector("#who:has-text('nurse-ana')")
+        assert page.locator("#banners .banner").count() == 0
+        daemon.stop()  # its goodbye: status offline
+        page.wait_for_selector("#banners .banner[data-kind=daemon]", timeout=10_000)
+        broker.stop()
+        page.wait_for_selector("#banners .banner[data-kind=broker]", timeout=10_000)
+        assert "LOST THE BROKER" in page.inner_text("#banners")
+        page.close()
+    finally:
+        station.stop()
+        broker.stop()

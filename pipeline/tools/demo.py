@@ -48,7 +48,7 @@ def demo_station(host: str, port: int, page_port: int, tmp: Path, out: TextIO) -
     to `out` (None, with a warning, where the station's extra is not installed)."""
     try:
         from pipeline.tools.station.app import Station
-        from pipeline.tools.station.config import StationConfig
+        from pipeline.tools.station.config import StationConfig, StationMqttConfig
         from pipeline.tools.station.users import set_user
     except ImportError as err:
         log.warning("no central station (%s): pip install -e '.[station]'", err)
@@ -56,7 +56,7 @@ def demo_station(host: str, port: int, page_port: int, tmp: Path, out: TextIO) -
         return
     password = secrets.token_urlsafe(9)
     set_user(tmp / "users", DEMO_USER, password)
-    mqtt = MqttConfig(host=host, port=port, client_id="ecgmon-demo-station")
+    mqtt = StationMqttConfig(host=host, port=port, client_id="ecgmon-demo-station", username=None)
     station = None
     for candidate in (page_port, 0):
         try:
