@@ -278,8 +278,8 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
-    """Load the YAML file (or defaults when None) with environment overrides; raise ConfigError."""
+def load_strict(model: type[M], path: Path | None, env: Mapping[str, str] | None = None) -> M:
+    """`model` from the YAML file (or defaults when None) with environment overrides; raise ConfigError."""
     try:
         raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
     except (OSError, yaml.YAMLError) as err:
@@ -287,4 +287,9 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Daem
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw = apply_env(raw, os.environ if env is None else env)
-    return validate_config(DaemonConfig, raw, str(path or "defaults"))
+    return validate_config(model, raw, str(path or "defaults"))
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> DaemonConfig:
+    """The daemon's config from the YAML file (or defaults when None) with environment overrides; ConfigError."""
+    return load_strict(DaemonConfig, path, env)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pipeline.process.daemon import Daemon
 from pipeline.tools.bench import STATION_HEADING, proc_cpu_s, write_section
 from pipeline.tools.broker import LocalBroker
 from pipeline.tools.replay import ReplayPlan, load_signals, replay
+from pipeline.tools.station.shots import open_wall
 from pipeline.tools.station.users import set_user
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,6 @@ def run_station_bench(beds: int, records: list[str], physionet_dir: Path, warmup
     """Figures of one run (see the module docstring)."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise FileNotFoundError("the station benchmark needs Debian's chromium (apt-get install chromium)")
     signals = load_signals(records, physionet_dir, None)
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         users = Path(tmp) / "users"
@@ -87,12 +84,7 @@ def run_station_bench(beds: int, records: list[str], physionet_dir: Path, warmup
             url = station.stdout.readline().split()[3]
             replayer.start()
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-                page = browser.new_page(viewport={"width": 1920, "height": 1080})
-                page.goto(url)
-                page.fill("#user", USER)
-                page.fill("#password", PASSWORD)
-                page.click("#submit")
+                browser, page = open_wall(p, url, USER, PASSWORD, 1920, 1080)
                 page.wait_for_function(f"() => document.querySelectorAll('.tile[data-playhead]').length >= {beds}",
                                        timeout=120_000)
                 time.sleep(warmup_s)  # a benchmark's warm-up: the measured interval is wall-clock time

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import yaml
 from pydantic import Field
 
-from pipeline.config import ConfigError, MqttConfig, Strict, apply_env, validate_config
+from pipeline.config import MqttConfig, Strict, load_strict
 
 
 class StationMqttConfig(MqttConfig):
@@ -34,10 +32,4 @@ class StationConfig(Strict):
 
 def load_station_config(path: Path | None) -> StationConfig:
     """The YAML file (or defaults when None) with environment overrides; ConfigError if invalid."""
-    try:
-        raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return validate_config(StationConfig, apply_env(raw, os.environ), str(path or "defaults"))
+    return load_strict(StationConfig, path)
