@@ -91,7 +91,7 @@ def test_kill_9_with_a_state_file_continues_warm_and_loses_no_window(
     """The broker gets back every window the killed daemon had not saved the effect of: the restarted daemon
     continues each device from the state file, without a data gap, and re-analyses those windows identically."""
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
-    state = {"state": {"path": str(tmp_path / "state.json.gz"), "save_interval_s": 2}}
+    state = {"state": {"path": str(tmp_path / "state.bin"), "save_interval_s": 2}}
     proc = serve_process(**state)
     wait_online(status)
     x = load_record(physionet / "mitdb", "100").signal_mv

@@ -23,8 +23,15 @@ def modules_after(code: str) -> set[str]:
 
 def test_what_ecgmon_serve_runs_loads_no_torch_wfdb_or_training_code() -> None:
     loaded = modules_after(SERVE)
-    assert loaded & {"torch", "wfdb", "train", "matplotlib"} == set()
+    assert loaded & {"torch", "wfdb", "train", "matplotlib", "starlette", "uvicorn", "playwright"} == set()
     assert "pipeline" in loaded
+
+
+def test_the_daemon_never_loads_the_central_station() -> None:
+    out = subprocess.run([sys.executable, "-c", f"{SERVE}\nimport sys; print(sorted(m for m in sys.modules "
+                          "if m.startswith('pipeline.tools')))"], capture_output=True, text=True, check=True,
+                         cwd=REPO, timeout=120)
+    assert "pipeline.tools.station" not in out.stdout
 
 
 def test_the_operator_tools_load_no_torch_and_no_training_code() -> None:
@@ -34,11 +41,12 @@ def test_the_operator_tools_load_no_torch_and_no_training_code() -> None:
 
 
 def test_the_daemon_core_imports_only_its_declared_dependencies() -> None:
-    """README: the daemon's core needs numpy, scipy, onnxruntime and paho-mqtt, with pydantic, PyYAML and
-    prometheus-client for its config and metrics (and pika for the RabbitMQ source only): every import in
+    """README: the daemon's core needs numpy, scipy, onnxruntime and paho-mqtt, with pydantic, PyYAML,
+    prometheus-client and msgpack for its config, metrics and state (and pika for the RabbitMQ source only): every
+    import in
     pipeline/ (its io, analysis, detectors, alarms and process folders), the tools and cli.py (the entry point of all
     three parts, importing each lazily) aside."""
-    allowed = {"numpy", "scipy", "onnxruntime", "paho", "pydantic", "yaml", "prometheus_client"}
+    allowed = {"numpy", "scipy", "onnxruntime", "paho", "pydantic", "yaml", "prometheus_client", "msgpack"}
     ours = {"pipeline", "models", "__future__"}
     imported: dict[str, set[str]] = {}
     core = [p for p in (REPO / "pipeline").rglob("*.py") if p.name != "cli.py" and "tools" not in p.parts]

@@ -53,7 +53,7 @@ def test_restore_does_not_clear_the_signal_loss_of_a_silent_device(tmp_path: Pat
                                                                   start_daemon: Callable[..., Daemon],
                                                                   collect: Callable[[str], Collector]) -> None:
     alarms, stats = collect(TOPICS.alarms()), collect(TOPICS.stats)
-    settings = {"state": {"path": str(tmp_path / "state.json.gz")}, "alarms": {"signal_loss_s": 1.5},
+    settings = {"state": {"path": str(tmp_path / "state.bin")}, "alarms": {"signal_loss_s": 1.5},
                 "output": {"stats_interval_s": 0.1}}
     first = start_daemon(**settings)
     for seq in range(3):
@@ -84,7 +84,7 @@ def test_a_crash_keeps_the_open_alarms_of_a_silent_device(
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
     sections: dict[str, Any] = {"alarms": {"signal_loss_s": 2}, "output": {"stats_interval_s": 0.2}}
     if state_file:
-        sections["state"] = {"path": str(tmp_path / "state.json.gz"), "save_interval_s": 0.5}
+        sections["state"] = {"path": str(tmp_path / "state.bin"), "save_interval_s": 0.5}
     proc = serve_process(**sections)
     wait_online(status)
     publisher.publish(TOPICS.ecg("bed"), saturated(0), qos=1)
@@ -119,7 +119,7 @@ def test_a_device_that_went_silent_just_before_a_crash_gets_its_signal_loss(
     """With the state file, a device silent for less than signal_loss_s at the kill is known after the restart."""
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
     sections = {"alarms": {"signal_loss_s": 4}, "output": {"stats_interval_s": 0.2},
-                "state": {"path": str(tmp_path / "state.json.gz"), "save_interval_s": 0.5}}
+                "state": {"path": str(tmp_path / "state.bin"), "save_interval_s": 0.5}}
     proc = serve_process(**sections)
     wait_online(status)
     for seq in range(3):
@@ -140,7 +140,7 @@ def test_a_graceful_restart_continues_its_open_alarms(tmp_path: Path,
                                                      publisher: MqttClient,
                                                      collect: Callable[[str], Collector]) -> None:
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
-    state = {"state": {"path": str(tmp_path / "state.json.gz")}}
+    state = {"state": {"path": str(tmp_path / "state.bin")}}
     proc = serve_process(**state)
     wait_online(status)
     publisher.publish(TOPICS.ecg("bed"), saturated(0), qos=1)
@@ -166,7 +166,7 @@ def test_a_restart_loses_no_window_and_resets_no_device(physionet: Path, tmp_pat
     messages, status = collect("ecgmon/#"), collect(TOPICS.status)
     x = load_record(physionet / "mitdb", "100").signal_mv
     n_windows = 120
-    state = {"state": {"path": str(tmp_path / "state.json.gz")}, "mqtt": {"protocol": protocol}}
+    state = {"state": {"path": str(tmp_path / "state.bin")}, "mqtt": {"protocol": protocol}}
     proc = serve_process(**state)
     wait_online(status)
     sending = stream_live(publisher, ["bed"], [window(x, seq) for seq in range(n_windows)])  # 10 a second
@@ -186,7 +186,7 @@ def test_the_open_alarm_gauge_counts_restored_alarms_and_keeps_them_after_evicti
         tmp_path: Path, publisher: MqttClient, start_daemon: Callable[..., Daemon],
         collect: Callable[[str], Collector]) -> None:
     alarms = collect(TOPICS.alarms())
-    settings = {"state": {"path": str(tmp_path / "state.json.gz")}, "streams": {"idle_evict_s": 6.0},
+    settings = {"state": {"path": str(tmp_path / "state.bin")}, "streams": {"idle_evict_s": 6.0},
                 "alarms": {"signal_loss_s": 5.9}}  # the restart happens well inside the silence
     first = start_daemon(**settings)
     publisher.publish(TOPICS.ecg("bed"), saturated(0), qos=1)

@@ -68,7 +68,7 @@ def test_a_cluster_daemon_keeps_no_state_file(tmp_path: Path) -> None:
     from pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"state\.path must be null with source: rabbitmq"):
-        load_config(write_config(tmp_path, source="rabbitmq", state={"path": str(tmp_path / "state.json.gz")}),
+        load_config(write_config(tmp_path, source="rabbitmq", state={"path": str(tmp_path / "state.bin")}),
                     env={})
 
 
@@ -118,7 +118,7 @@ def test_second_signal_cuts_the_drain_short_and_still_tears_down(
     status, beats = collect(TOPICS.status), collect(TOPICS.beats())
     # One window per model run and a long drain: the graceful stop is still draining at the second signal.
     proc = serve_process(batching={"max_batch": 1, "max_wait_ms": 0}, drain_timeout_s=60,
-                         state={"path": str(tmp_path / "state.json.gz")})
+                         state={"path": str(tmp_path / "state.bin")})
     wait_online(status)
     window = binary_v1(0, T0, 360.0, "MLII", np.zeros(360, np.int16), 200.0)
     for device in range(4000):
@@ -131,7 +131,7 @@ def test_second_signal_cuts_the_drain_short_and_still_tears_down(
     assert len(beats.docs()) < 4000
     final = status.wait_for(lambda d: d[-1]["state"] == "offline")[-1]
     assert "reason" not in final  # the daemon said so itself: the teardown ran
-    assert (tmp_path / "state.json.gz").exists()  # and saved the state
+    assert (tmp_path / "state.bin").exists()  # and saved the state
 
 
 def test_killed_daemon_leaves_its_last_will(serve_process: Callable[[], subprocess.Popen[str]],

@@ -46,7 +46,6 @@ LOOKBACK_S = 1.5  # a beat whose window starts longer than this before it was pi
 SHAPE_WEIGHT = 0.05
 P_WINDOW_S = (0.30, 0.08)  # the P-wave interval: from this long before the R peak to this long before it (s)
 P_WEIGHT = 0.1
-UNSET = -2.0  # a saved NaN (times are never negative, correlations never below -1)
 FEATURE_NAMES = ("rr_over_local", "previous_rr_over_local", "rr_over_long", "log_rr_s", "local_over_long",
                  "log_local_rr_s", "rr_irregularity", "qrs_pp_over_running", "qrs_width_s", "template_correlation",
                  *(f"p_{c}" for c in AAMI_CLASSES))
@@ -104,15 +103,12 @@ class BeatContext:
             setattr(self, name, getattr(fresh, name))
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        """JSON-able values; NaN (no beat yet) saved as UNSET."""
-        return {name: np.nan_to_num(getattr(self, name)[slot], nan=UNSET).tolist() for name in self.FIELDS}
+        """Numpy values (pipeline/process/state.py)."""
+        return {name: getattr(self, name)[slot].copy() for name in self.FIELDS}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
         for name in self.FIELDS:
             getattr(self, name)[slot] = doc[name]
-        for name in ("last_time_s", "p_consistency"):
-            if getattr(self, name)[slot] == UNSET:
-                getattr(self, name)[slot] = np.nan
 
     def window(self, slots: NDArray[np.int64], frames: NDArray[np.float32]) -> SignalWindow:
         """Take in a window of frames (n_rows, n_frames, frame_size) of each of `slots`; return the signal its

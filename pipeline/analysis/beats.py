@@ -87,7 +87,8 @@ class BeatPickerState:
             setattr(self, name, new)
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        return {name: getattr(self, name)[slot].tolist() for name in self.FIELDS}
+        """The slot's state: numpy values (pipeline/process/state.py)."""
+        return {name: getattr(self, name)[slot].copy() for name in self.FIELDS}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
         for name in self.FIELDS:

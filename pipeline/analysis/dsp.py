@@ -135,10 +135,10 @@ class PreprocessorBank:
             self._resamplers[slot] = LinearResampler(fs, self.fs_model)
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        """The slot's state as JSON-able values."""
+        """The slot's state: numbers and arrays (pipeline/process/state.py)."""
         resampler = self._resamplers.get(slot)
-        return {"fs": float(self._fs[slot]), "zi": self._zi[slot].tolist(), "seeded": bool(self._seeded[slot]),
-                "rest": self._rest.get(slot, np.zeros(0)).tolist(),
+        return {"fs": float(self._fs[slot]), "zi": self._zi[slot].copy(), "seeded": bool(self._seeded[slot]),
+                "rest": self._rest.get(slot, np.zeros(0, dtype=np.float32)).copy(),
                 "resampler": None if resampler is None else resampler.state()}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
@@ -146,7 +146,7 @@ class PreprocessorBank:
         self.open(slot, float(doc["fs"]))
         self._zi[slot] = np.asarray(doc["zi"], dtype=np.float64).reshape(self._zi.shape[1:])
         self._seeded[slot] = bool(doc["seeded"])
-        if doc["rest"]:
+        if len(doc["rest"]):
             self._rest[slot] = np.asarray(doc["rest"], dtype=np.float32)
         if doc["resampler"] is not None:
             self._resamplers[slot].set_state(doc["resampler"])
@@ -155,7 +155,7 @@ class PreprocessorBank:
         """Open `slot` cold (its filter seeded by its next sample) on the framing phase of `source` (may be `slot`
         itself): from here on a window gives both slots the same number of frames, at the same times."""
         doc = self.save_slot(source)
-        self.load_slot(slot, {**doc, "seeded": False, "rest": [0.0] * len(doc["rest"])})
+        self.load_slot(slot, {**doc, "seeded": False, "rest": np.zeros_like(doc["rest"])})
 
     def __call__(self, slots: list[int], windows: list[NDArray[np.floating[Any]]]) -> list[FloatArray]:
         """Process the next window (mV at the slot's rate) of each slot; return each one's new frames.

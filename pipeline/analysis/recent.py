@@ -38,7 +38,8 @@ class RecentSignal:
         self.samples_seen = np.concatenate([self.samples_seen, np.zeros(extra, dtype=np.int64)])
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        return {"history": self.history[slot].tolist(), "samples_seen": int(self.samples_seen[slot])}
+        """The slot's state: numbers and arrays (pipeline/process/state.py)."""
+        return {"history": self.history[slot].copy(), "samples_seen": int(self.samples_seen[slot])}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
         self.history[slot] = doc["history"]

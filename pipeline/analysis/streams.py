@@ -214,7 +214,7 @@ class BeatStreams:
     # --- save and restore --------------------------------------------------------------------
     def save(self, stream_id: str) -> dict[str, Any]:
         """Everything `stream_id` carries (per lead: DSP, recurrent state, recent signal; per device: beat
-        picking, beat context, time line) as JSON-able values."""
+        picking, beat context, time line) as numbers, strings and arrays (pipeline/process/state.py)."""
         slot = self._devices.of[stream_id]
         doc: dict[str, Any] = {"fs": float(self._fs[slot]), "picker": self._picker.save_slot(slot),
                                "timeline": [float(self._seen_s[slot]), float(self._restart_s[slot]),
@@ -222,16 +222,16 @@ class BeatStreams:
                                "primary": self._primary.get(stream_id)}
         if self._context is not None and self._beat_state is not None:
             doc["context"] = self._context.save_slot(slot)
-            doc["beat_stage"] = self._beat_state[:, slot].tolist()
+            doc["beat_stage"] = self._beat_state[:, slot].copy()
         doc["leads"] = []
         for lead in self._leads[stream_id]:
             s = self._lead_slots.of[(stream_id, lead)]
             doc["leads"].append({"lead": lead, "dsp": self._dsp.save_slot(s),
-                                 "recurrent": [a[:, s].tolist() for a in self._state],
+                                 "recurrent": [a[:, s].copy() for a in self._state],
                                  "recent": self._recent.save_slot(s), "qrs": self._qrs.save_slot(s),
                                  "vf_found": bool(self._vf_found[s]),
                                  "rhythm": None if self._rhythm_state is None or np.isnan(self._rhythm_p[s, 0])
-                                 else [self._rhythm_p[s].tolist(), self._rhythm_state[:, s].tolist()],
+                                 else [self._rhythm_p[s].copy(), self._rhythm_state[:, s].copy()],
                                  "unreadable": bool(self._unreadable[s]), "clean": bool(self._clean[s]),
                                  "flat": bool(self._lead_flat[s]),
                                  "age_s": float(self._lead_age_s[s])})

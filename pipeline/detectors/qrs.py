@@ -103,11 +103,10 @@ class QrsDetectorBank:
             setattr(self, name, np.concatenate([array, np.full((extra, *array.shape[1:]), fill, dtype=array.dtype)]))
 
     def save_slot(self, slot: int) -> dict[str, Any]:
-        return {"zi": self.zi[:, slot].tolist(), "last_x": float(self.last_x[slot]),
-                "smooth": self.smooth[slot].tolist(),
+        """The slot's state: numbers and arrays (pipeline/process/state.py)."""
+        return {"zi": self.zi[:, slot].copy(), "last_x": float(self.last_x[slot]), "smooth": self.smooth[slot].copy(),
                 "level": float(self.level[slot]), "level_at": int(self.level_at[slot]),
-                "peak": float(self.peak[slot]), "above": bool(self.above[slot]),
-                "times_s": [None if np.isnan(t) else float(t) for t in self.times_s[slot]],
+                "peak": float(self.peak[slot]), "above": bool(self.above[slot]), "times_s": self.times_s[slot].copy(),
                 "seen": int(self.seen[slot])}
 
     def load_slot(self, slot: int, doc: dict[str, Any]) -> None:
@@ -117,7 +116,7 @@ class QrsDetectorBank:
         self.level[slot], self.level_at[slot] = float(doc["level"]), int(doc["level_at"])
         self.peak[slot] = float(doc["peak"])
         self.above[slot] = bool(doc["above"])
-        self.times_s[slot] = [np.nan if t is None else float(t) for t in doc["times_s"]]
+        self.times_s[slot] = np.asarray(doc["times_s"], dtype=np.float64).reshape(self.times_s.shape[1:])
         self.seen[slot] = int(doc["seen"])
 
     def update(self, slots: NDArray[np.int64], x: NDArray[np.float32]) -> None:

@@ -197,8 +197,9 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
 
 def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250, seconds: int = 15
                     ) -> dict[str, float]:
-    """CPU (ms) and size (bytes, gzip JSON) of one device's state in a checkpoint, measured on a daemon that has
-    analysed `seconds` of real ECG of `devices` devices (the cost a partitioned source adds per checkpoint)."""
+    """CPU (ms) and size (bytes, pipeline/process/state.py's encoding) of one device's state in a checkpoint,
+    measured on a daemon that has analysed `seconds` of real ECG of `devices` devices (the cost a partitioned source
+    adds per checkpoint)."""
     from pipeline.tools.records import load_records  # wfdb, only for real ECG
 
     x = load_records(records[:1], physionet_dir, ["MLII"])[0][1].signal_mv
@@ -314,13 +315,13 @@ over MQTT) and the daemons
 {p['daemon_us_per_device_s']:.0f} µs (the CPU between the fewest and the most devices run with the same number of
 daemons, median over 1, 2 and 3 daemons; the per device-second column above also carries every
 process's idle cost), against the daemon core's cost on mosquitto (the stage table above). The
-checkpoints weigh most: one device's state costs {checkpoint['ms_per_device']:.1f} ms of CPU to encode and
-{checkpoint['bytes_per_device'] / 1024:.1f} KB (gzip JSON) per checkpoint (measured apart on a daemon holding 250
-devices), up to {checkpoint_us:.0f} µs per device-second at `checkpoint_s: 2` (fewer when a daemon falls behind:
-a partition's next checkpoint waits for its last), and those bytes are replicated to three nodes.
+checkpoints weigh most: one device's state costs {checkpoint['ms_per_device']:.2f} ms of CPU to encode and
+{checkpoint['bytes_per_device'] / 1024:.1f} KB (raw arrays in MessagePack) per checkpoint (measured apart on a daemon
+holding 250 devices), up to {checkpoint_us:.0f} µs per device-second at `checkpoint_s: 2` (fewer when a daemon
+falls behind: a partition's next checkpoint waits for its last), and those bytes are replicated to three nodes.
 The levers: a longer `checkpoint_s` (fewer checkpoints, more windows analysed twice after a
-kill) and a binary state encoding. Projected from these measured costs (not
-measured): with one core per RabbitMQ node the cluster would carry about
+kill) and a smaller state (the signal buffers, most of it, rebuilt from a replayable log).
+Projected from these measured costs (not measured): with one core per RabbitMQ node the cluster would carry about
 {p['devices_3_nodes_1_core_each']:,} devices, and each daemon core about {p['devices_per_daemon_core']:,}.
 {kill_line}
 """
