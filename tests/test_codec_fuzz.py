@@ -86,7 +86,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                                                                          max_size=4), max_leaves=10)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.fixed_dictionaries({}, optional={"v": json_values, "seq": json_values, "t0": json_values,
                                            "fs": json_values, "lead": json_values, "gain": json_values,
                                            "baseline": json_values, "samples": json_values}))

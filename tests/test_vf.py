@@ -90,12 +90,12 @@ def test_shipped_detector_alarms_real_vf_and_not_normal_rhythm(physionet: Path) 
 def test_train_vf_writes_a_detector_the_daemon_loads(physionet: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
     assert main(["train-vf", "--out", str(out), "--report-dir", str(tmp_path / "report"), "--physionet-dir",
-                 str(physionet), "--folds", "2", "--records", "cudb/cu01", "cudb/cu02", "cudb/cu03", "cudb/cu05"]) == 0
+                 str(physionet), "--folds", "2", "--records", "cudb/cu01", "cudb/cu02", "cudb/cu03"]) == 0
     report = json.loads((tmp_path / "report" / "vf-cv.json").read_text())
     detector = BeatModel(out).info.vf_detector
     assert detector is not None and detector.threshold == report["threshold"]
     assert detector.feature_names == VF_FEATURE_NAMES
-    assert sum(len(f) for f in report["folds"]) == 4
+    assert sum(len(f) for f in report["folds"]) == 3
 
 
 def test_train_vf_refuses_ds2(physionet: Path, tmp_path: Path) -> None:

@@ -6,8 +6,11 @@ payloads (the plugin delivers what comes over AMQP at the subscription's QoS); a
 queues of persistent sessions keep them on disk while a subscriber is away. The sink's connection
 fails over between the nodes like the source's, so results do not depend on any one node.
 
-Each message is confirmed by the cluster before the next goes; one that is not (its node died) is sent again
-after the reconnect, so delivery is at least once, in order (alarms carry their id, beats their seq). Messages
+Messages go in batches, without a round trip each: the sending thread takes what the outbox holds (up to
+BATCH_MESSAGES), publishes it inside an AMQP transaction and commits, one round trip per batch; the cluster's
+commit-ok says it has taken every message of the batch. A batch that is not committed (its node died) is sent
+again, whole, after the reconnect, so delivery is at least once, in order (alarms carry their id, beats their
+seq). Messages
 wait in a bounded outbox while no node answers: beats, rejections and stats are dropped when it is full (counted
 and logged), alarms and status wait for room.
 
@@ -38,6 +41,7 @@ from pipeline.io.rabbit import close_quietly, connect, routing_key
 log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES = 10_000
+BATCH_MESSAGES = 500  # the most messages in one transaction
 DROP_LOG_EVERY = 100  # dropped messages between two warnings
 
 
@@ -137,34 +141,54 @@ class AmqpSink:
         close_quietly(self._connection)  # its channel failed
         self._connection = connect(self._params)
         self._channel = self._connection.channel()
-        self._channel.confirm_delivery()
+        self._channel.tx_select()
 
-    def _send(self, message: _Message) -> None:
-        """Publish and wait for the cluster's confirmation (raises pika's AMQPError if the connection goes)."""
+    def _send(self, batch: list[_Message]) -> None:
+        """Publish `batch` in one transaction and commit it (raises pika's AMQPError if the connection goes); after
+        a reconnect the last status goes first."""
         if self._channel is None or not self._channel.is_open:
             self._connect()
             self.reconnects += 1
-            if self._last_status is not None and message is not self._last_status:
-                self._send(self._last_status)
+            if self._last_status is not None and self._last_status not in batch:
+                batch = [self._last_status, *batch]
         assert self._channel is not None
-        properties = BasicProperties(delivery_mode=pika.DeliveryMode.Persistent if message.persistent else None)
-        self._channel.basic_publish("amq.topic", routing_key(message.topic), message.body, properties)
+        for message in batch:
+            properties = BasicProperties(delivery_mode=pika.DeliveryMode.Persistent if message.persistent else None)
+            self._channel.basic_publish("amq.topic", routing_key(message.topic), message.body, properties)
+        self._channel.tx_commit()
+
+    def _take(self) -> list[_Message]:
+        """The next batch: what the outbox holds, up to BATCH_MESSAGES, after waiting up to 1 s for the first."""
+        try:
+            batch = [self._outbox.get(timeout=1.0)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_MESSAGES and batch[-1] is not _CLOSE:
+            try:
+                batch.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _run(self) -> None:
         delay = 0.5
-        message: _Message | None = None  # taken from the outbox, not yet confirmed
+        batch: list[_Message] = []  # taken from the outbox, not yet committed
+        closing = False
         while not self._abandon.is_set():
-            if message is None:
-                try:
-                    message = self._outbox.get(timeout=1.0)
-                except queue.Empty:
+            if not batch:
+                if closing:
+                    break
+                batch = self._take()
+                if not batch:
                     self._keep_alive()
                     continue
-            if message is _CLOSE:
-                break
+                if batch[-1] is _CLOSE:
+                    batch.pop()
+                    closing = True
+                    continue
             try:
-                self._send(message)
-                message, delay = None, 0.5
+                self._send(batch)
+                batch, delay = [], 0.5
             except (pika.exceptions.AMQPError, ConnectError) as err:
                 log.warning("results: RabbitMQ connection lost or refused (%s); sending again in %.1f s", err, delay)
                 self._channel = None

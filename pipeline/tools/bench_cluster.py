@@ -297,8 +297,8 @@ the machine's {len(os.sched_getaffinity(0))} cores shared by everything below).
 
 Set-up (`pipeline/tools/bench_cluster.py`): a 3-node RabbitMQ 3.10 cluster on loopback (`ecgmon
 rabbit-cluster`), {PARTITIONS} partitions; 1, 2 or 3 daemons (`ecgmon serve`, `source: rabbitmq`,
-each reading from its own node first and publishing its results there over AMQP, each message
-confirmed, for the MQTT plugin to deliver); the load generator (`ecgmon replay`, MIT-BIH DS1
+each reading from its own node first and publishing its results there over AMQP in committed
+batches, for the MQTT plugin to deliver); the load generator (`ecgmon replay`, MIT-BIH DS1
 records, 1 s binary windows, MQTT 3.1.1 at QoS 1) publishing to node 3; a subscriber on node 2
 timing every window from its last sample to its beats. Every process shares the same cores. "Lost"
 counts windows sent and never analysed; "analysed twice", windows a killed daemon had analysed after
