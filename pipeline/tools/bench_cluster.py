@@ -315,12 +315,11 @@ over MQTT) and the daemons
 {p['daemon_us_per_device_s']:.0f} µs (the CPU between the fewest and the most devices run with the same number of
 daemons, median over 1, 2 and 3 daemons; the per device-second column above also carries every
 process's idle cost), against the daemon core's cost on mosquitto (the stage table above). The
-checkpoints weigh most: one device's state costs {checkpoint['ms_per_device']:.2f} ms of CPU to encode and
+checkpoints: one device's state costs {checkpoint['ms_per_device']:.2f} ms of CPU to encode and
 {checkpoint['bytes_per_device'] / 1024:.1f} KB (raw arrays in MessagePack) per checkpoint (measured apart on a daemon
-holding 250 devices), up to {checkpoint_us:.0f} µs per device-second at `checkpoint_s: 2` (fewer when a daemon
-falls behind: a partition's next checkpoint waits for its last), and those bytes are replicated to three nodes.
-The levers: a longer `checkpoint_s` (fewer checkpoints, more windows analysed twice after a
-kill) and a smaller state (the signal buffers, most of it, rebuilt from a replayable log).
+holding 250 devices), up to {checkpoint_us:.0f} µs of the daemons' CPU per device-second at `checkpoint_s: 2`
+(fewer when a daemon falls behind: a partition's next checkpoint waits for its last), and those bytes are
+replicated to three nodes; most of them are the signal buffers, which a replayable log would rebuild instead.
 Projected from these measured costs (not measured): with one core per RabbitMQ node the cluster would carry about
 {p['devices_3_nodes_1_core_each']:,} devices, and each daemon core about {p['devices_per_daemon_core']:,}.
 {kill_line}

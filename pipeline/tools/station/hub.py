@@ -89,7 +89,8 @@ class Hub:
         """Start sending updates to `browser`; returns the snapshot its page starts from."""
         with self._lock:
             self._browsers.add(browser)
-        return {"type": "snapshot", **self.wall.snapshot(), "broker_up": self._broker_up, "daemons": self.daemons}
+            daemons = dict(self.daemons)
+        return {"type": "snapshot", **self.wall.snapshot(), "broker_up": self._broker_up, "daemons": daemons}
 
     def detach(self, browser: Browser) -> None:
         with self._lock:
@@ -119,7 +120,8 @@ class Hub:
     def _on_status(self, topic: str, payload: bytes) -> None:
         daemon = topic.split("/status", 1)[1].lstrip("/")
         state = str(_doc(payload).get("state", "offline")) if payload else "removed"
-        self.daemons[daemon] = state
+        with self._lock:
+            self.daemons[daemon] = state
         self._broadcast({"type": "daemon", "daemon": daemon, "state": state})
 
     def _tick(self) -> None:
