@@ -122,7 +122,8 @@ def cmd_train_af(args: argparse.Namespace) -> int:
     from train.af import train_af
 
     report = train_af(args.model, args.out, args.report_dir, args.physionet_dir, args.lead,
-                      load_config(args.config).alarms, args.folds, args.challenge_limit)
+                      load_config(args.config).alarms, args.folds, args.challenge_limit,
+                      mitdb_specs=tuple(args.records))
     for t, f1 in report["thresholds"].items():
         print(f"threshold {t}: Challenge 2017 F1 N {f1['N']:.3f} A {f1['A']:.3f} O {f1['O']:.3f} ~ {f1['~']:.3f}, "
               f"score {f1['challenge_score']:.3f}")
@@ -459,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
             "5-fold cross-validation with the Challenge's own score, and write it into the model's metadata.")
     add_detector_training(p, "af-cv.json")
     p.add_argument("--challenge-limit", type=int, help="use only the first N Challenge recordings (tests)")
+    p.add_argument("--records", nargs="+", default=["mitdb/DS1"],
+                   help="MIT-BIH records whose AF and other rhythm episodes train too (DS2 is refused)")
 
     p = add("train-rhythm", cmd_train_rhythm, "Train the rhythm stage (every lead of cudb, MIT-BIH DS1, the "
             "Challenge 2015 ICU alarms, nstdb noise), choose which ventricular alarms it raises and at which threshold "

@@ -18,6 +18,7 @@ from pipeline.analysis.beat_context import DEFAULT_RR_S, FEATURE_NAMES, BeatCont
 from pipeline.analysis.model import BEAT_STAGE_KEY, BeatModel, ModelError
 from pipeline.analysis.streams import BeatStreams
 from pipeline.cli import main
+from pipeline.process.state import decode_state, encode_state
 from pipeline.tools.records import load_record
 from train.beat_stage import beat_sequence, classify, fold_model, train_beat_stage
 from train.config import BeatStageTrainConfig
@@ -89,7 +90,7 @@ def test_features_of_windows_of_any_size_equal_one_pass() -> None:
     context = BeatContext(1, FS, FRAME)
     context.grow(3)  # other slots beside it change nothing
     slot = np.array([2])
-    stepped, beat, at = [], 0, 0
+    stepped, beat, at, restored = [], 0, 0, False
     for size in rng.integers(1, 90, 10_000):  # windows of 1 to 89 frames
         if at >= len(frames):
             break
@@ -99,11 +100,12 @@ def test_features_of_windows_of_any_size_equal_one_pass() -> None:
             stepped.append(context.step(slot, times[beat:beat + 1], end_frame[beat:beat + 1],
                                         class_sum[beat:beat + 1], signal, np.zeros(1, dtype=np.int64)))
             beat += 1
-        if beat == 100:  # halfway: through JSON, as the daemon's state file, into a fresh context
-            saved = json.loads(json.dumps(context.save_slot(2)))
+        if beat >= 100 and not restored:  # halfway: through the daemon's state encoding into a fresh context
+            saved = decode_state(encode_state("m", {"d": context.save_slot(2)}), "m", 60.0, "test")["d"]
             context = BeatContext(3, FS, FRAME)
             context.load_slot(2, saved)
-    assert beat == len(times)
+            restored = True
+    assert beat == len(times) and restored
     np.testing.assert_allclose(np.concatenate(stepped), record_features(frames, times, end_frame, class_sum, FS),
                                rtol=1e-5, atol=1e-6)
 

@@ -16,6 +16,7 @@ from pipeline.analysis.streams import BeatStreams
 from pipeline.cli import main
 from pipeline.config import AlarmConfig
 from pipeline.detectors.vf import VF_FEATURE_NAMES, vf_features
+from pipeline.process.state import decode_state, encode_state
 from pipeline.tools.records import load_record
 from train.alarm_eval import run_alarms
 from train.trainer import DataLeakError
@@ -68,7 +69,8 @@ def test_vf_found_survives_save_and_restore(physionet: Path) -> None:
     a.open("cu01", record.fs)
     for k in range(30):
         a.process([("cu01", record.sig_names, record.signals_mv[:, k * fs:(k + 1) * fs])])
-    b.restore("cu01", json.loads(json.dumps(a.save("cu01"))))
+    saved = decode_state(encode_state("m", {"cu01": a.save("cu01")}), "m", 60.0, "test")  # as the state file
+    b.restore("cu01", saved["cu01"])
     for k in range(30, 300):
         window = record.signals_mv[:, k * fs:(k + 1) * fs]
         a.process([("cu01", record.sig_names, window)])

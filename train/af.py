@@ -36,6 +36,7 @@ from pipeline.tools.records import EcgRecord, challenge_labels, load_records
 from train.alarm_eval import analyse_records, load_alarm_records
 from train.alarm_score import Episode
 from train.logistic import attach_detector, fit_detector, without_detector
+from train.trainer import check_not_ds2
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,15 @@ def mitdb_rows(beats: Beats, rhythm: list[Episode]) -> tuple[NDArray[np.float64]
 
 
 def train_af(model_path: Path, out: Path, report_dir: Path, physionet_dir: Path, lead: str, config: AlarmConfig,
-             k: int = 5, challenge_limit: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Cross-validate on the Challenge set and DS1, choose the threshold, fit on all, attach to `out`."""
+             k: int = 5, challenge_limit: int | None = None, seed: int = 0,
+             mitdb_specs: tuple[str, ...] = ("mitdb/DS1",)) -> dict[str, Any]:
+    """Cross-validate on the Challenge set and `mitdb_specs` (MIT-BIH records with rhythm annotations; DS2 is
+    refused), choose the threshold, fit on all, attach to `out`."""
+    check_not_ds2(list(mitdb_specs), "train-af's MIT-BIH records")
     labels = challenge_labels(physionet_dir / CHALLENGE)
     names = sorted(labels)[:challenge_limit]
     challenge = load_records([f"{CHALLENGE}/{n}" for n in names], physionet_dir, [lead])
-    mitdb, rhythm_of = load_alarm_records(["mitdb/DS1"], physionet_dir, [lead])
+    mitdb, rhythm_of = load_alarm_records(list(mitdb_specs), physionet_dir, [lead])
     log.info("detecting beats in %d Challenge recordings and %d MIT-BIH records", len(challenge), len(mitdb))
     with without_detector(model_path, "af_detector") as base:
         beats = detect_beats(BeatModel(base), [r for _, r in challenge + mitdb], config)
