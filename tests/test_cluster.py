@@ -284,7 +284,7 @@ def test_a_killed_daemons_devices_continue_from_its_checkpoint_without_warm_up_a
     windows = int(len(x) / 360)
     with victim(daemons, tmp_path):
         send(ward.publisher, topics, x, devices, range(26), stagger_s=0)
-        ward.beats.wait_for(lambda docs: len({(d["device"], d["seq"]) for d in docs}) == devices * 26, timeout=60)
+        answered(ward.beats, {(f"bed-{d}", s) for d in range(devices) for s in range(26)}, daemons, timeout=60)
         wait_until(lambda: queued(cluster, cluster.nodes[0], topics.prefix) == 0, timeout=30)  # all checkpointed
         send(ward.publisher, topics, x, devices, range(26, 29), stagger_s=0)  # in flight at the kill
     send(ward.publisher, topics, x, devices, range(29, windows), stagger_s=0)
