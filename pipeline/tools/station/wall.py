@@ -119,7 +119,7 @@ class Wall:
         if doc is not None:
             self._publish({"type": "bed", "bed": doc})
         self._publish({"type": "ecg", "device": device, "t0": window.t0, "fs": window.fs, "leads": list(window.leads),
-                       "samples": np.round(window.samples_mv, 3).tolist()})
+                       "samples_uv": np.round(window.samples_mv * 1000).astype(np.int32).tolist()})
 
     def on_beats(self, device: str, doc: dict[str, Any]) -> None:
         with self._lock:

@@ -147,8 +147,8 @@ function openRename(bed) {
 function addEcg(msg) {
   window.stationStats.ecgMessages++;
   const bed = beds.get(msg.device) || makeBed(msg.device);
-  bed.chunks.push({ t0: msg.t0, fs: msg.fs, leads: msg.leads, samples: msg.samples,
-                    end: msg.t0 + msg.samples[0].length / msg.fs });
+  bed.chunks.push({ t0: msg.t0, fs: msg.fs, leads: msg.leads, samples: msg.samples_uv,  // µV
+                    end: msg.t0 + msg.samples_uv[0].length / msg.fs });
   const newest = bed.chunks[bed.chunks.length - 1].end;
   if (bed.playhead === null || bed.playhead < newest - DELAY_S - 30) bed.playhead = newest - DELAY_S;  // (re)start
   while (bed.chunks.length && bed.chunks[0].end < bed.playhead - 1) bed.chunks.shift();
@@ -158,7 +158,7 @@ function sampleAt(bed, t) {
   for (const c of bed.chunks) {
     if (t >= c.t0 && t < c.end) {
       const lead = Math.max(c.leads.indexOf(bed.lead), 0);
-      return c.samples[lead][Math.floor((t - c.t0) * c.fs)];
+      return c.samples[lead][Math.floor((t - c.t0) * c.fs)] / 1000;  // mV
     }
   }
   return null;
