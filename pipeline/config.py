@@ -32,6 +32,11 @@ class TlsConfig(Strict):
     cert_file: Path | None = Field(None, description="client certificate, when the broker asks for one")
     key_file: Path | None = None
 
+    def paho_options(self) -> dict[str, str | None]:
+        """The arguments of paho's `tls_set`."""
+        return {"ca_certs": str(self.ca_file), "certfile": str(self.cert_file) if self.cert_file else None,
+                "keyfile": str(self.key_file) if self.key_file else None}
+
 
 class MqttConfig(Strict):
     host: str = "127.0.0.1"

@@ -325,9 +325,7 @@ class Daemon:
                                                            c.client_id, self, r.prefetch, r.checkpoint_s)
             self._sink = self._sink or AmqpSink(params, self.topics, self.config.output.beats)
             return
-        tls = None if c.tls is None else {"ca_certs": str(c.tls.ca_file),
-                                          "certfile": str(c.tls.cert_file) if c.tls.cert_file else None,
-                                          "keyfile": str(c.tls.key_file) if c.tls.key_file else None}
+        tls = None if c.tls is None else c.tls.paho_options()
         self._mqtt = MqttClient(c.host, c.port, c.client_id, username=c.username, password=c.secret(),
                                 keepalive_s=c.keepalive_s, session_expiry_s=c.session_expiry_s,
                                 will=(self.topics.status, messages.last_will()), reconnect_min_s=c.reconnect_min_s,

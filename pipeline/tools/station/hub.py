@@ -52,9 +52,7 @@ class Hub:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._broker_up = False
-        tls = None if mqtt.tls is None else {"ca_certs": str(mqtt.tls.ca_file),
-                                             "certfile": str(mqtt.tls.cert_file) if mqtt.tls.cert_file else None,
-                                             "keyfile": str(mqtt.tls.key_file) if mqtt.tls.key_file else None}
+        tls = None if mqtt.tls is None else mqtt.tls.paho_options()
         self._client = MqttClient(mqtt.host, mqtt.port, mqtt.client_id, username=mqtt.username,
                                   password=mqtt.secret(), keepalive_s=mqtt.keepalive_s,
                                   reconnect_min_s=mqtt.reconnect_min_s, reconnect_max_s=mqtt.reconnect_max_s,

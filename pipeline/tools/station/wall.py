@@ -9,6 +9,7 @@ Memory is bounded per bed by `keep_s` of ECG (float16 mV, every lead, at the dev
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -69,7 +70,7 @@ class Bed:
 
     def heart_rate_bpm(self) -> float | None:
         """From the last beats; None without three, or while VF or asystole is open (no rate to count)."""
-        times = [t for t, _ in list(self.beats)[-(HR_BEATS + 1):]]
+        times = [t for t, _ in itertools.islice(reversed(self.beats), HR_BEATS + 1)][::-1]
         if len(times) < 3 or any(a["type"] in NO_RATE for a in self.alarms.values()):
             return None
         return round(60.0 / float(np.median(np.diff(times))), 0)
