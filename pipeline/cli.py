@@ -59,7 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate, format_summary
 
     report = evaluate(args.model, args.records, args.physionet_dir, args.leads, args.out, args.annotator,
-                      args.window_s, args.history)
+                      args.window_s, args.history, args.qrs_mv)
     print(format_summary(report))
     print(f"report, annotations and plots in {args.out}")
     return 0
@@ -83,7 +83,8 @@ def cmd_evaluate_alarms(args: argparse.Namespace) -> int:
     alarms = load_config(args.config).alarms
     noise = (args.noise, args.snr) if args.noise else None
     report = evaluate_alarms(args.model, args.records, args.physionet_dir, args.leads, alarms, args.out,
-                             args.window_s, pictures=not args.no_pictures, noise=noise, folds=args.folds)
+                             args.window_s, pictures=not args.no_pictures, noise=noise, folds=args.folds,
+                             qrs_mv=args.qrs_mv)
     print(format_alarm_report(report))
     print(f"report in {args.out / 'alarms.json'}")
     return 0
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotator", default="ecgm", help="WFDB annotator name of the written annotations")
     p.add_argument("--window-s", type=float, default=1.0, help="streaming window length (s)")
     p.add_argument("--history", type=Path, help="history.json of the training run, for training curves")
+    p.add_argument("--qrs-mv", type=float, help="rescale each lead so that its median QRS peak-to-peak is this (mV): "
+                   "small or large complexes")
 
     p = add("evaluate-noise", cmd_evaluate_noise, "Score a model on records with recorded noise added (nstdb "
             "bw/em/ma, their evaluation half) at several SNRs.")
@@ -423,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pictures", action="store_true", help="write alarms.json only")
     p.add_argument("--noise", choices=["bw", "em", "ma"], help="add this nstdb noise (its evaluation half)")
     p.add_argument("--snr", type=float, default=6.0, help="SNR of the added noise (dB)")
+    p.add_argument("--qrs-mv", type=float, help="before any noise, rescale each lead so that its median QRS "
+                   "peak-to-peak is this (mV): small or large complexes")
     p.add_argument("--folds", type=int, default=0, help="Challenge 2015 records: also cross-validate (this many "
                    "folds by record, 5 seeds) the choice of which alarms use the second QRS detector")
 

@@ -10,7 +10,8 @@ import pytest
 
 from models import SHIPPED_MODEL
 from pipeline.tools.records import load_record
-from train.noise import add_noise, evaluate_noise, load_noise, qrs_amplitude_mv
+from train.evaluate import evaluate
+from train.noise import add_noise, evaluate_noise, load_noise, qrs_amplitude_mv, rescale_qrs
 
 
 @pytest.mark.parametrize("snr_db", [12.0, 0.0, -6.0])
@@ -33,6 +34,23 @@ def test_noise_on_one_lead_leaves_the_other_clean(physionet: Path) -> None:
     assert np.mean(added**2) == pytest.approx(qrs_amplitude_mv(clean, 1) ** 2 / 8, rel=1e-6)  # 0 dB in lead 2
     both = add_noise(clean, noise, fs, 0.0)
     assert not np.allclose(both.signals_mv[0] - clean.signals_mv[0], added)  # each lead its own stretch of noise
+
+
+def test_each_lead_is_rescaled_to_the_qrs_amplitude_asked_for(physionet: Path) -> None:
+    record = load_record(physionet / "mitdb", "100")
+    small = rescale_qrs(record, 0.15)
+    for lead in range(2):
+        assert qrs_amplitude_mv(small, lead) == pytest.approx(0.15, rel=1e-9)
+        gain = small.signals_mv[lead] / np.where(record.signals_mv[lead] == 0, np.nan, record.signals_mv[lead])
+        assert np.nanstd(gain) < 1e-9  # a gain, nothing else
+    np.testing.assert_array_equal(small.beat_samples, record.beat_samples)
+
+
+def test_evaluation_at_another_qrs_amplitude(physionet: Path, tmp_path: Path) -> None:
+    native = evaluate(SHIPPED_MODEL, ["mitdb/100"], physionet, ["MLII"], tmp_path / "native")
+    tiny = evaluate(SHIPPED_MODEL, ["mitdb/100"], physionet, ["MLII"], tmp_path / "tiny", qrs_mv=0.02)
+    assert (native["qrs_mv"], tiny["qrs_mv"]) == (None, 0.02)
+    assert tiny["gross"]["qrs_se"] < native["gross"]["qrs_se"]  # complexes of 20 µV are below what it can find
 
 
 def test_training_and_evaluation_noise_do_not_overlap(physionet: Path) -> None:

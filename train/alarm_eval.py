@@ -247,13 +247,19 @@ def sustained_vf(results: list[RecordAlarms]) -> dict[str, Any]:
 
 def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None,
                     config: AlarmConfig, out_dir: Path, window_s: float = 1.0, pictures: bool = True,
-                    noise: tuple[str, float] | None = None, folds: int = 0) -> dict[str, Any]:
-    """Score the daemon's alarms on `specs`, with `noise` (nstdb record, SNR dB: its evaluation half, added as
-    `ecgmon evaluate-noise` adds it) when given; write alarms.json (and timelines and strips) to `out_dir`.
+                    noise: tuple[str, float] | None = None, folds: int = 0,
+                    qrs_mv: float | None = None) -> dict[str, Any]:
+    """Score the daemon's alarms on `specs`, each lead rescaled to a median QRS peak-to-peak of `qrs_mv` (mV) when
+    given, then with `noise` (nstdb record, SNR dB: its evaluation half, added as `ecgmon evaluate-noise` adds it)
+    when given; write alarms.json (and timelines and strips) to `out_dir`.
     Challenge 2015 records are scored as ICU alarms (`train.icu_alarms`), with `folds`-fold cross-validation of the
     second QRS detector's use when `folds` is not 0."""
     model = BeatModel(model_path)
     named, rhythm_of = load_alarm_records(specs, physionet_dir, leads)
+    if qrs_mv is not None:
+        from train.noise import rescale_qrs
+
+        named = [(name, rescale_qrs(r, qrs_mv)) for name, r in named]
     if noise is not None:
         from train.noise import add_noise, load_noise
 
@@ -265,7 +271,7 @@ def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lea
     icu = {is_icu_database(physionet_dir / name.rpartition("/")[0]) for name, _ in named}
     if icu == {True}:
         report = {"model": str(model_path), "model_version": model.info.version, "leads": leads,
-                  "window_s": window_s, "noise": _noise_doc(noise),
+                  "window_s": window_s, "noise": _noise_doc(noise), "qrs_mv": qrs_mv,
                   **evaluate_icu(model, named, physionet_dir, config, window_s, out_dir, pictures, folds)}
         (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))
         return report
@@ -276,7 +282,7 @@ def evaluate_alarms(model_path: Path, specs: list[str], physionet_dir: Path, lea
     results = collect_records(model, named, rhythm_of, config, window_s)
     report = {"model": str(model_path), "model_version": model.info.version, "records": [r.name for r in results],
               "leads": leads, "window_s": window_s,
-              "noise": _noise_doc(noise),
+              "noise": _noise_doc(noise), "qrs_mv": qrs_mv,
               **score(results)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "alarms.json").write_text(json.dumps(report, indent=2))

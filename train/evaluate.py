@@ -73,11 +73,15 @@ def write_annotations(result: RecordResult, fs: float, out_dir: Path, annotator:
 
 
 def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, leads: list[str] | None, out_dir: Path,
-             annotator: str = "ecgm", window_s: float = 1.0, history: Path | None = None) -> dict[str, Any]:
-    """Score `model_path` on the records named by `specs` (`leads`: as `load_records`, None: every ECG lead); write
-    annotations, report.json and plots."""
+             annotator: str = "ecgm", window_s: float = 1.0, history: Path | None = None,
+             qrs_mv: float | None = None) -> dict[str, Any]:
+    """Score `model_path` on the records named by `specs` (`leads`: as `load_records`, None: every ECG lead), each
+    lead rescaled to a median QRS peak-to-peak of `qrs_mv` (mV) when given; write annotations, report.json and
+    plots."""
+    from train.noise import rescale_qrs
+
     named = load_records(specs, physionet_dir, leads)
-    records = [record for _, record in named]
+    records = [record if qrs_mv is None else rescale_qrs(record, qrs_mv) for _, record in named]
     model = BeatModel(model_path)
     started = time.perf_counter()
     detections = stream_records(model, records, window_s)
@@ -93,7 +97,8 @@ def evaluate(model_path: Path, specs: list[str], physionet_dir: Path, leads: lis
     gross = Ec57Stats(total)
     report: dict[str, Any] = {
         "model": str(model_path), "model_version": model.info.version, "records": [name for name, _ in named],
-        "leads": leads or "every ECG lead", "window_s": window_s, "rules": RULES, "annotator": annotator,
+        "leads": leads or "every ECG lead", "qrs_mv": qrs_mv, "window_s": window_s, "rules": RULES,
+        "annotator": annotator,
         "streaming_seconds": elapsed, "ecg_hours": sum(r.signals_mv.shape[1] / r.fs for r in records) / 3600,
         "gross": gross.summary(),
         "per_record": [{"record": r.name, **{k: v for k, v in Ec57Stats(r.matrix).summary().items()

@@ -5,6 +5,8 @@ artefact; 360 Hz, channel 0). Each is split in time: the first half (`TRAIN_PART
 the second half (`EVAL_PART`) only evaluates, so no evaluation noise is ever trained on. The test records
 118e*/119e* are never used for training either.
 
+`rescale_qrs` sets each lead's QRS amplitude instead (`--qrs-mv` of `ecgmon evaluate` and `evaluate-alarms`).
+
 SNR as the Noise Stress Test defines it: S = (QRS peak-to-peak amplitude)² / 8, the amplitude being the
 median over the record's reference beats; N = the mean square of the added noise; SNR = 10 log10(S / N) dB.
 """
@@ -88,6 +90,13 @@ def qrs_amplitude_mv(record: EcgRecord, lead: int = 0) -> float:
     if not amplitudes:
         raise ValueError(f"record {record.name}: no QRS complexes in lead {record.sig_names[lead]} to scale noise to")
     return float(np.median(amplitudes))
+
+
+def rescale_qrs(record: EcgRecord, qrs_mv: float) -> EcgRecord:
+    """`record` with each lead scaled so that its median QRS peak-to-peak (`qrs_amplitude_mv`) is `qrs_mv` (mV): the
+    small or large complexes of other patients and electrode placements, on annotated records."""
+    gains = np.array([qrs_mv / qrs_amplitude_mv(record, lead) for lead in range(len(record.sig_names))])
+    return dataclasses.replace(record, signals_mv=record.signals_mv * gains[:, None])
 
 
 def detected_qrs(x: NDArray[np.float64], fs: float) -> NDArray[np.int64]:
