@@ -306,9 +306,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.cluster:
         from pipeline.tools.bench_cluster import checkpoint_cost, run_cluster_bench, write_cluster_report
 
-        points = run_cluster_bench(args.devices, args.duration_s, args.records, args.physionet_dir)
+        points, single = run_cluster_bench(args.devices, args.duration_s, args.records, args.physionet_dir)
         checkpoint = checkpoint_cost(args.records, args.physionet_dir)
-        print(write_cluster_report(points, checkpoint, args.out, "ecgmon " + " ".join(sys.argv[1:])))
+        print(write_cluster_report(points, single, checkpoint, args.out, "ecgmon " + " ".join(sys.argv[1:])))
         return 0
     figures = run_bench(args.devices, args.naive_devices, args.windows_s, args.duration_s, args.records,
                         args.physionet_dir, core_devices=args.core_devices)
@@ -574,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices of the in-process daemon-core run (CPU by stage, memory by module)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--cluster", action="store_true", help="instead: --devices over 1, 2 and 3 daemons on a local "
-                   "3-node RabbitMQ cluster, and one daemon killed (its section of --out only)")
+                   "3-node RabbitMQ cluster, then 3 runs with a daemon killed and 3 with a node killed (its section "
+                   "of --out only)")
     p.add_argument("--leads", action="store_true", help="instead: the daemon core with 1 and with 2 leads per "
                    "device, --core-devices devices, the first of --records (its section of --out only)")
     p.add_argument("--station", action="store_true", help="instead: --station-beds beds replaying --records on one "

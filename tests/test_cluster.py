@@ -148,7 +148,8 @@ def assert_one_asystole_each(alarms: list[dict[str, Any]], devices: int) -> None
 @contextlib.contextmanager
 def victim(daemons: list[Daemon], tmp_path: Path) -> Iterator[None]:
     """`ecgmon serve` joins `daemons` as a fourth daemon and takes a share of the partitions; after the block it is
-    killed (SIGKILL), and the others must have taken its partitions over within 10 s."""
+    killed (SIGKILL), and the others must have taken its partitions over within 10 s, told of its death by the
+    cluster (its connection closed), not by missing its heartbeats."""
     config = daemons[0].config.model_dump(mode="json")
     config["mqtt"]["client_id"] = "victim"
     config["rabbitmq"]["password"] = "guest"
@@ -164,6 +165,7 @@ def victim(daemons: list[Daemon], tmp_path: Path) -> Iterator[None]:
     killed = time.monotonic()
     wait_until(lambda: spread(daemons), timeout=20)
     assert time.monotonic() - killed < 10
+    assert sum(partitioned(d).deaths_noticed for d in daemons) >= 1
 
 
 @dataclasses.dataclass

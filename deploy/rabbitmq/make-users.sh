@@ -15,16 +15,18 @@ rabbitmqctl=${RABBITMQCTL:-rabbitmqctl}
 ctl() { $rabbitmqctl "$@" </dev/null; }  # rabbitmqctl would read the passwords still to come on stdin
 role=$1; shift
 # Resources: MQTT clients use amq.topic and their own session queues; daemons publish to amq.topic, declare ecgmon.*
-# (partitions, checkpoints, the consistent-hash exchange) and a server-named queue for the heartbeats.
+# (partitions, checkpoints, the consistent-hash exchange) and a server-named queue for the heartbeats, which also
+# hears the cluster's events (amq.rabbitmq.event: a daemon whose connection closed).
 mqtt_only='^(amq\.topic|mqtt-subscription-.*)$'
 daemon='^(amq\.topic|amq\.default|amq\.gen-.*|ecgmon\..*)$'  # amq.default: checkpoints go to their queue
+daemon_read='^(amq\.topic|amq\.default|amq\.gen-.*|amq\.rabbitmq\.event|ecgmon\..*)$'
 for user in "$@"; do
   read -rsp "password for $user: " password && echo
   [ -n "$password" ] || { echo "no password for $user" >&2; exit 2; }
   ctl add_user "$user" "$password" >/dev/null 2>&1 || ctl change_password "$user" "$password"
   case $role in
     daemon)
-      ctl set_permissions "$user" "$daemon" "$daemon" "$daemon"
+      ctl set_permissions "$user" "$daemon" "$daemon" "$daemon_read"
       ctl set_topic_permissions "$user" amq.topic \
         '^ecgmon\.(beats|alarms|errors|active|status|stats|daemons)(\..*)?$' '^ecgmon\.(ecg|daemons|query|acks)(\..*)?$' ;;
     device)

@@ -13,7 +13,11 @@ heard within `MEMBER_TIMEOUT_S`, and consumes the partitions rendezvous hashing 
 gives it among them (`owners`). Every daemon that sees the same members computes the same owners; when one
 joins or leaves only its share moves, and a daemon that stops hearing another takes its
 partitions over. While members disagree (a few seconds), single active consumer still keeps a
-partition with one daemon.
+partition with one daemon. A daemon that dies does not wait out the timeout: the node it was connected to
+sees its connection close and says so on the cluster's event exchange (`amq.rabbitmq.event`, plugin
+`rabbitmq_event_exchange`; the connection is named `ecgmon-daemon <id>`), and every other daemon drops it from
+the members at once, until it is heard again. A node that dies says nothing: its daemons' partitions move after
+the timeout, by which time the queues it led have new leaders. Without the plugin, the timeout alone says so.
 
 The devices' state goes with their partition. Every `checkpoint_s` the daemon checkpoints the state of each
 partition's devices (filters, recurrent and beat-stage state, beat picking, alarms, last seq: the daemon's
@@ -35,6 +39,7 @@ The topology is declared idempotently by every daemon at start.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import math
@@ -68,6 +73,9 @@ HANDOFF_GRACE_S = 1.0
 # while a queue leader moved can still be written later, over newer ones, and must not win.
 CHECKPOINTS_KEPT = 3
 VERSION = "ecgmon-version"
+EVENT_EXCHANGE = "amq.rabbitmq.event"  # the cluster's own events (plugin rabbitmq_event_exchange)
+CONNECTION_CLOSED = "connection.closed"  # its event for a client connection that closed, sent by that node
+DAEMON_CONNECTION = "ecgmon-daemon "  # + member id: the name of a daemon's source connection
 QUERY_INTERVAL_S = 1.0  # the open alarms are published again at most this often (s); queries meanwhile wait
 
 
@@ -81,8 +89,13 @@ def connection_parameters(nodes: list[tuple[str, int]], username: str, password:
             for host, port in nodes]
 
 
-def connect(params: list[pika.ConnectionParameters]) -> pika.BlockingConnection:
-    """A connection to the first node that answers; ConnectError if none does."""
+def connect(params: list[pika.ConnectionParameters], name: str | None = None) -> pika.BlockingConnection:
+    """A connection to the first node that answers, named `name` for the cluster's events; ConnectError if none
+    does."""
+    if name is not None:
+        params = [copy.copy(p) for p in params]
+        for p in params:
+            p.client_properties = {"connection_name": name}
     try:
         return pika.BlockingConnection(params)
     except pika.exceptions.AMQPConnectionError as err:
@@ -163,6 +176,20 @@ class Partitions:
                                   arguments={"x-queue-type": "quorum", "x-max-length": CHECKPOINTS_KEPT})
 
 
+def _has_event_exchange(connection: pika.BlockingConnection) -> bool:
+    """Whether the cluster publishes its events to EVENT_EXCHANGE and this login may read them (asked on a channel
+    of its own: a refusal closes the channel)."""
+    channel = connection.channel()
+    try:
+        channel.exchange_declare(EVENT_EXCHANGE, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as err:
+        log.warning("no %s (%s): a daemon that dies is noticed after %g s without its heartbeats, not at once",
+                    EVENT_EXCHANGE, err.reply_text, MEMBER_TIMEOUT_S)
+        return False
+    channel.close()
+    return True
+
+
 @dataclass
 class _Consumer:
     """This daemon's consumer of one partition, on a channel of its own (closing it hands back what is not
@@ -218,6 +245,7 @@ class PartitionedSource:
         self.reconnects = 0
         self.checkpoints = 0  # written
         self.restored = 0  # devices continued from a checkpoint
+        self.deaths_noticed = 0  # daemons dropped from the members at once, on the cluster's event
 
     def start(self, deliver: Deliver, acknowledge: Acknowledge) -> None:
         """Connect, declare the topology and consume this daemon's partitions (raise ConnectError if no node
@@ -231,7 +259,7 @@ class PartitionedSource:
 
     def _connect(self) -> None:
         """Connect and declare (ConnectError if no node answers, or the node refuses any of it)."""
-        self._connection = connect(self._params)
+        self._connection = connect(self._params, DAEMON_CONNECTION + self.member_id)
         try:
             self._declare(self._connection)
         except pika.exceptions.AMQPError as err:
@@ -259,6 +287,14 @@ class PartitionedSource:
                 if held and self._acknowledge is not None:
                     self._acknowledge(device, body)
                 return
+            if method.exchange == EVENT_EXCHANGE:  # a connection closed: a daemon's, if it died
+                name = (properties.headers or {}).get("user_provided_name", b"")
+                name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                member = name[len(DAEMON_CONNECTION):] if name.startswith(DAEMON_CONNECTION) else None
+                if member is not None and member != self.member_id and self._heard.pop(member, None) is not None:
+                    log.warning("daemon %s is gone (its connection closed): its partitions move now", member)
+                    self.deaths_noticed += 1
+                return
             member = routing_key(method.routing_key[len(heartbeats):])
             if body == LEAVING:
                 self._heard.pop(member, None)
@@ -268,6 +304,8 @@ class PartitionedSource:
                 self._left.discard(member)
 
         members = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        if _has_event_exchange(connection):
+            channel.queue_bind(members, EVENT_EXCHANGE, routing_key=CONNECTION_CLOSED)
         channel.queue_bind(members, "amq.topic", routing_key=f"{heartbeats}#")
         channel.queue_bind(members, "amq.topic", routing_key=query)
         channel.queue_bind(members, "amq.topic", routing_key=f"{acks}*")

@@ -69,6 +69,7 @@ class Point:
     batch_mean: float
     dropped: int
     generator_late_p99_ms: float  # how late the load generator itself sent windows (part of the latency)
+    broker_cpu_s: float = float("nan")  # mosquitto's CPU over the run (s)
 
     @property
     def ok(self) -> bool:
@@ -118,13 +119,13 @@ def _metric(text: str, name: str) -> float:
 
 
 def run_point(design: str, devices: int, window_s: float, duration_s: float, records: list[str],
-              physionet_dir: Path, model: Path) -> Point:
-    """One sustained run at `devices` live devices."""
+              physionet_dir: Path, model: Path, qos: int = 0) -> Point:
+    """One sustained run at `devices` live devices, windows at MQTT QoS `qos`."""
     batched = design == "batched"
     with LocalBroker(extra_config="max_inflight_messages 0\nmax_queued_bytes 0\n") as broker, \
             tempfile.TemporaryDirectory() as tmp:
         metrics_port = free_port()
-        config = {"mqtt": {"host": broker.host, "port": broker.port, "qos_in": 0},
+        config = {"mqtt": {"host": broker.host, "port": broker.port, "qos_in": qos},
                   "model": {"path": str(model)}, "metrics": {"port": metrics_port},
                   "streams": {"idle_evict_s": 3600, "queue_windows": max(20_000, 4 * devices)},
                   "batching": {} if batched else {"max_wait_ms": 0, "max_batch": 1},
@@ -135,12 +136,12 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
         probe = LatencyProbe(broker, window_s)
         try:
             _wait_for_metrics(metrics_port, daemon)
-            cpu_before = proc_cpu_s(daemon.pid)
+            cpu_before, broker_before = proc_cpu_s(daemon.pid), proc_cpu_s(broker.pid)
             generator = subprocess.run(
                 [sys.executable, "-m", "pipeline.cli", "--log-level", "INFO", "replay", "--broker",
                  f"{broker.host}:{broker.port}", "--records", *records, "--physionet-dir", str(physionet_dir),
                  "--devices", str(devices), "--window-s", str(window_s), "--duration-s", str(duration_s),
-                 "--encoding", "binary" if batched else "json", "--offset-step-s", "37", "--qos", "0"],
+                 "--encoding", "binary" if batched else "json", "--offset-step-s", "37", "--qos", str(qos)],
                 capture_output=True, text=True, timeout=duration_s * 3 + 120)
             if generator.returncode != 0:
                 raise RuntimeError(f"load generator failed: {generator.stderr[-1000:]}")
@@ -151,6 +152,7 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
             while len(probe.latency) < sent and time.monotonic() < deadline:
                 time.sleep(0.1)
             cpu = proc_cpu_s(daemon.pid) - cpu_before
+            broker_cpu = proc_cpu_s(broker.pid) - broker_before
             rss = _proc_rss_mb(daemon.pid)
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
                 metrics = response.read().decode()
@@ -166,7 +168,7 @@ def run_point(design: str, devices: int, window_s: float, duration_s: float, rec
                      latency_max_ms=float(latency.max() * 1000), daemon_cpu_s=cpu,
                      cpu_ms_per_device_s=1000 * cpu / (devices * duration_s), rss_mb=rss,
                      batch_mean=_metric(metrics, "ecgmon_batch_windows_sum") / max(batches, 1),
-                     generator_late_p99_ms=generator_late_p99_ms,
+                     generator_late_p99_ms=generator_late_p99_ms, broker_cpu_s=broker_cpu,
                      dropped=int(sum(float(v) for v in re.findall(r"^ecgmon_windows_dropped_total\{[^}]*\} (\S+)$",
                                                                      metrics, re.MULTILINE))))
 

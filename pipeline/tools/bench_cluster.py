@@ -1,5 +1,6 @@
 """`ecgmon bench --cluster`: devices served by 1, 2 and 3 daemons on a local 3-node RabbitMQ cluster, and what
-a daemon killed with SIGKILL costs (windows lost, hand-off time).
+a daemon killed with SIGKILL and a RabbitMQ node killed with kill -9 cost (windows lost, hand-off time), KILLS
+times each.
 
 Everything runs on this machine: the cluster (`pipeline/tools/rabbit_cluster.py`), each daemon as its own
 `ecgmon serve` process reading from and publishing to its own node first, the load generator (`ecgmon replay`,
@@ -29,30 +30,33 @@ import numpy as np
 import pika
 import yaml
 
+from models import SHIPPED_MODEL
 from pipeline.config import DaemonConfig
 from pipeline.io.codec import encode_binary
 from pipeline.io.mqtt import MqttClient, Topics
 from pipeline.io.rabbit import Partitions
 from pipeline.process.daemon import Daemon
-from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, proc_cpu_s, write_section
+from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, Point, proc_cpu_s, run_point, write_section
 from pipeline.tools.bench_core import EncodingSink, HandSource
 from pipeline.tools.rabbit_cluster import RabbitCluster
 
 log = logging.getLogger(__name__)
 
 PARTITIONS = 32
+KILLS = 3  # runs with a daemon killed, and as many with a node killed
 TOPICS = Topics("ecgmon")
 
 
 @dataclass(frozen=True)
 class ClusterPoint:
-    """One sustained run of `devices` devices (1 s windows) over `daemons` daemons; with `killed`, one daemon was
-    killed (SIGKILL) half-way through."""
+    """One sustained run of `devices` devices (1 s windows) over `daemons` daemons; `killed`: what was killed
+    half-way through ("daemon": one daemon, SIGKILL; "node": the RabbitMQ node the first daemon reads from, kill
+    -9; "": nothing)."""
 
     daemons: int
     devices: int
     duration_s: float
-    killed: bool
+    killed: str
     sent: int
     answered: int  # windows whose beats came out (each counted once)
     twice: int  # windows analysed a second time (after a kill: those after the victim's last checkpoint)
@@ -139,15 +143,17 @@ def _purge(cluster: RabbitCluster) -> None:
 
 
 def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, duration_s: float, records: list[str],
-                      physionet_dir: Path, kill: bool = False) -> ClusterPoint:
-    """One sustained run; the topology (and what is left in the queues) is removed after it."""
+                      physionet_dir: Path, kill: str = "") -> ClusterPoint:
+    """One sustained run, killing what `kill` names (`ClusterPoint.killed`) half-way through; a killed node is
+    started again after it, and what is left in the queues removed."""
     with tempfile.TemporaryDirectory() as tmp:
         processes = [_daemon(cluster, k, Path(tmp)) for k in range(daemons)]
         probe = BeatsProbe(cluster.host, cluster.nodes[1].mqtt_port)
         try:
             _await_partitions(cluster, daemons)
             cpu_before = [proc_cpu_s(p.pid) for p in processes]
-            brokers_before = sum(cluster.cpu_s(n) for n in cluster.nodes)
+            brokers_before = [cluster.cpu_s(n) for n in cluster.nodes]
+            brokers_gone = [0.0] * len(cluster.nodes)  # a node killed: its CPU up to the kill
             children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             generator = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "replay", "--broker",
@@ -158,7 +164,11 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
             if kill:
                 time.sleep(duration_s / 2)
                 killed_at = time.time()
-                processes[-1].send_signal(signal.SIGKILL)
+                if kill == "node":
+                    brokers_gone[0] = cluster.cpu_s(cluster.nodes[0])
+                    cluster.kill_node(cluster.nodes[0])
+                else:
+                    processes[-1].send_signal(signal.SIGKILL)
             out, _ = generator.communicate(timeout=duration_s * 3 + 120)
             generator_cpu = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) - getattr(children_before, f)
                                 for f in ("ru_utime", "ru_stime"))
@@ -168,7 +178,8 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                 time.sleep(0.2)
             daemons_cpu = sum(proc_cpu_s(p.pid) - before for p, before in zip(processes, cpu_before, strict=True)
                               if p.poll() is None)
-            brokers_cpu = sum(cluster.cpu_s(n) for n in cluster.nodes) - brokers_before
+            brokers_cpu = sum(max(cluster.cpu_s(n), gone) - before
+                              for n, gone, before in zip(cluster.nodes, brokers_gone, brokers_before, strict=True))
         finally:
             probe.client.disconnect()
             for p in processes:
@@ -176,6 +187,9 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                     p.send_signal(signal.SIGTERM)
             for p in processes:
                 p.wait(timeout=60)
+            if kill == "node":
+                cluster.start_node(cluster.nodes[0])
+                cluster.await_node(cluster.nodes[0])
             _purge(cluster)
     latency = np.array(list(probe.latency.values()))
     handoff = 0.0
@@ -236,8 +250,11 @@ def checkpoint_cost(records: list[str], physionet_dir: Path, devices: int = 250,
 
 
 def run_cluster_bench(devices: list[int], duration_s: float, records: list[str], physionet_dir: Path
-                      ) -> list[ClusterPoint]:
-    """Every device count over 1, 2 and 3 daemons, then a kill of one of 3 daemons at the largest count 3 kept."""
+                      ) -> tuple[list[ClusterPoint], list[Point]]:
+    """Every device count on one daemon beside mosquitto (the single-node path, windows at QoS 1 as here), then over
+    1, 2 and 3 daemons on the cluster, then KILLS runs with one of 3 daemons killed and KILLS with a node killed, at
+    the largest count 3 daemons kept up with."""
+    single = [run_point("batched", n, 1.0, duration_s, records, physionet_dir, SHIPPED_MODEL, qos=1) for n in devices]
     points = []
     with RabbitCluster(3) as cluster:
         for n_daemons in (1, 2, 3):
@@ -245,20 +262,22 @@ def run_cluster_bench(devices: list[int], duration_s: float, records: list[str],
                 points.append(run_cluster_point(cluster, n_daemons, n, duration_s, records, physionet_dir))
                 log.info("cluster, %d daemons: %s", n_daemons, points[-1])
         kept = max((p.devices for p in points if p.daemons == 3 and p.ok), default=devices[0])
-        points.append(run_cluster_point(cluster, 3, kept, duration_s, records, physionet_dir, kill=True))
-        log.info("cluster, a daemon killed: %s", points[-1])
-    return points
+        for kill in ("daemon", "node"):
+            for _ in range(KILLS):
+                points.append(run_cluster_point(cluster, 3, kept, duration_s, records, physionet_dir, kill=kill))
+                log.info("cluster, a %s killed: %s", kill, points[-1])
+    return points, single
 
 
 def cluster_table(points: list[ClusterPoint]) -> str:
     """The markdown table of the points."""
-    lines = ["| daemons | devices | daemon killed | windows sent | lost | analysed twice | p50 / p99 ms | "
+    lines = ["| daemons | devices | killed | windows sent | lost | analysed twice | p50 / p99 ms | "
              "hand-off s | CPU s: daemons / RabbitMQ / generator | per device-s: daemons / RabbitMQ µs | "
              "kept up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         device_s = p.devices * p.duration_s
-        lines.append(f"| {p.daemons} | {p.devices} | {'yes' if p.killed else 'no'} | {p.sent} | {p.lost} | {p.twice} "
+        lines.append(f"| {p.daemons} | {p.devices} | {p.killed or '-'} | {p.sent} | {p.lost} | {p.twice} "
                      f"| {p.latency_p50_ms:.0f} / {p.latency_p99_ms:.0f} | "
                      f"{f'{p.handoff_s:.1f}' if p.killed else '-'} | {p.daemons_cpu_s:.1f} / {p.brokers_cpu_s:.1f} / "
                      f"{p.generator_cpu_s:.1f} | {1e6 * p.daemons_cpu_s / device_s:.0f} / "
@@ -283,13 +302,60 @@ def projection(points: list[ClusterPoint]) -> dict[str, Any]:
             "devices_3_nodes_1_core_each": int(3 * 1e6 / broker_us), "devices_per_daemon_core": int(1e6 / daemon_us)}
 
 
-def write_cluster_report(points: list[ClusterPoint], checkpoint: dict[str, float], out: Path, command: str) -> str:
+def _ratios(m: Point, points: list[ClusterPoint]) -> tuple[float, list[float]]:
+    """CPU per device-second (µs) of the mosquitto path `m` (daemon + mosquitto), and of the cluster's brokers and
+    daemons at 1, 2 and 3 daemons with as many devices."""
+    base = 1e6 * (m.daemon_cpu_s + m.broker_cpu_s) / (m.devices * m.duration_s)
+    same = sorted((q for q in points if q.devices == m.devices and not q.killed), key=lambda q: q.daemons)
+    return base, [1e6 * (q.daemons_cpu_s + q.brokers_cpu_s) / (q.devices * q.duration_s) for q in same]
+
+
+def single_table(single: list[Point], points: list[ClusterPoint]) -> str:
+    """One daemon on mosquitto against the cluster at the same device counts: CPU per device-second and the ratio."""
+    lines = ["| devices | mosquitto path: daemon + mosquitto µs per device-s (p99 ms) | cluster, brokers + daemons µs "
+             "per device-s, 1 / 2 / 3 daemons | ratio to the mosquitto path |", "|---|---|---|---|"]
+    for m in single:
+        base, cluster = _ratios(m, points)
+        lines.append(f"| {m.devices} | {1e6 * m.daemon_cpu_s / (m.devices * m.duration_s):.0f} + "
+                     f"{1e6 * m.broker_cpu_s / (m.devices * m.duration_s):.0f} = {base:.0f} ({m.latency_p99_ms:.0f}) | "
+                     f"{' / '.join(f'{c:.0f}' for c in cluster)} | {' / '.join(f'{c / base:.1f}' for c in cluster)} |")
+    return "\n".join(lines)
+
+
+def write_cluster_report(points: list[ClusterPoint], single: list[Point], checkpoint: dict[str, float], out: Path,
+                         command: str) -> str:
     """Replace the cluster section of docs/benchmarks.md (its last) with these points; returns the section."""
     p = projection(points)
     checkpoint_us = 1000 * checkpoint["ms_per_device"] / 2.0  # per device-second at the default checkpoint_s, 2 s
-    killed = next((q for q in points if q.killed), None)
-    kill_line = "" if killed is None else (f"Across the kill: {killed.lost} windows lost of {killed.sent}, "
-                                           f"{killed.twice} analysed twice, hand-off {killed.handoff_s:.1f} s.")
+    kill_lines = []
+    for kind in ("daemon", "node"):
+        kills = [q for q in points if q.killed == kind]
+        if kills:
+            lost, sent = ", ".join(str(q.lost) for q in kills), ", ".join(str(q.sent) for q in kills)
+            twice, handoff = ", ".join(str(q.twice) for q in kills), ", ".join(f"{q.handoff_s:.1f}" for q in kills)
+            kill_lines.append(f"Across the {len(kills)} {kind} kills: windows lost {lost} (of {sent}), analysed "
+                              f"twice {twice}, hand-off {handoff} s.")
+    kill_line = "\n".join(kill_lines)
+    ratios = [c / base for m in single for base, cs in [_ratios(m, points)] for c in cs]
+    checkpoint_share = checkpoint_us / p["daemon_us_per_device_s"]
+    daemon_kills = [q for q in points if q.killed == "daemon"]
+    worst_handoff = max((q.handoff_s for q in daemon_kills), default=float("nan"))
+    lost_windows = sum(q.lost for q in daemon_kills)
+    state_kb = checkpoint["bytes_per_device"] / 1024
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "missed"
+
+    targets = "\n".join([
+        "Issue 24's targets against this run:",
+        f"- brokers + daemons on the cluster <= 2x the mosquitto path: {min(ratios, default=float('nan')):.1f}-"
+        f"{max(ratios, default=float('nan')):.1f}x ({verdict(bool(ratios) and max(ratios) <= 2)});",
+        f"- checkpointing <= 5 % of the daemons' CPU: {checkpoint_us:.0f} of {p['daemon_us_per_device_s']:.0f} µs per "
+        f"device-second, {100 * checkpoint_share:.0f} % ({verdict(checkpoint_share <= 0.05)});",
+        f"- hand-off <= 3 s after a daemon kill with no window lost: {worst_handoff:.1f} s at most, "
+        f"{lost_windows} lost ({verdict(bool(daemon_kills) and worst_handoff <= 3 and not lost_windows)}; alarms "
+        "across the kills are checked by tests/test_cluster.py, not counted here);",
+        f"- state <= 2 KB per device: {state_kb:.1f} KB ({verdict(state_kb <= 2)})."])
     section = f"""{CLUSTER_HEADING}
 
 Generated by `{command}` ({len(points)} points in one run, {platform.processor() or platform.machine()},
@@ -303,9 +369,16 @@ records, 1 s binary windows, MQTT 3.1.1 at QoS 1) publishing to node 3; a subscr
 timing every window from its last sample to its beats. Every process shares the same cores. "Lost"
 counts windows sent and never analysed; "analysed twice", windows a killed daemon had analysed after
 its last checkpoint (2 s) and that its successor analysed again (same beats). Hand-off: the longest
-time any device's beats stopped for after the kill (the membership timeout, 5 s, plus the takeover).
+time any device's beats stopped for after the kill (a killed daemon: the cluster's event that its
+connection closed, the new owner's 1 s hold, the restore and the catching up; a killed node: its
+daemons' reconnection to another node, then the same).
 
 {cluster_table(points)}
+
+Beside it, in the same run, the single-node path on the same machine: one daemon (`ecgmon serve`) on mosquitto, the
+same records and devices, windows at QoS 1 (MQTT 5, the daemon's default), its beats timed the same way:
+
+{single_table(single, points)}
 
 What limits throughput here: the two cores, shared by three RabbitMQ nodes, the daemons, the
 generator and the probe, so adding daemons adds no capacity. One more device costs the RabbitMQ
@@ -323,9 +396,12 @@ replicated to three nodes; most of them are the signal buffers, which a replayab
 Projected from these measured costs (not measured): with one core per RabbitMQ node the cluster would carry about
 {p['devices_3_nodes_1_core_each']:,} devices, and each daemon core about {p['devices_per_daemon_core']:,}.
 {kill_line}
+
+{targets}
 """
     write_section(out, CLUSTER_HEADING, section)
     out.with_name("benchmarks-cluster.json").write_text(json.dumps(
-        {"points": [asdict(q) | {"lost": q.lost, "ok": q.ok} for q in points], "projection": p,
+        {"points": [asdict(q) | {"lost": q.lost, "ok": q.ok} for q in points],
+         "mosquitto": [asdict(m) | {"ok": m.ok} for m in single], "projection": p,
          "checkpoint": checkpoint}, indent=2))
     return section

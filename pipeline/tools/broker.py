@@ -46,6 +46,13 @@ class LocalBroker:
         self._process: subprocess.Popen[bytes] | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="ecgmon-broker-"))
 
+    @property
+    def pid(self) -> int:
+        """The running mosquitto's process id."""
+        if self._process is None:
+            raise BrokerError("mosquitto is not running")
+        return self._process.pid
+
     def start(self, timeout_s: float = 10.0) -> LocalBroker:
         binary = find_mosquitto()
         if binary is None:

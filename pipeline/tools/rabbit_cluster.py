@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian: the real scripts (/usr/sbin ones switch user and folder)
 CONF_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "rabbitmq.conf"
-PLUGINS = "[rabbitmq_mqtt,rabbitmq_consistent_hash_exchange]."
+PLUGINS = "[rabbitmq_mqtt,rabbitmq_consistent_hash_exchange,rabbitmq_event_exchange]."
 
 
 @dataclass(frozen=True)
