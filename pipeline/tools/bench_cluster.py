@@ -153,7 +153,7 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
             _await_partitions(cluster, daemons)
             cpu_before = [proc_cpu_s(p.pid) for p in processes]
             brokers_before = [cluster.cpu_s(n) for n in cluster.nodes]
-            brokers_gone = [0.0] * len(cluster.nodes)  # a node killed: its CPU up to the kill
+            killed_node_cpu = None  # a node killed: its CPU up to the kill (its processes are gone after)
             children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             generator = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "replay", "--broker",
@@ -165,7 +165,7 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                 time.sleep(duration_s / 2)
                 killed_at = time.time()
                 if kill == "node":
-                    brokers_gone[0] = cluster.cpu_s(cluster.nodes[0])
+                    killed_node_cpu = cluster.cpu_s(cluster.nodes[0])
                     cluster.kill_node(cluster.nodes[0])
                 else:
                     processes[-1].send_signal(signal.SIGKILL)
@@ -178,8 +178,10 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                 time.sleep(0.2)
             daemons_cpu = sum(proc_cpu_s(p.pid) - before for p, before in zip(processes, cpu_before, strict=True)
                               if p.poll() is None)
-            brokers_cpu = sum(max(cluster.cpu_s(n), gone) - before
-                              for n, gone, before in zip(cluster.nodes, brokers_gone, brokers_before, strict=True))
+            brokers_after = [cluster.cpu_s(n) for n in cluster.nodes]
+            if killed_node_cpu is not None:
+                brokers_after[0] = killed_node_cpu
+            brokers_cpu = sum(brokers_after) - sum(brokers_before)
         finally:
             probe.client.disconnect()
             for p in processes:
@@ -269,6 +271,11 @@ def run_cluster_bench(devices: list[int], duration_s: float, records: list[str],
     return points, single
 
 
+def us_per_device_s(cpu_s: float, devices: int, duration_s: float) -> float:
+    """CPU seconds spent over a run of `devices` devices for `duration_s` s, as µs per device-second."""
+    return 1e6 * cpu_s / (devices * duration_s)
+
+
 def cluster_table(points: list[ClusterPoint]) -> str:
     """The markdown table of the points."""
     lines = ["| daemons | devices | killed | windows sent | lost | analysed twice | p50 / p99 ms | "
@@ -276,12 +283,11 @@ def cluster_table(points: list[ClusterPoint]) -> str:
              "kept up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        device_s = p.devices * p.duration_s
         lines.append(f"| {p.daemons} | {p.devices} | {p.killed or '-'} | {p.sent} | {p.lost} | {p.twice} "
                      f"| {p.latency_p50_ms:.0f} / {p.latency_p99_ms:.0f} | "
                      f"{f'{p.handoff_s:.1f}' if p.killed else '-'} | {p.daemons_cpu_s:.1f} / {p.brokers_cpu_s:.1f} / "
-                     f"{p.generator_cpu_s:.1f} | {1e6 * p.daemons_cpu_s / device_s:.0f} / "
-                     f"{1e6 * p.brokers_cpu_s / device_s:.0f} | {'yes' if p.ok else 'no'} |")
+                     f"{p.generator_cpu_s:.1f} | {us_per_device_s(p.daemons_cpu_s, p.devices, p.duration_s):.0f} / "
+                     f"{us_per_device_s(p.brokers_cpu_s, p.devices, p.duration_s):.0f} | {'yes' if p.ok else 'no'} |")
     return "\n".join(lines)
 
 
@@ -305,9 +311,9 @@ def projection(points: list[ClusterPoint]) -> dict[str, Any]:
 def _ratios(m: Point, points: list[ClusterPoint]) -> tuple[float, list[float]]:
     """CPU per device-second (µs) of the mosquitto path `m` (daemon + mosquitto), and of the cluster's brokers and
     daemons at 1, 2 and 3 daemons with as many devices."""
-    base = 1e6 * (m.daemon_cpu_s + m.broker_cpu_s) / (m.devices * m.duration_s)
+    base = us_per_device_s(m.daemon_cpu_s + m.broker_cpu_s, m.devices, m.duration_s)
     same = sorted((q for q in points if q.devices == m.devices and not q.killed), key=lambda q: q.daemons)
-    return base, [1e6 * (q.daemons_cpu_s + q.brokers_cpu_s) / (q.devices * q.duration_s) for q in same]
+    return base, [us_per_device_s(q.daemons_cpu_s + q.brokers_cpu_s, q.devices, q.duration_s) for q in same]
 
 
 def single_table(single: list[Point], points: list[ClusterPoint]) -> str:
@@ -316,8 +322,9 @@ def single_table(single: list[Point], points: list[ClusterPoint]) -> str:
              "per device-s, 1 / 2 / 3 daemons | ratio to the mosquitto path |", "|---|---|---|---|"]
     for m in single:
         base, cluster = _ratios(m, points)
-        lines.append(f"| {m.devices} | {1e6 * m.daemon_cpu_s / (m.devices * m.duration_s):.0f} + "
-                     f"{1e6 * m.broker_cpu_s / (m.devices * m.duration_s):.0f} = {base:.0f} ({m.latency_p99_ms:.0f}) | "
+        lines.append(f"| {m.devices} | {us_per_device_s(m.daemon_cpu_s, m.devices, m.duration_s):.0f} + "
+                     f"{us_per_device_s(m.broker_cpu_s, m.devices, m.duration_s):.0f} = {base:.0f} "
+                     f"({m.latency_p99_ms:.0f}) | "
                      f"{' / '.join(f'{c:.0f}' for c in cluster)} | {' / '.join(f'{c / base:.1f}' for c in cluster)} |")
     return "\n".join(lines)
 
