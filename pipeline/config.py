@@ -200,11 +200,12 @@ class RabbitConfig(Strict):
     password: SecretStr = Field(SecretStr("guest"), description="from ECGMON_RABBITMQ__PASSWORD, never the file")
     partitions: int = Field(32, ge=1, le=1024, description="partition queues the devices are spread over: the same "
                             "for every daemon, and fixed once the queues exist")
-    prefetch: int = Field(1000, ge=1, description="windows a daemon may hold unacknowledged per partition; a "
-                          "window is acknowledged once a checkpoint holds its effect, so this must cover a "
-                          "partition's windows of `checkpoint_s`")
-    checkpoint_s: float = Field(2.0, gt=0, description="how often each partition's device state is checkpointed to "
-                                "the cluster for the daemon that takes it over (s); it also takes one on hand-off")
+    prefetch: int = Field(10_000, ge=2, description="windows a daemon may hold unacknowledged per partition: a "
+                          "window is acknowledged once a checkpoint holds its effect, and a partition is "
+                          "checkpointed early when half of this waits for one")
+    checkpoint_s: float = Field(30.0, gt=0, description="how often each partition's device state is checkpointed to "
+                                "the cluster for the daemon that takes it over (s): it replays the windows since, "
+                                "without publishing again what was published; one is also taken on hand-off")
     tls: TlsConfig | None = Field(None, description="TLS to the nodes' AMQP listeners (deploy/rabbitmq/)")
 
     @field_validator("nodes")

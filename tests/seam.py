@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.io.sources import Acknowledge, Deliver
+from pipeline.io.sources import Acknowledge, Deliver, Progress
 
 
 class MemorySource:
@@ -77,6 +77,9 @@ class MemorySink:
 
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
         self._add("forget_open_alarm", {"device": device, "type": alarm_type})
+
+    def progress(self, done: dict[str, Progress]) -> None:
+        self._add("progress", {device: mark._asdict() for device, mark in done.items()})
 
     def open(self) -> None:
         """Nothing to connect to."""

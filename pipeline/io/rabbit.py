@@ -19,15 +19,17 @@ sees its connection close and says so on the cluster's event exchange (`amq.rabb
 the members at once, until it is heard again. A node that dies says nothing: its daemons' partitions move after
 the timeout, by which time the queues it led have new leaders. Without the plugin, the timeout alone says so.
 
-The devices' state goes with their partition. Every `checkpoint_s` the daemon checkpoints the state of each
-partition's devices (filters, recurrent and beat-stage state, beat picking, alarms, last seq: the daemon's
-`save_devices`) to the partition's state queue, a quorum queue that keeps its newest few, versioned, and only
-then acknowledges the windows that checkpoint covers. A daemon that lets a partition go checkpoints it one
-last time before it closes the partition's channel; a daemon that becomes a partition's active consumer
-restores its checkpoint before its first window. So whoever takes a partition over, after a hand-off or a
-kill -9, continues its devices from the checkpoint with the windows since still in the queue: no warm-up, no
-window lost, open alarms carried on (windows analysed after the last checkpoint of a daemon that died are
-analysed again, and give the same beats and the same alarm ids).
+The devices' state goes with their partition. Every `checkpoint_s` (and sooner when half the prefetch waits for one,
+or at once after a staff acknowledgement) the daemon checkpoints the state of each partition's devices (filters,
+recurrent and beat-stage state, beat picking, alarms, last seq: the daemon's `save_devices`) to the partition's state
+queue, a quorum queue that keeps its newest few, versioned, and only then acknowledges the windows that checkpoint
+covers: the windows since stay in the partition, a replayable log. A daemon that lets a partition go checkpoints it
+one last time before it closes the partition's channel. Beside the checkpoints, the results sink keeps each
+partition's progress mark (how far each device's results have gone out, pipeline/io/rabbit_sink.py). A daemon that
+becomes a partition's active consumer restores its checkpoint and its mark before its first window; after a kill -9,
+the windows since the checkpoint come again: it analyses them (the same beats, the same alarm ids) and publishes
+only what goes past the mark. So whoever takes a partition over, after a hand-off or a kill -9, continues its
+devices warm: no warm-up, no window lost, no alarm event published twice, open alarms carried on.
 
 A subscriber that comes late asks for the alarms open before it came on `<prefix>/query/active` (RabbitMQ keeps
 no retained copies of them): every daemon hears it with its heartbeats and publishes the open alarms of the devices
@@ -48,6 +50,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import msgpack
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
@@ -56,7 +59,7 @@ from pika.spec import Basic, BasicProperties
 from pipeline.io import messages
 from pipeline.io.codec import DecodeError, decode_window
 from pipeline.io.mqtt import ConnectError, Topics
-from pipeline.io.sources import Acknowledge, Deliver, DeviceStates
+from pipeline.io.sources import Acknowledge, Deliver, DeviceStates, Progress
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +163,12 @@ class Partitions:
         return routing_key(f"{self.prefix}/daemons/{member}")
 
     def state_queue(self, k: int) -> str:
-        """Where partition k's checkpoint is kept: its newest message only."""
+        """Where partition k's checkpoints are kept: its newest few."""
         return f"{self.prefix}.ecg.state.p{k:02d}"
+
+    def progress_queue(self, k: int) -> str:
+        """Where partition k's progress mark is kept (pipeline/io/rabbit_sink.py): its newest only."""
+        return f"{self.prefix}.ecg.marks.p{k:02d}"
 
     def declare(self, channel: BlockingChannel) -> None:
         """Exchange, quorum queues with single active consumer, their state queues, and the bindings (idempotent)."""
@@ -174,6 +181,26 @@ class Partitions:
             channel.queue_bind(self.queue(k), self.exchange, routing_key="1")  # equal weights
             channel.queue_declare(self.state_queue(k), durable=True,
                                   arguments={"x-queue-type": "quorum", "x-max-length": CHECKPOINTS_KEPT})
+            channel.queue_declare(self.progress_queue(k), durable=True,
+                                  arguments={"x-queue-type": "quorum", "x-max-length": 1})
+
+
+def encode_marks(marks: dict[str, Progress]) -> bytes:
+    """A partition's progress mark: {device: [seq, end, beats_until]} in MessagePack."""
+    body: bytes = msgpack.packb({device: list(mark) for device, mark in marks.items()})
+    return body
+
+
+def decode_marks(body: bytes, source: str) -> dict[str, Progress]:
+    """The marks of `encode_marks`, or {} (with a warning naming `source`) when they are unreadable: the windows
+    since the checkpoint are then published again."""
+    try:
+        doc = msgpack.unpackb(body, raw=False)
+        return {str(device): Progress(int(seq), float(end), float(beats)) for device, (seq, end, beats) in doc.items()}
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as err:
+        log.warning("progress mark of %s is unreadable (%s): its windows since the checkpoint are published again",
+                    source, err)
+        return {}
 
 
 def _has_event_exchange(connection: pika.BlockingConnection) -> bool:
@@ -196,9 +223,11 @@ class _Consumer:
     acknowledged)."""
 
     channel: BlockingChannel
+    partition: int
     fresh: bool = True  # no window yet: its checkpoint is restored before the first (a standby never gets one)
     releasing: bool = False  # being handed over: windows are left for the next owner
     checkpointing: bool = False  # a checkpoint is on its way
+    acknowledged: bool = False  # a staff acknowledgement was handed to the daemon since the last checkpoint
     finished: list[int] = field(default_factory=list)  # delivery tags the daemon has finished with, not acked
     devices: set[str] = field(default_factory=set)
     held: list[tuple[str, bytes, int]] | None = None  # new windows held back after a hand-off: (device, payload, tag)
@@ -227,6 +256,7 @@ class PartitionedSource:
         self._left: set[str] = set()  # daemons that said they stop
         self._versions: dict[int, int] = {}  # partition -> version of the last checkpoint restored or written
         self._consumers: dict[int, _Consumer] = {}
+        self._partition_of: dict[str, int] = {}  # device -> its partition (fixed by the exchange's hash)
         self._lock = threading.Lock()  # _Consumer.finished and .devices are written by the worker too
         self._members: list[str] = []  # as last seen, and the partitions they give this daemon
         self._owned: set[int] = set()
@@ -283,9 +313,10 @@ class PartitionedSource:
             if method.routing_key.startswith(acks):
                 device = routing_key(method.routing_key[len(acks):])
                 with self._lock:
-                    held = any(device in c.devices for c in self._consumers.values())
-                if held and self._acknowledge is not None:
+                    holder = next((c for c in self._consumers.values() if device in c.devices), None)
+                if holder is not None and self._acknowledge is not None:
                     self._acknowledge(device, body)
+                    holder.acknowledged = True  # checkpointed at once, so that no kill loses it
                 return
             if method.exchange == EVENT_EXCHANGE:  # a connection closed: a daemon's, if it died
                 name = (properties.headers or {}).get("user_provided_name", b"")
@@ -322,7 +353,7 @@ class PartitionedSource:
         assert self._connection is not None and self._deliver is not None
         channel = self._connection.channel()
         channel.basic_qos(prefetch_count=self._prefetch)
-        consumer = _Consumer(channel)
+        consumer = _Consumer(channel, p)
         prefix_len = len(self.partitions.prefix) + len(".ecg.")
 
         def on_message(ch: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
@@ -346,6 +377,7 @@ class PartitionedSource:
         assert self._deliver is not None
         with self._lock:
             consumer.devices.add(device)
+        self._partition_of[device] = consumer.partition
 
         def done() -> None:  # on the worker: acknowledged with the next checkpoint
             with self._lock:
@@ -362,21 +394,25 @@ class PartitionedSource:
         # ready one).
         found: list[tuple[int, bytes]] = []
         while True:
-            method, properties, blob = self._store.basic_get(self.partitions.state_queue(p), auto_ack=True)
+            method, properties, body = self._store.basic_get(self.partitions.state_queue(p), auto_ack=True)
             if method is None:
                 break
-            found.append((int((properties.headers or {}).get(VERSION, 0)), blob))
-        if not found:
-            log.info("partition %d: no checkpoint, its devices start cold", p)
+            found.append((int((properties.headers or {}).get(VERSION, 0)), body))
+        marks = self._read_marks(p)
+        if not found and not marks:
+            log.info("partition %d: never consumed before, its devices start cold", p)
             return False
-        version, blob = max(found, key=lambda checkpoint: checkpoint[0])
-        self._versions[p] = version - 1
-        self._write_checkpoint(p, blob)
+        blob: bytes | None = None
+        if found:
+            version, blob = max(found, key=lambda checkpoint: checkpoint[0])
+            self._versions[p] = version - 1
+            self._write_checkpoint(p, blob)
 
         def restore() -> None:
-            n = self._states.restore_devices(blob, f"checkpoint of partition {p}")
+            n = self._states.restore_devices(blob, f"checkpoint of partition {p}", marks)
             self.restored += n
-            log.info("partition %d: %d devices continue from its checkpoint", p, n)
+            log.info("partition %d: %d devices continue from its checkpoint, the results of %d published up to "
+                     "their marks", p, n, len(marks))
 
         self._states.call_soon(restore)
         return True
@@ -386,7 +422,7 @@ class PartitionedSource:
         it covers; with `release`, the daemon forgets p's devices and p's channel closes."""
         connection = self._connection
         assert connection is not None
-        consumer.checkpointing = True
+        consumer.checkpointing, consumer.acknowledged = True, False
 
         def save() -> None:  # on the worker
             with self._lock:
@@ -399,6 +435,25 @@ class PartitionedSource:
                 log.warning("partition %d: checkpoint not written, the connection is gone", p)
 
         self._states.call_soon(save)
+
+    def _read_marks(self, p: int) -> dict[str, Progress]:
+        """Partition p's progress mark (put back at once for whoever comes next), {} if it has none."""
+        assert self._store is not None
+        queue, newest = self.partitions.progress_queue(p), None
+        while True:
+            method, _, body = self._store.basic_get(queue, auto_ack=True)
+            if method is None:
+                break
+            newest = body
+        if newest is None:
+            return {}
+        self._store.basic_publish("", queue, newest, BasicProperties(delivery_mode=pika.DeliveryMode.Persistent),
+                                  mandatory=True)
+        return decode_marks(newest, f"partition {p}")
+
+    def partition_of(self, device: str) -> int | None:
+        """The partition `device`'s windows come from (None before this daemon got one)."""
+        return self._partition_of.get(device)
 
     def _write_checkpoint(self, p: int, blob: bytes) -> None:
         """Make `blob` partition p's newest checkpoint, once the cluster confirms it (raises pika's AMQPError if
@@ -477,11 +532,15 @@ class PartitionedSource:
         if self._answer_due is not None and now >= self._answer_due:
             self._answer_due, self._last_answer = None, now
             self._states.call_soon(self._states.publish_open_alarms)
-        if now >= self._next_checkpoint:
+        due = now >= self._next_checkpoint
+        if due:
             self._next_checkpoint = now + self._checkpoint_s
-            for p, consumer in list(self._consumers.items()):
-                if not (consumer.fresh or consumer.releasing or consumer.checkpointing) and consumer.finished:
-                    self._checkpoint(p, consumer, release=False)
+        for p, consumer in list(self._consumers.items()):
+            if consumer.fresh or consumer.releasing or consumer.checkpointing:
+                continue
+            crowded = len(consumer.finished) >= self._prefetch // 2  # half the prefetch waits for a checkpoint
+            if consumer.acknowledged or (consumer.finished and (due or crowded)):
+                self._checkpoint(p, consumer, release=False)
 
     def _announce_gone(self, gone: list[str], members: list[str]) -> None:
         """Publish the offline status of daemons no longer heard that did not say they stop (by the first of the

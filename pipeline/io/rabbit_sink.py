@@ -10,7 +10,16 @@ Messages go in batches, without a round trip each: the sending thread takes what
 BATCH_MESSAGES), publishes it inside an AMQP transaction and commits, one round trip per batch; the cluster's
 commit-ok says it has taken every message of the batch. A batch that is not committed (its node died) is sent
 again, whole, after the reconnect, so delivery is at least once, in order (alarms carry their id, beats their
-seq). Messages
+seq).
+
+The daemon says after each window's results how far its device has got (`progress`); the sink folds that into its
+partition's progress mark ({device: seq and end of its last window whose alarm events went out, end of its last
+window whose beats did}) and writes the mark to the partition's marks queue (its newest kept) in the same
+transaction as the results it covers: in every transaction that carries an alarm event of the partition (a batch
+with an alarm event waits for the progress that follows it), at least every MARK_EVERY_S otherwise, and when the
+sink is idle. A daemon that takes the partition over after a kill -9 analyses the windows up to each device's mark
+again without publishing their results (pipeline/io/rabbit.py): alarm events never go out twice, beats at most for
+the last MARK_EVERY_S. Messages
 wait in a bounded outbox while no node answers: beats, rejections and stats are dropped when it is full (counted
 and logged), alarms and status wait for room.
 
@@ -27,6 +36,9 @@ import contextlib
 import logging
 import queue
 import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +48,17 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
 from pipeline.io.mqtt import ConnectError, Topics, encode_json
-from pipeline.io.rabbit import close_quietly, connect, routing_key
+from pipeline.io.rabbit import Partitions, close_quietly, connect, encode_marks, routing_key
+from pipeline.io.sources import Progress
 
 log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES = 10_000
 BATCH_MESSAGES = 500  # the most messages in one transaction
 DROP_LOG_EVERY = 100  # dropped messages between two warnings
+MARK_EVERY_S = 1.0  # a partition's progress mark is written at least this often while its devices' results flow (s)
+PROGRESS_WAIT_S = 0.05  # how long a batch with an alarm event waits for the progress that follows it (s)
+MARK_KEEP_S = 600.0  # a device without results for this long leaves its partition's mark (s)
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,12 @@ class _Message:
     topic: str
     body: bytes
     persistent: bool  # kept on disk by the queues of persistent sessions (alarms, status)
+    alarm_of: str = ""  # the device whose alarm event it is: its partition's mark goes in the same transaction
+
+
+@dataclass(frozen=True)
+class _Progress:
+    done: dict[str, Progress]
 
 
 _CLOSE = _Message("", b"", False)
@@ -60,9 +82,18 @@ class AmqpSink:
     (pipeline/io/rabbit.py `connection_parameters`)."""
 
     def __init__(self, params: list[pika.ConnectionParameters], topics: Topics, publish_beats: bool,
+                 partitions: Partitions, partition_of: Callable[[str], int | None],
                  outbox_messages: int = OUTBOX_MESSAGES, reconnect_max_s: float = 10.0) -> None:
+        """`partitions`, `partition_of`: where each device's progress mark goes (the source's partitions)."""
         self._params, self._topics, self._publish_beats = params, topics, publish_beats
-        self._outbox: queue.Queue[_Message] = queue.Queue(maxsize=outbox_messages)
+        self._partitions, self._partition_of = partitions, partition_of
+        self._outbox: queue.Queue[_Message | _Progress] = queue.Queue(maxsize=outbox_messages)
+        # per partition: device -> (its mark, when it last moved (s, monotonic)); the partitions whose mark moved
+        # since it was last written, and when each was last written (s, monotonic)
+        self._marks: defaultdict[int, dict[str, tuple[Progress, float]]] = defaultdict(dict)
+        self._moved: set[int] = set()
+        self._marked_at: defaultdict[int, float] = defaultdict(float)
+        self.marks_written = 0
         self._reconnect_max_s = reconnect_max_s
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -102,7 +133,7 @@ class AmqpSink:
             self._drop_if_full(_Message(self._topics.beats(doc["device"]), encode_json(doc), False))
 
     def alarm(self, doc: dict[str, Any]) -> None:
-        self._outbox.put(_Message(self._topics.alarms(doc["device"]), encode_json(doc), True))
+        self._outbox.put(_Message(self._topics.alarms(doc["device"]), encode_json(doc), True, doc["device"]))
 
     def open_alarm(self, doc: dict[str, Any]) -> None:
         """On its `active` topic, not retained (a subscriber asked on `<prefix>/query/active`)."""
@@ -125,6 +156,12 @@ class AmqpSink:
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
         """Nothing to empty: the cluster keeps no copies of open alarms."""
 
+    def progress(self, done: dict[str, Progress]) -> None:
+        """Moves the devices' marks once what went before is committed (dropped when the outbox is full: a mark
+        that lags has results published again after a hand-off, never lost)."""
+        with contextlib.suppress(queue.Full):
+            self._outbox.put_nowait(_Progress(done))
+
     def _drop_if_full(self, message: _Message) -> None:
         try:
             self._outbox.put_nowait(message)
@@ -143,36 +180,79 @@ class AmqpSink:
         self._channel = self._connection.channel()
         self._channel.tx_select()
 
-    def _send(self, batch: list[_Message]) -> None:
-        """Publish `batch` in one transaction and commit it (raises pika's AMQPError if the connection goes); after
-        a reconnect the last status goes first."""
+    def _send(self, batch: list[_Message | _Progress], idle: bool = False) -> None:
+        """Publish `batch` in one transaction with the progress marks due (`_due_marks`) and commit it (raises
+        pika's AMQPError if the connection goes); after a reconnect the last status goes first."""
         if self._channel is None or not self._channel.is_open:
             self._connect()
             self.reconnects += 1
             if self._last_status is not None and self._last_status not in batch:
                 batch = [self._last_status, *batch]
         assert self._channel is not None
+        alarmed: set[int | None] = set()
         for message in batch:
+            if isinstance(message, _Progress):
+                self._move_marks(message.done)
+                continue
+            if message.alarm_of:
+                alarmed.add(self._partition_of(message.alarm_of))
             properties = BasicProperties(delivery_mode=pika.DeliveryMode.Persistent if message.persistent else None)
             self._channel.basic_publish("amq.topic", routing_key(message.topic), message.body, properties)
+        marked = self._due_marks(alarmed, idle)
+        for p in marked:
+            self._channel.basic_publish("", self._partitions.progress_queue(p),
+                                        encode_marks({d: mark for d, (mark, _) in self._marks[p].items()}),
+                                        BasicProperties(delivery_mode=pika.DeliveryMode.Persistent))
         self._channel.tx_commit()
+        now = time.monotonic()
+        for p in marked:
+            self._moved.discard(p)
+            self._marked_at[p] = now
+        self.marks_written += len(marked)
 
-    def _take(self) -> list[_Message]:
-        """The next batch: what the outbox holds, up to BATCH_MESSAGES, after waiting up to 1 s for the first."""
+    def _move_marks(self, done: dict[str, Progress]) -> None:
+        now = time.monotonic()
+        for device, mark in done.items():
+            p = self._partition_of(device)
+            if p is not None:
+                self._marks[p][device] = (mark, now)
+                self._moved.add(p)
+
+    def _due_marks(self, alarmed: set[int | None], idle: bool) -> list[int]:
+        """The partitions whose mark goes in this transaction: those with an alarm event in it (so that a daemon
+        that takes a partition over never publishes an alarm event again), and the others whose mark moved, every
+        MARK_EVERY_S or when the sink is idle; each forgets the devices without results for MARK_KEEP_S."""
+        now = time.monotonic()
+        due = sorted(p for p in self._moved if p in alarmed or idle or now - self._marked_at[p] >= MARK_EVERY_S)
+        for p in due:
+            self._marks[p] = {d: (mark, t) for d, (mark, t) in self._marks[p].items() if now - t < MARK_KEEP_S}
+        return due
+
+    def _take(self) -> list[_Message | _Progress]:
+        """The next batch: what the outbox holds, up to BATCH_MESSAGES, after waiting up to 1 s for the first; and
+        after an alarm event, up to the progress that follows it (waiting up to PROGRESS_WAIT_S for each message)."""
         try:
-            batch = [self._outbox.get(timeout=1.0)]
+            batch: list[_Message | _Progress] = [self._outbox.get(timeout=1.0)]
         except queue.Empty:
             return []
-        while len(batch) < BATCH_MESSAGES and batch[-1] is not _CLOSE:
+        alarm_unmarked = False  # an alarm event taken without the progress that follows it
+        while batch[-1] is not _CLOSE:
+            last = batch[-1]
+            if isinstance(last, _Progress):
+                alarm_unmarked = False
+            elif last.alarm_of:
+                alarm_unmarked = True
+            if len(batch) >= BATCH_MESSAGES and not alarm_unmarked:
+                break
             try:
-                batch.append(self._outbox.get_nowait())
+                batch.append(self._outbox.get(timeout=PROGRESS_WAIT_S) if alarm_unmarked else self._outbox.get_nowait())
             except queue.Empty:
                 break
         return batch
 
     def _run(self) -> None:
         delay = 0.5
-        batch: list[_Message] = []  # taken from the outbox, not yet committed
+        batch: list[_Message | _Progress] = []  # taken from the outbox, not yet committed
         closing = False
         while not self._abandon.is_set():
             if not batch:
@@ -180,7 +260,7 @@ class AmqpSink:
                     break
                 batch = self._take()
                 if not batch:
-                    self._keep_alive()
+                    self._idle()
                     continue
                 if batch[-1] is _CLOSE:
                     batch.pop()
@@ -200,9 +280,15 @@ class AmqpSink:
             except pika.exceptions.AMQPError as err:
                 log.warning("closing the results connection: %s", err)
 
-    def _keep_alive(self) -> None:
-        """Answer the node's heartbeats while idle."""
-        if self._connection is not None and self._connection.is_open:
+    def _idle(self) -> None:
+        """With nothing to send: write the marks that moved, or answer the node's heartbeats."""
+        if self._moved:
+            try:
+                self._send([], idle=True)
+            except (pika.exceptions.AMQPError, ConnectError) as err:
+                log.warning("results: RabbitMQ connection lost or refused (%s)", err)
+                self._channel = None
+        elif self._connection is not None and self._connection.is_open:
             try:
                 self._connection.process_data_events(time_limit=0)
             except pika.exceptions.AMQPError as err:

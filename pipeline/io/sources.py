@@ -11,13 +11,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import paho.mqtt.client as paho
 
 from pipeline.io.mqtt import ConnectError, MqttClient, Topics, encode_json
 
 log = logging.getLogger(__name__)
+
+
+class Progress(NamedTuple):
+    """How far a device's results have gone out: the seq of its last window whose alarm events are handed over,
+    that window's end, and the end of the last window whose beats are (they may wait to be gathered with later
+    windows') (s, the device's clock)."""
+
+    seq: int
+    end: float
+    beats_until: float
 
 
 class Deliver(Protocol):
@@ -46,7 +56,7 @@ class DeviceStates(Protocol):
 
     def save_devices(self, devices: list[str], forget: bool) -> bytes: ...
 
-    def restore_devices(self, blob: bytes, source: str) -> int: ...
+    def restore_devices(self, blob: bytes | None, source: str, published: dict[str, Progress]) -> int: ...
 
     def publish_open_alarms(self) -> None: ...
 
@@ -98,6 +108,11 @@ class ResultSink(Protocol):
 
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
         """Empty the copy of `device`'s open `alarm_type` alarm kept for subscribers (the daemon holds none)."""
+
+    def progress(self, done: dict[str, Progress]) -> None:
+        """Every result of each device's windows up to the one named is handed over (after those results): for a
+        sink whose source replays windows, the mark up to which the next daemon to hold the device analyses them
+        again without publishing (pipeline/io/rabbit_sink.py)."""
 
 
 class MqttSource:
@@ -233,6 +248,9 @@ class MqttSink:
 
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
         self._client.publish_tracked(self._topics.active(device, alarm_type), b"", retain=True)
+
+    def progress(self, done: dict[str, Progress]) -> None:
+        """Nothing to mark: an MQTT source replays nothing a daemon has acknowledged."""
 
     def rejected(self, doc: dict[str, Any]) -> None:
         self._publish_lossy(self._topics.errors(doc["device"]), doc)

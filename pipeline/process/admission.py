@@ -13,6 +13,12 @@ from pipeline.io.codec import Window
 
 SEQ_MOD = 2**32
 
+
+def at_or_before(seq: int, mark: int) -> bool:
+    """Whether `seq` comes no later than `mark` (modulo SEQ_MOD: within half the range behind it)."""
+    return (mark - seq) % SEQ_MOD < SEQ_MOD // 2
+
+
 Kind = Literal["new", "next", "restart", "duplicate", "late"]
 
 

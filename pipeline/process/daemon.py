@@ -30,8 +30,8 @@ from pipeline.config import ConfigError, DaemonConfig
 from pipeline.io import messages
 from pipeline.io.codec import DecodeError, Window, decode_ack, decode_window
 from pipeline.io.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
-from pipeline.io.sources import MqttSink, MqttSource, ResultSink, WindowSource
-from pipeline.process.admission import Admission, DeviceStream
+from pipeline.io.sources import MqttSink, MqttSource, Progress, ResultSink, WindowSource
+from pipeline.process.admission import Admission, DeviceStream, at_or_before
 from pipeline.process.metrics import DaemonMetrics
 from pipeline.process.state import decode_state, encode_state, load_state, save_state
 from pipeline.process.watchdog import Watchdog
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
 ALARM_DELAY_S = 5.0  # alarm messages waiting longer than this for the broker: said on the status topic
+SAME_TIME_S = 1e-6  # window end times closer than this are the same (s)
 REJECT_INTERVAL_S = 5.0  # at most one rejection message per device (and one log line) this often
 # Reasons of the daemon's own on the error topic, beside the decoder's: rejections, then valid windows not analysed
 DAEMON_REASONS = ("bad_device_id", "internal_error", "duplicate", "late")
@@ -97,6 +98,9 @@ class Daemon:
         # when it went silent (s, monotonic)).
         self._dormant: dict[str, tuple[float, float]] = {}
         self._beat_batches: dict[str, BeatBatch] = {}  # with output.beats_every_s > 0
+        # Devices taken over from a daemon that died, whose windows up to their mark come again: analysed without
+        # publishing what their results were (`restore_devices`).
+        self._published: dict[str, Progress] = {}
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=config.streams.queue_windows)
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
@@ -287,10 +291,18 @@ class Daemon:
                 self._forget(device)
         return blob
 
-    def restore_devices(self, blob: bytes, source: str) -> int:
+    def restore_devices(self, blob: bytes | None, source: str, published: dict[str, Progress]) -> int:
         """Continue the devices of a `save_devices` document from `source` (a bad or foreign one is reported and
-        ignored); returns how many resumed. On the worker (`call_soon`)."""
-        return self._restore_devices(decode_state(blob, self.model_version, self.config.state.max_age_s, source))
+        ignored; None: there is none, the devices start from their first window); returns how many resumed. The
+        windows that come again up to each device's mark in `published` (`ResultSink.progress` of the daemon that
+        held it) are analysed without publishing their results, which went out before. On the worker
+        (`call_soon`)."""
+        assert self._sink is not None
+        restored = 0 if blob is None else self._restore_devices(
+            decode_state(blob, self.model_version, self.config.state.max_age_s, source))
+        self._published.update(published)
+        self._sink.progress(published)  # this daemon's marks start where the last one's stopped
+        return restored
 
     def publish_open_alarms(self) -> None:
         """Publish the last message of each open alarm of the devices this daemon holds again, after every message
@@ -321,9 +333,11 @@ class Daemon:
                 if r.tls.cert_file is not None:
                     context.load_cert_chain(r.tls.cert_file, r.tls.key_file)
             params = connection_parameters(r.addresses(), r.username, r.password.get_secret_value(), context)
-            self.source = self.source or PartitionedSource(params, Partitions(c.topic_prefix, r.partitions),
-                                                           c.client_id, self, r.prefetch, r.checkpoint_s)
-            self._sink = self._sink or AmqpSink(params, self.topics, self.config.output.beats)
+            partitions = Partitions(c.topic_prefix, r.partitions)
+            source = PartitionedSource(params, partitions, c.client_id, self, r.prefetch, r.checkpoint_s)
+            self.source = self.source or source
+            self._sink = self._sink or AmqpSink(params, self.topics, self.config.output.beats, partitions,
+                                                source.partition_of)
             return
         tls = None if c.tls is None else c.tls.paho_options()
         self._mqtt = MqttClient(c.host, c.port, c.client_id, username=c.username, password=c.secret(),
@@ -566,6 +580,7 @@ class Daemon:
         if verdict.kind != "next":
             self._streams.open(item.device, window.fs)
         if verdict.kind == "restart":
+            self._published.pop(item.device, None)  # not the windows its mark was for
             log.info("device %s: gap or change in its stream (%s); analysis restarted", item.device, verdict.detail)
             self._count("gaps")
             self._emit(self._alarms[item.device].on_gap(window.t0, verdict.detail or {}))
@@ -598,13 +613,19 @@ class Daemon:
                                 [self._streams.p_wave_consistency(a.device) for a in group])
         analysed_until = self._streams.analysed_until_many([a.device for a in group])
         reported: list[Admitted] = []
+        done: dict[str, Progress] = {}
         for a, check, window_beats, p, until in zip(group, checks, beats, p_af, analysed_until, strict=True):
             try:
-                self._report(a, check, window_beats, p, a.stream.origin + until)
+                progress = self._report(a, check, window_beats, p, a.stream.origin + until)
+                if progress is not None:
+                    done[a.device] = progress
             except Exception as err:  # any bug in the output stage: contained to this window
                 self._internal_error(a.device, err, a.window)
                 continue
             reported.append(a)
+        if done:
+            assert self._sink is not None
+            self._sink.progress(done)
         now_monotonic, now_unix = time.monotonic(), time.time()
         self.metrics.latency.observe_many(np.array([now_monotonic - a.received for a in reported]))
         self.metrics.result_delay.observe_many(np.maximum(
@@ -615,25 +636,40 @@ class Daemon:
         self._count("windows", len(group))
 
     def _report(self, a: Admitted, check: SignalCheck, beats: list[tuple[float, str, float]], p_af: float | None,
-                analysed_until: float) -> None:
-        """Publish a window's beats (R-peak time s, AAMI class, confidence), then run its device's alarm rules."""
-        assert self._streams is not None and self._sink is not None
+                analysed_until: float) -> Progress | None:
+        """Publish a window's beats (R-peak time s, AAMI class, confidence), gathered with the next windows' at the
+        `output.beats_every_s` cadence, then run its device's alarm rules and publish their events; returns how far
+        the device's results have gone. A window that comes again up to its device's mark in `_published` updates
+        the alarm rules and publishes only the beats its first analysis had not (None)."""
+        assert self._streams is not None
         end = a.window.t0 + a.window.duration_s
-        gathered = self._beat_batches.get(a.device)
-        if gathered is None:
-            gathered = BeatBatch(a.window.t0, end, a.window.seq, beats)
-        else:
-            gathered.t1, gathered.seq = end, a.window.seq
-            gathered.beats.extend(beats)
-        if end - gathered.t0 >= self.config.output.beats_every_s:
-            self._beat_batches.pop(a.device, None)
-            self._publish_beats(a.device, gathered)
-        else:
-            self._beat_batches[a.device] = gathered
-        self._emit(self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
-                                                    self._streams.vf_found(a.device), p_af,
-                                                    self._streams.qrs_evidence(a.device).shifted(a.stream.origin),
-                                                    self._streams.rhythm(a.device)))
+        events = self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
+                                                  self._streams.vf_found(a.device), p_af,
+                                                  self._streams.qrs_evidence(a.device).shifted(a.stream.origin),
+                                                  self._streams.rhythm(a.device))
+        mark = self._published.get(a.device)
+        again = mark is not None and at_or_before(a.window.seq, mark.seq) and end <= mark.end + SAME_TIME_S
+        if mark is not None and not again:
+            del self._published[a.device]
+        if again:
+            self._count("replayed")
+        if not (again and mark is not None and end <= mark.beats_until + SAME_TIME_S):
+            gathered = self._beat_batches.get(a.device)
+            if gathered is None:
+                gathered = BeatBatch(a.window.t0, end, a.window.seq, beats)
+            else:
+                gathered.t1, gathered.seq = end, a.window.seq
+                gathered.beats.extend(beats)
+            if end - gathered.t0 >= self.config.output.beats_every_s:
+                self._beat_batches.pop(a.device, None)
+                self._publish_beats(a.device, gathered)
+            else:
+                self._beat_batches[a.device] = gathered
+        if again:
+            return None
+        self._emit(events)
+        pending = self._beat_batches.get(a.device)
+        return Progress(a.window.seq, end, end if pending is None else pending.t0)
 
     def _publish_beats(self, device: str, gathered: BeatBatch) -> None:
         assert self._sink is not None
@@ -686,6 +722,7 @@ class Daemon:
             self._streams.close(device)
         self._alarms.pop(device, None)
         self._dormant.pop(device, None)
+        self._published.pop(device, None)
         self._admission.streams.pop(device, None)
 
     def _housekeeping(self) -> None:

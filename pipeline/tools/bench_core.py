@@ -32,7 +32,7 @@ from models import SHIPPED_MODEL
 from pipeline.config import DaemonConfig
 from pipeline.io.codec import encode_binary
 from pipeline.io.mqtt import DEVICE_ID, encode_json
-from pipeline.io.sources import Acknowledge, Deliver
+from pipeline.io.sources import Acknowledge, Deliver, Progress
 from pipeline.process.daemon import Daemon
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
@@ -115,6 +115,9 @@ class EncodingSink:
 
     def forget_open_alarm(self, device: str, alarm_type: str) -> None:
         """Nothing kept."""
+
+    def progress(self, done: dict[str, Progress]) -> None:
+        """Nothing replays."""
 
     def open(self) -> None:
         """Nothing to connect to."""
