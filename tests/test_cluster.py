@@ -374,7 +374,8 @@ def test_the_central_station_reads_the_cluster_and_its_acknowledgement_reaches_t
         physionet: Path, cluster: RabbitCluster, daemons: list[Daemon], ward: Ward) -> None:
     """The station's hub, coming after four devices raised asystole, gets their open alarms through
     `query/active` (the cluster keeps no retained copies) and their ECG; its acknowledgement is applied by the
-    daemon holding the device, and comes back in the alarm's events until it clears."""
+    daemon holding the device, checkpointed at once (not at the next `checkpoint_s`: a kill then does not lose it),
+    and comes back in the alarm's events until it clears."""
     topics, devices = ward.topics, 4
     alarms = Collector(cluster.host, cluster.nodes[1].mqtt_port, topics.alarms(), protocol="3.1.1")
     x = asystole_signal(physionet)
@@ -389,8 +390,10 @@ def test_the_central_station_reads_the_cluster_and_its_acknowledgement_reaches_t
 
         wait_until(lambda: len(open_alarms()) >= devices, timeout=30)
         raised = next(a for a in open_alarms() if a["device"] == "bed-0")
+        checkpoints = sum(partitioned(d).checkpoints for d in daemons)
         hub.acknowledge("bed-0", raised["alarm_id"], "silence", "nurse-ana")
         acked = alarms.wait_for(lambda docs: any(d["acknowledged"] for d in docs), timeout=30)
+        wait_until(lambda: sum(partitioned(d).checkpoints for d in daemons) > checkpoints, timeout=CHECKPOINT_S / 3)
         assert [(d["alarm_id"], d["acknowledged"]["by"]) for d in acked if d["acknowledged"]] == [
             (raised["alarm_id"], "nurse-ana")]
         send(ward.publisher, topics, x, devices, range(26, int(len(x) / 360)), stagger_s=0)
