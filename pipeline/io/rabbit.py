@@ -399,6 +399,7 @@ class PartitionedSource:
                 break
             found.append((int((properties.headers or {}).get(VERSION, 0)), body))
         marks = self._read_marks(p)
+        self._partition_of.update(dict.fromkeys(marks, p))  # for this daemon's marks, before their windows come
         if not found and not marks:
             log.info("partition %d: never consumed before, its devices start cold", p)
             return False

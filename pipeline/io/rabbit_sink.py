@@ -93,7 +93,6 @@ class AmqpSink:
         self._marks: defaultdict[int, dict[str, tuple[Progress, float]]] = defaultdict(dict)
         self._moved: set[int] = set()
         self._marked_at: defaultdict[int, float] = defaultdict(float)
-        self.marks_written = 0
         self._reconnect_max_s = reconnect_max_s
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -208,7 +207,6 @@ class AmqpSink:
         for p in marked:
             self._moved.discard(p)
             self._marked_at[p] = now
-        self.marks_written += len(marked)
 
     def _move_marks(self, done: dict[str, Progress]) -> None:
         now = time.monotonic()
