@@ -31,6 +31,11 @@ class BatchHistogram(Collector):
             self._counts += counts
             self._sum += float(values.sum())
 
+    def totals(self) -> tuple[int, float]:
+        """How many values were observed, and their sum."""
+        with self._lock:
+            return int(self._counts.sum()), self._sum
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
         with self._lock:
             cumulative, total = np.cumsum(self._counts).tolist(), self._sum

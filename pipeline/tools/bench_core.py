@@ -1,23 +1,25 @@
-"""The daemon's own CPU per device-second, by stage, and its memory per device: no network, no broker.
+"""The daemon's own CPU per device-second, by stage, and its memory per device, as the live daemon spends them.
 
-The daemon runs in this process as `ecgmon serve` runs it (its worker thread, queue and batching),
-with a source that hands it binary windows of real MIT-BIH records (one per device per second,
-devices offset by 37 s of signal) and a sink that builds and JSON-encodes every message as the MQTT
-sink does but sends nothing. What paho-mqtt itself costs per message is measured apart
+The daemon runs in this process as `ecgmon serve` runs it (its worker thread, queue and batching, its MQTT sink
+and paho client publishing every result to a local mosquitto, which drops them), with a source that hands it
+binary windows of real MIT-BIH records (one per device per second, devices offset by 37 s of signal) at the pace
+they arrive live: each second's windows spread evenly over a second, so that the worker forms the batches the
+live daemon forms. What paho-mqtt costs to receive a window is measured apart
 (`pipeline.tools.bench.mqtt_client_cost`).
 
-Devices first run `warmup_s` of signal, so that every rule (the AF detector needs 33 beats) is
-live; then `seconds` more are handed over at once and the process CPU time until the last is
-analysed, per device-second, is the figure. Meanwhile a sampler thread looks at the worker
-thread's stack every millisecond and charges each sample to the innermost stage function on it
-(a sampling profile: numpy and ONNX Runtime are not slowed down as under a tracing profiler);
-each stage's share of the sampled time times the worker's CPU time is its cost.
+Devices first run `warmup_s` of signal (handed over at once), so that every rule (the AF detector needs 33 beats)
+is live; then `seconds` more are handed over at the live pace and the process CPU time until the last is
+analysed, per device-second, is the figure. Meanwhile a sampler thread looks at the worker thread's stack every
+millisecond and charges each sample to the innermost stage function on it (a sampling profile: numpy and ONNX
+Runtime are not slowed down as under a tracing profiler); each stage's share of the sampled time times the
+worker's CPU time is its cost; paho's network thread is read apart (/proc).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +36,7 @@ from pipeline.io.codec import encode_binary
 from pipeline.io.mqtt import DEVICE_ID, encode_json
 from pipeline.io.sources import Acknowledge, Deliver, Progress
 from pipeline.process.daemon import Daemon
+from pipeline.tools.broker import LocalBroker
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
 STAGES = {
@@ -50,9 +53,12 @@ STAGES = {
     "Daemon._publish_beats": "beats messages (build, JSON)",
     "Daemon._emit": "alarm messages (build, JSON)",
     "Daemon._gather": "waiting for windows",
+    "MqttClient.publish": "paho publish (worker side: packet, queue, wake-up)",
+    "MqttClient.publish_tracked": "paho publish (worker side: packet, queue, wake-up)",
 }
 IDLE = STAGES["Daemon._gather"]
 OTHER = "other (batching, state gather/scatter, metrics, Python glue)"
+PAHO_THREAD = "paho network thread (send, wake-ups)"
 # What would take each stage's time away (not measured: the next levers).
 LEVERS = {
     "frame stage (ONNX Runtime)": "the network's own arithmetic: a smaller frame stage or int8 weights, chosen by "
@@ -72,10 +78,14 @@ LEVERS = {
     "hand-off (source thread: queue)": "-",
     "admission (sequence, gaps)": "-",
     "alarm messages (build, JSON)": "-",
+    "paho publish (worker side: packet, queue, wake-up)": "fewer messages: `output.beats_every_s`, or a batch's "
+                                                          "results in one message per partition of devices",
+    PAHO_THREAD: "the same: paho's loop wakes and writes once per message published",
 }
 PAHO_LEVER = ("MQTT 3.1.1 (`mqtt.protocol`); beyond it paho's pure-Python packet handling: several devices' windows "
               "per message from a gateway, or a client in C")
 SAMPLE_S = 0.001
+PACE_STEPS = 100  # hand-overs per second of signal at the live pace
 
 
 class HandSource:
@@ -141,6 +151,7 @@ class CoreFigures:
     python_bytes_per_device: float  # Python and numpy allocations (tracemalloc) per device, steady state
     python_bytes_by_module: dict[str, float]  # ... by the module that allocated them
     sampled_s: float  # time the sampler charged to stages (s)
+    batch_mean: float  # windows per batch the worker formed while measured
 
 
 def _stage_of(frame: Any) -> str:
@@ -169,11 +180,7 @@ def _sample(worker: threading.Thread, stop: threading.Event, counts: dict[str, f
 def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
              beats_every_s: float = 0.0, model: Path = SHIPPED_MODEL) -> CoreFigures:
     """`devices` devices through the daemon core, each sending the leads of `signals_mv` ((n_leads, n_samples) mV at
-    `fs` Hz): `warmup_s` of signal, then `seconds` measured."""
-    config = DaemonConfig.model_validate({
-        "model": {"path": str(model)}, "metrics": {"port": None},
-        "streams": {"queue_windows": devices * max(seconds, warmup_s) + 1, "idle_evict_s": 3600},
-        "alarms": {"signal_loss_s": 3000}, "output": {"beats_every_s": beats_every_s}, "log_level": "WARNING"})
+    `fs` Hz): `warmup_s` of signal, then `seconds` measured at the live pace."""
     adc = np.round(signals_mv * 200).astype(np.int16)
     leads, gains, baselines = [f"L{k + 1}" for k in range(len(adc))], [200.0] * len(adc), [0] * len(adc)
     window, n = round(fs), adc.shape[1]
@@ -185,46 +192,69 @@ def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20,
         return [encode_binary(k, 1_700_000_000.0 + k, fs, leads, adc[:, a:a + window], gains, baselines)
                 for a in starts]
 
-    source, sink = HandSource(), EncodingSink()
-    daemon = Daemon(config, source=source, sink=sink)
-    logging.getLogger("pipeline").setLevel(logging.ERROR)  # not a log line per alarm of a thousand devices
-    tracemalloc.start()
-    if not daemon.start():
-        raise RuntimeError("the daemon core did not start")
-    try:
-        before = tracemalloc.take_snapshot()
-        _hand_over(daemon, source, names, [second(k) for k in range(warmup_s)])
-        time.sleep(0.3)  # the worker lets go of its last batch once it finds the queue empty
-        gc.collect()
-        grown = tracemalloc.take_snapshot().compare_to(before, "filename")
-        tracemalloc.stop()
-        by_module: dict[str, float] = {}
-        for stat in grown:
-            module = _module_of(stat.traceback[0].filename)
-            by_module[module] = by_module.get(module, 0.0) + stat.size_diff / devices
-        payloads = [second(k) for k in range(warmup_s, warmup_s + seconds)]
-        worker = next(t for t in threading.enumerate() if t.name == "ecgmon-worker")
-        counts: dict[str, float] = {}  # stage -> seconds
-        stop = threading.Event()
-        sampler = threading.Thread(target=_sample, args=(worker, stop, counts), name="bench-sampler")
-        cpu = time.process_time()
-        sampler.start()
-        hand_over_cpu = _hand_over(daemon, source, names, payloads)
-        stop.set()
-        sampler.join()
-        total = time.process_time() - cpu
-    finally:
-        daemon.stop()
-        logging.getLogger("pipeline").setLevel(logging.NOTSET)
+    with LocalBroker() as broker:
+        config = DaemonConfig.model_validate({
+            "model": {"path": str(model)}, "metrics": {"port": None},
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": "bench-core"},
+            "streams": {"queue_windows": devices * max(seconds, warmup_s) + 1, "idle_evict_s": 3600},
+            "alarms": {"signal_loss_s": 3000}, "output": {"beats_every_s": beats_every_s}, "log_level": "WARNING"})
+        source = HandSource()
+        daemon = Daemon(config, source=source)  # its own MQTT sink and paho client
+        logging.getLogger("pipeline").setLevel(logging.ERROR)  # not a log line per alarm of a thousand devices
+        tracemalloc.start()
+        if not daemon.start():
+            raise RuntimeError("the daemon core did not start")
+        try:
+            before = tracemalloc.take_snapshot()
+            _hand_over(daemon, source, names, [second(k) for k in range(warmup_s)], paced=False)
+            time.sleep(0.3)  # the worker lets go of its last batch once it finds the queue empty
+            gc.collect()
+            grown = tracemalloc.take_snapshot().compare_to(before, "filename")
+            tracemalloc.stop()
+            by_module: dict[str, float] = {}
+            for stat in grown:
+                module = _module_of(stat.traceback[0].filename)
+                by_module[module] = by_module.get(module, 0.0) + stat.size_diff / devices
+            payloads = [second(k) for k in range(warmup_s, warmup_s + seconds)]
+            worker = next(t for t in threading.enumerate() if t.name == "ecgmon-worker")
+            paho_thread = next(t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client-"))
+            counts: dict[str, float] = {}  # stage -> seconds
+            stop = threading.Event()
+            sampler = threading.Thread(target=_sample, args=(worker, stop, counts), name="bench-sampler")
+            cpu, paho_cpu = time.process_time(), thread_cpu_s(paho_thread)
+            batches_before = daemon.metrics.batch_size.totals()
+            sampler.start()
+            hand_over_cpu = _hand_over(daemon, source, names, payloads, paced=True)
+            stop.set()
+            sampler.join()
+            total = time.process_time() - cpu
+            paho_s = thread_cpu_s(paho_thread) - paho_cpu
+            batches, windows = (after - before for after, before in zip(daemon.metrics.batch_size.totals(),
+                                                                         batches_before, strict=True))
+        finally:
+            daemon.stop()
+            logging.getLogger("pipeline").setLevel(logging.NOTSET)
     busy = {stage: n for stage, n in counts.items() if stage != IDLE}
-    worker_s = max(total - hand_over_cpu, 0.0)
+    worker_s = max(total - hand_over_cpu - paho_s, 0.0)
     per = 1e6 / (devices * seconds)
     busy_s = sum(busy.values()) or 1.0
     stages = {stage: worker_s * seconds_in / busy_s * per for stage, seconds_in in busy.items()}
     stages["hand-off (source thread: queue)"] = hand_over_cpu * per
+    stages[PAHO_THREAD] = paho_s * per
     return CoreFigures(devices, beats_every_s, seconds, total * per, dict(sorted(stages.items())),
                        sum(by_module.values()), dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
-                       sum(counts.values()))
+                       sum(counts.values()), windows / batches if batches else float("nan"))
+
+
+def stat_cpu_s(stat: Path) -> float:
+    """CPU time (s, user + system) so far of the process or thread whose /proc `stat` file this is."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def thread_cpu_s(thread: threading.Thread) -> float:
+    """CPU time (s, user + system) of one of this process's threads so far."""
+    return stat_cpu_s(Path(f"/proc/self/task/{thread.native_id}/stat"))
 
 
 def _module_of(filename: str) -> str:
@@ -237,15 +267,21 @@ def _module_of(filename: str) -> str:
     return "other"
 
 
-def _hand_over(daemon: Daemon, source: HandSource, names: list[str], payloads: list[list[bytes]]) -> float:
-    """Deliver every payload (second by second, device by device) and wait until all are analysed; returns
-    the CPU time of this thread spent delivering (s)."""
+def _hand_over(daemon: Daemon, source: HandSource, names: list[str], payloads: list[list[bytes]], paced: bool
+               ) -> float:
+    """Deliver every payload (second by second, device by device; `paced`: each second's over a second of wall
+    time, in PACE_STEPS steps) and wait until all are analysed; returns the CPU time of this thread spent
+    delivering (s)."""
     assert source.deliver is not None
     done = daemon.stats().get("windows", 0) + sum(len(p) for p in payloads)
-    cpu = time.thread_time()
-    for windows in payloads:
-        for name, payload in zip(names, windows, strict=True):
-            source.deliver(name, payload, time.monotonic())
+    cpu, start = time.thread_time(), time.monotonic()
+    step = max(1, -(-len(names) // PACE_STEPS))
+    for k, windows in enumerate(payloads):
+        for first in range(0, len(names), step):
+            if paced:
+                time.sleep(max(0.0, start + k + first / len(names) - time.monotonic()))
+            for name, payload in zip(names[first:first + step], windows[first:first + step], strict=True):
+                source.deliver(name, payload, time.monotonic())
     spent = time.thread_time() - cpu
     while daemon.stats().get("windows", 0) < done:
         time.sleep(0.01)
@@ -253,8 +289,9 @@ def _hand_over(daemon: Daemon, source: HandSource, names: list[str], payloads: l
 
 
 def stage_table(core: list[dict[str, Any]], mqtt_us: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
-    """The stage table (markdown) of core runs at several beats cadences, paho's costs added per MQTT version;
-    and the totals: daemon CPU µs per device-second by configuration."""
+    """The stage table (markdown) of core runs at several beats cadences (publishing over paho included), paho's
+    cost to receive a window added per MQTT version; and the totals: daemon CPU µs per device-second by
+    configuration (the core run publishes with the daemon's default, MQTT 5)."""
     stages = sorted({s for run in core for s in run["stages_us_per_device_s"]},
                     key=lambda s: -core[0]["stages_us_per_device_s"].get(s, 0.0))
     head = " | ".join("beats every window" if r["beats_every_s"] == 0 else f"beats every {r['beats_every_s']:g} s"
@@ -265,16 +302,14 @@ def stage_table(core: list[dict[str, Any]], mqtt_us: dict[str, dict[str, float]]
         lines.append(f"| {stage} | " + " | ".join(f"{r['stages_us_per_device_s'].get(stage, 0.0):.1f}" for r in core)
                      + f" | {LEVERS.get(stage, '-')} |")
     lines.append("| **daemon core** | " + " | ".join(f"**{r['us_per_device_s']:.0f}**" for r in core) + " | |")
+    lines.append("| batch size the worker formed (windows per model run, mean) | " + " | ".join(
+        f"{r['batch_mean']:.0f}" for r in core) + " | |")
     totals: dict[str, float] = {}
     for protocol, cost in mqtt_us.items():
-        cells = []
         for r in core:
-            published = 1.0 if r["beats_every_s"] == 0 else 1.0 / r["beats_every_s"]
-            paho = cost["receive_us"] + published * cost["publish_us"]
-            totals[_total_key(protocol, r["beats_every_s"])] = r["us_per_device_s"] + paho
-            cells.append(f"{paho:.0f}")
-        lines.append(f"| paho-mqtt, MQTT {protocol}: receive a window ({cost['receive_us']:.0f} µs), publish the "
-                     f"beats ({cost['publish_us']:.0f} µs per message) | " + " | ".join(cells) + f" | {PAHO_LEVER} |")
+            totals[_total_key(protocol, r["beats_every_s"])] = r["us_per_device_s"] + cost["receive_us"]
+        lines.append(f"| paho-mqtt, MQTT {protocol}: receive a window (measured apart; publishing is in the core run) "
+                     "| " + " | ".join(f"{cost['receive_us']:.0f}" for _ in core) + f" | {PAHO_LEVER} |")
     for protocol in mqtt_us:
         lines.append(f"| **total, MQTT {protocol}** | " + " | ".join(
             f"**{totals[_total_key(protocol, r['beats_every_s'])]:.0f}**" for r in core) + " | |")
