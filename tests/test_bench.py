@@ -21,7 +21,7 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
     assert point.daemon_cpu_s > 0 and point.rss_mb > 0 and point.batch_mean >= 1
     assert point.generator_late_p99_ms >= 0
     record = load_record(physionet / "mitdb", "101")
-    core = [run_core(30, record.signals_mv[:1], record.fs, seconds=3, warmup_s=20, beats_every_s=every)
+    core = [run_core(30, record.signals_mv[:1], record.fs, seconds=2, warmup_s=8, beats_every_s=every)
             for every in (0.0, 5.0)]
     for run in core:  # the stages add up to the whole, and every device holds state
         assert sum(run.stages_us_per_device_s.values()) == pytest.approx(run.us_per_device_s, rel=0.02)

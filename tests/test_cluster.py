@@ -33,7 +33,7 @@ from tests.wire import binary_v1
 from train.evaluate import stream_records
 
 PARTITIONS = 12
-CHECKPOINT_S = 10.0  # the daemons' (a test waits for one)
+CHECKPOINT_S = 8.0  # the daemons' (a test waits for one)
 
 
 def partitioned(daemon: Daemon) -> PartitionedSource:
