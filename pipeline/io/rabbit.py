@@ -166,7 +166,7 @@ class Partitions:
         """Where partition k's checkpoints are kept: its newest few."""
         return f"{self.prefix}.ecg.state.p{k:02d}"
 
-    def progress_queue(self, k: int) -> str:
+    def marks_queue(self, k: int) -> str:
         """Where partition k's progress mark is kept (pipeline/io/rabbit_sink.py): its newest only."""
         return f"{self.prefix}.ecg.marks.p{k:02d}"
 
@@ -181,7 +181,7 @@ class Partitions:
             channel.queue_bind(self.queue(k), self.exchange, routing_key="1")  # equal weights
             channel.queue_declare(self.state_queue(k), durable=True,
                                   arguments={"x-queue-type": "quorum", "x-max-length": CHECKPOINTS_KEPT})
-            channel.queue_declare(self.progress_queue(k), durable=True,
+            channel.queue_declare(self.marks_queue(k), durable=True,
                                   arguments={"x-queue-type": "quorum", "x-max-length": 1})
 
 
@@ -392,12 +392,8 @@ class PartitionedSource:
         # All taken off the queue, and the newest put back at once: a checkpoint left unacknowledged in the queue
         # would make it drop the next checkpoint rather than this one (x-max-length counts it, and drops the oldest
         # ready one).
-        found: list[tuple[int, bytes]] = []
-        while True:
-            method, properties, body = self._store.basic_get(self.partitions.state_queue(p), auto_ack=True)
-            if method is None:
-                break
-            found.append((int((properties.headers or {}).get(VERSION, 0)), body))
+        found = [(int((properties.headers or {}).get(VERSION, 0)), body)
+                 for properties, body in self._drain(self.partitions.state_queue(p))]
         marks = self._read_marks(p)
         self._partition_of.update(dict.fromkeys(marks, p))  # for this daemon's marks, before their windows come
         if not found and not marks:
@@ -437,17 +433,24 @@ class PartitionedSource:
 
         self._states.call_soon(save)
 
+    def _drain(self, queue: str) -> list[tuple[BasicProperties, bytes]]:
+        """Every message of `queue`, taken off it, oldest first."""
+        assert self._store is not None
+        taken: list[tuple[BasicProperties, bytes]] = []
+        while True:
+            method, properties, body = self._store.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((properties, body))
+
     def _read_marks(self, p: int) -> dict[str, Progress]:
         """Partition p's progress mark (put back at once for whoever comes next), {} if it has none."""
         assert self._store is not None
-        queue, newest = self.partitions.progress_queue(p), None
-        while True:
-            method, _, body = self._store.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            newest = body
-        if newest is None:
+        queue = self.partitions.marks_queue(p)
+        taken = self._drain(queue)
+        if not taken:
             return {}
+        newest = taken[-1][1]
         self._store.basic_publish("", queue, newest, BasicProperties(delivery_mode=pika.DeliveryMode.Persistent),
                                   mandatory=True)
         return decode_marks(newest, f"partition {p}")

@@ -199,7 +199,7 @@ class AmqpSink:
             self._channel.basic_publish("amq.topic", routing_key(message.topic), message.body, properties)
         marked = self._due_marks(alarmed, idle)
         for p in marked:
-            self._channel.basic_publish("", self._partitions.progress_queue(p),
+            self._channel.basic_publish("", self._partitions.marks_queue(p),
                                         encode_marks({d: mark for d, (mark, _) in self._marks[p].items()}),
                                         BasicProperties(delivery_mode=pika.DeliveryMode.Persistent))
         self._channel.tx_commit()

@@ -110,9 +110,9 @@ class ResultSink(Protocol):
         """Empty the copy of `device`'s open `alarm_type` alarm kept for subscribers (the daemon holds none)."""
 
     def progress(self, done: dict[str, Progress]) -> None:
-        """Every result of each device's windows up to the one named is handed over (after those results): for a
-        sink whose source replays windows, the mark up to which the next daemon to hold the device analyses them
-        again without publishing (pipeline/io/rabbit_sink.py)."""
+        """How far each device's results are handed over (called after them): for a sink whose source replays
+        windows, the mark up to which the next daemon to hold the device analyses them again without publishing
+        (pipeline/io/rabbit_sink.py)."""
 
 
 class MqttSource:

@@ -648,28 +648,33 @@ class Daemon:
                                                   self._streams.qrs_evidence(a.device).shifted(a.stream.origin),
                                                   self._streams.rhythm(a.device))
         mark = self._published.get(a.device)
-        again = mark is not None and at_or_before(a.window.seq, mark.seq) and end <= mark.end + SAME_TIME_S
-        if mark is not None and not again:
-            del self._published[a.device]
-        if again:
+        if mark is not None and not (at_or_before(a.window.seq, mark.seq) and end <= mark.end + SAME_TIME_S):
+            del self._published[a.device]  # past its mark: published from here on
+            mark = None
+        if mark is not None:  # it comes again: its alarm events went out, and its beats unless still gathered
             self._count("replayed")
-        if not (again and mark is not None and end <= mark.beats_until + SAME_TIME_S):
-            gathered = self._beat_batches.get(a.device)
-            if gathered is None:
-                gathered = BeatBatch(a.window.t0, end, a.window.seq, beats)
-            else:
-                gathered.t1, gathered.seq = end, a.window.seq
-                gathered.beats.extend(beats)
-            if end - gathered.t0 >= self.config.output.beats_every_s:
-                self._beat_batches.pop(a.device, None)
-                self._publish_beats(a.device, gathered)
-            else:
-                self._beat_batches[a.device] = gathered
-        if again:
+            if end > mark.beats_until + SAME_TIME_S:
+                self._gather_beats(a, end, beats)
             return None
+        self._gather_beats(a, end, beats)
         self._emit(events)
         pending = self._beat_batches.get(a.device)
         return Progress(a.window.seq, end, end if pending is None else pending.t0)
+
+    def _gather_beats(self, a: Admitted, end: float, beats: list[tuple[float, str, float]]) -> None:
+        """Add a window's beats to its device's gathered ones, and publish them once they span
+        `output.beats_every_s`."""
+        gathered = self._beat_batches.get(a.device)
+        if gathered is None:
+            gathered = BeatBatch(a.window.t0, end, a.window.seq, beats)
+        else:
+            gathered.t1, gathered.seq = end, a.window.seq
+            gathered.beats.extend(beats)
+        if end - gathered.t0 >= self.config.output.beats_every_s:
+            self._beat_batches.pop(a.device, None)
+            self._publish_beats(a.device, gathered)
+        else:
+            self._beat_batches[a.device] = gathered
 
     def _publish_beats(self, device: str, gathered: BeatBatch) -> None:
         assert self._sink is not None

@@ -173,7 +173,7 @@ def _purge(cluster: RabbitCluster) -> None:
     for k in range(PARTITIONS):
         channel.queue_purge(partitions.queue(k))
         channel.queue_purge(partitions.state_queue(k))
-        channel.queue_purge(partitions.progress_queue(k))
+        channel.queue_purge(partitions.marks_queue(k))
     connection.close()
 
 
