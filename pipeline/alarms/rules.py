@@ -11,7 +11,9 @@ times (s, Unix time of the ECG), so a replayed record gives the same alarms at a
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -566,15 +568,17 @@ class DeviceAlarms:
 
     def _missed(self, start: float, end: float) -> list[float]:
         """The second QRS detector's complexes in (start, end] (s) that match no beat (QRS_MATCH_S): complexes on
-        a readable lead the network did not call beats."""
-        q = np.asarray(self.qrs_times)
-        q = q[(q > start) & (q <= end)]
-        if not len(q) or not self.times:
-            return [float(t) for t in q]
-        beats = np.asarray(self.times)
-        at = np.clip(np.searchsorted(beats, q), 1, len(beats) - 1) if len(beats) > 1 else np.zeros(len(q), int)
-        nearest = np.minimum(np.abs(beats[at] - q), np.abs(beats[np.maximum(at - 1, 0)] - q))
-        return [float(t) for t in q[nearest > QRS_MATCH_S]]
+        a readable lead the network did not call beats. (Plain Python: a handful of numbers per beat.)"""
+        q = [t for t in self.qrs_times if start < t <= end]
+        beats, n = self.times, len(self.times)
+        if not q or not n:
+            return q
+        missed = []
+        for t in q:
+            at = min(max(bisect.bisect_left(beats, t), 1), n - 1) if n > 1 else 0
+            if min(abs(beats[at] - t), abs(beats[max(at - 1, 0)] - t)) > QRS_MATCH_S:
+                missed.append(t)
+        return missed
 
     def _hr_with_missed_bpm(self, n_beats: int) -> float:
         """The rate over the last `n_beats` beats with the complexes the network missed among them (bpm; 0 when
@@ -588,7 +592,8 @@ class DeviceAlarms:
         """60 / the median RR of the last `n_beats` beats (bpm): one missed beat does not halve it."""
         if len(self.times) < n_beats:
             return None
-        rr = float(np.median(np.diff(list(self.times)[-n_beats:])))
+        last = list(itertools.islice(self.times, len(self.times) - n_beats, None))
+        rr = statistics.median(b - a for a, b in itertools.pairwise(last))
         return 60.0 / rr if rr > 0 else None
 
     def _rate_rules(self, now: float, new_beats: bool) -> list[AlarmEvent]:

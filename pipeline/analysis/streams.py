@@ -37,7 +37,7 @@ from pipeline.analysis.dsp import PreprocessorBank
 from pipeline.analysis.model import BeatModel
 from pipeline.analysis.recent import RecentSignal, spectrum
 from pipeline.config import FLAT_MV
-from pipeline.detectors.qrs import ORGANIZED_BPM, QrsDetectorBank, QrsEvidence
+from pipeline.detectors.qrs import ORGANIZED_BPM, RATE_WINDOW_S, QrsDetectorBank, QrsEvidence
 from pipeline.detectors.quality import quality_extra_features
 from pipeline.detectors.rhythm import rhythm_features
 from pipeline.detectors.vf import vf_features
@@ -309,17 +309,26 @@ class BeatStreams:
         """The rhythm stage's (`pipeline.detectors.rhythm`) probability of each rhythm class in `stream_id` as of
         its latest window, averaged over the usable leads it has judged (over every judged lead with signal when
         none is usable); None for a model without a rhythm stage, and before a lead has been judged."""
+        return self.rhythm_many([stream_id])[0]
+
+    def rhythm_many(self, stream_ids: list[str]) -> list[dict[str, float] | None]:
+        """`rhythm` of each device, computed together."""
         stage = self.info.rhythm_stage
         if stage is None:
-            return None
-        slots = self._lead_array(stream_id)
-        slots = slots[~np.isnan(self._rhythm_p[slots, 0])]
-        judged = slots[self._usable(slots)]
-        if not len(judged):
-            judged = slots[~self._lead_flat[slots]]
-        if not len(judged):
-            return None
-        return dict(zip(stage.classes, self._rhythm_p[judged].mean(axis=0).tolist(), strict=True))
+            return [None] * len(stream_ids)
+        slots, rows = self._lead_arrays(stream_ids)
+        judged = ~np.isnan(self._rhythm_p[slots, 0])
+        usable = judged & self._usable(slots)
+        judged &= ~self._lead_flat[slots]
+        out: list[dict[str, float] | None] = []
+        for device_rows in rows:
+            use = usable[device_rows] if usable[device_rows].any() else judged[device_rows]
+            if not use.any():
+                out.append(None)
+                continue
+            p = self._rhythm_p[slots[device_rows][use]]
+            out.append(dict(zip(stage.classes, (p[0] if len(p) == 1 else p.mean(axis=0)).tolist(), strict=True)))
+        return out
 
     def p_wave_consistency(self, stream_id: str) -> float | None:
         """How alike the P-wave intervals before the recent beats of `stream_id` are, on its primary lead
@@ -352,13 +361,32 @@ class BeatStreams:
         """What the second QRS detector (`pipeline.detectors.qrs`) says of `stream_id` from its usable leads that the
         signal-quality detector calls clean (P(unreadable) < CLEAN_P: noise it lets through as readable still
         makes the second detector find complexes in a pause)."""
-        slots = self._lead_array(stream_id)
-        slots = slots[self._usable(slots) & self._clean[slots]]
+        return self.qrs_evidence_many([stream_id])[0]
+
+    def qrs_evidence_many(self, stream_ids: list[str]) -> list[QrsEvidence]:
+        """`qrs_evidence` of each device, computed together."""
+        slots, rows = self._lead_arrays(stream_ids)
+        heard = self._usable(slots) & self._clean[slots]
         rate = self._qrs.rate_bpm(slots)
-        restart = float(self._restart_s[self._devices.of[stream_id]])
-        organized = ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
-        return QrsEvidence(times_s=tuple((restart + self._qrs.recent_s(slots)).tolist()),
-                           organized=bool(organized.any()))
+        organized = heard & ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
+        times = self._qrs.times_s[slots]
+        recent = heard[:, None] & (self._qrs.seen[slots, None] / self._qrs.fs - times <= RATE_WINDOW_S)
+        restart = self._restart_s[[self._devices.of[i] for i in stream_ids]]
+        out = []
+        for device_rows, origin in zip(rows, restart, strict=True):
+            found = times[device_rows][recent[device_rows]]  # one lead's are ascending already
+            found = found if device_rows.stop - device_rows.start == 1 else np.sort(found)
+            out.append(QrsEvidence(times_s=tuple((origin + found).tolist()),
+                                   organized=bool(organized[device_rows].any())))
+        return out
+
+    def _lead_arrays(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], list[slice]]:
+        """The lead slots of the devices one after the other, and each device's rows among them."""
+        leads = [self._leads[i] for i in stream_ids]
+        slots = np.array([self._lead_slots.of[(i, lead)] for i, names in zip(stream_ids, leads, strict=True)
+                          for lead in names], dtype=np.int64)
+        ends = np.cumsum([len(names) for names in leads]).tolist()
+        return slots, [slice(end - len(names), end) for end, names in zip(ends, leads, strict=True)]
 
     def primary_lead(self, stream_id: str) -> str | None:
         """The lead the beat stage reads the beat shape from (None before the first window)."""
@@ -381,15 +409,19 @@ class BeatStreams:
         longer sent is forgotten, a new one starts cold and joins the decision once warmed up). Returns the beats
         completed by these windows.
         """
-        work: dict[int, list[tuple[str, NDArray[np.int64], NDArray[np.float32]]]] = {}
+        slots: list[list[int]] = []
         for stream_id, leads, samples in windows:
-            lead_slots = self._set_leads(stream_id, leads)
-            self._follow_flat_lines(stream_id, lead_slots, samples)
-            frames = self._dsp(lead_slots, list(samples))
-            n = {len(f) for f in frames}
+            slots.append(self._set_leads(stream_id, leads))
+            self._follow_flat_lines(stream_id, slots[-1], samples)
+        frames = self._dsp([s for lead_slots in slots for s in lead_slots], [x for _, _, w in windows for x in w])
+        work: dict[int, list[tuple[str, NDArray[np.int64], NDArray[np.float32]]]] = {}
+        at = 0
+        for (stream_id, _, _), lead_slots in zip(windows, slots, strict=True):
+            device_frames, at = frames[at:at + len(lead_slots)], at + len(lead_slots)
+            n = {len(f) for f in device_frames}
             if n != {0}:
                 assert len(n) == 1, "the leads of a device are framed in step"
-                work.setdefault(n.pop(), []).append((stream_id, np.array(lead_slots), np.stack(frames)))
+                work.setdefault(n.pop(), []).append((stream_id, np.array(lead_slots), np.stack(device_frames)))
         beats: list[Beat] = []
         for group in work.values():
             beats.extend(self._run_group(group))

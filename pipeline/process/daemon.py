@@ -27,6 +27,7 @@ from pipeline.alarms.rules import AlarmEvent, DeviceAlarms, SignalCheck, af_prob
 from pipeline.analysis.model import BeatModel, ModelError, rhythm_thresholds
 from pipeline.analysis.streams import Beat, BeatStreams
 from pipeline.config import ConfigError, DaemonConfig
+from pipeline.detectors.qrs import QrsEvidence
 from pipeline.io import messages
 from pipeline.io.codec import DecodeError, Window, decode_ack, decode_window
 from pipeline.io.mqtt import DEVICE_ID, ConnectError, MqttClient, Topics
@@ -104,6 +105,7 @@ class Daemon:
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=config.streams.queue_windows)
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
+        self._batch_full = threading.Event()  # set when max_batch windows wait (`_gather`)
         self._hurry = threading.Event()  # set by a second signal: stop draining
         self._announced = False
         self._counts: defaultdict[str, int] = defaultdict(int)
@@ -434,6 +436,8 @@ class Daemon:
         self.metrics.messages_in.inc()
         try:
             self._queue.put_nowait(Pending(device, payload, received, done))
+            if self._queue.qsize() >= self.config.batching.max_batch:
+                self._batch_full.set()
         except queue.Full:
             if done is not None:
                 done()
@@ -495,16 +499,19 @@ class Daemon:
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_S
 
     def _gather(self) -> list[Pending]:
-        """Up to max_batch pending windows, waiting at most max_wait_ms after the first."""
+        """Up to max_batch pending windows, waiting at most max_wait_ms after the first: the worker sleeps until a
+        full batch waits or the time is up (one wake-up per batch, not one per window), then takes them all."""
         try:
             batch = [self._queue.get(timeout=0.1)]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + self.config.batching.max_wait_ms / 1000
-        while len(batch) < self.config.batching.max_batch:
-            remaining = deadline - time.monotonic()
+        max_batch = self.config.batching.max_batch
+        self._batch_full.clear()
+        if self._queue.qsize() + 1 < max_batch:
+            self._batch_full.wait(self.config.batching.max_wait_ms / 1000)
+        while len(batch) < max_batch:
             try:
-                batch.append(self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining))
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         self.metrics.queue_depth.set(self._queue.qsize())
@@ -611,12 +618,15 @@ class Daemon:
         p_af = af_probabilities(self.model.info.af_detector, [self._alarms[a.device] for a in group],
                                 [[(t, c) for t, c, _ in b] for b in beats],
                                 [self._streams.p_wave_consistency(a.device) for a in group])
-        analysed_until = self._streams.analysed_until_many([a.device for a in group])
+        devices = [a.device for a in group]
+        analysed_until = self._streams.analysed_until_many(devices)
+        evidence = zip(self._streams.qrs_evidence_many(devices), self._streams.rhythm_many(devices), strict=True)
         reported: list[Admitted] = []
         done: dict[str, Progress] = {}
-        for a, check, window_beats, p, until in zip(group, checks, beats, p_af, analysed_until, strict=True):
+        for a, check, window_beats, p, until, (qrs, rhythm) in zip(group, checks, beats, p_af, analysed_until,
+                                                                   evidence, strict=True):
             try:
-                progress = self._report(a, check, window_beats, p, a.stream.origin + until)
+                progress = self._report(a, check, window_beats, p, a.stream.origin + until, qrs, rhythm)
                 if progress is not None:
                     done[a.device] = progress
             except Exception as err:  # any bug in the output stage: contained to this window
@@ -636,7 +646,7 @@ class Daemon:
         self._count("windows", len(group))
 
     def _report(self, a: Admitted, check: SignalCheck, beats: list[tuple[float, str, float]], p_af: float | None,
-                analysed_until: float) -> Progress | None:
+                analysed_until: float, qrs: QrsEvidence, rhythm: dict[str, float] | None) -> Progress | None:
         """Publish a window's beats (R-peak time s, AAMI class, confidence), gathered with the next windows' at the
         `output.beats_every_s` cadence, then run its device's alarm rules and publish their events; returns how far
         the device's results have gone. A window that comes again up to its device's mark in `_published` updates
@@ -645,8 +655,7 @@ class Daemon:
         end = a.window.t0 + a.window.duration_s
         events = self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
                                                   self._streams.vf_found(a.device), p_af,
-                                                  self._streams.qrs_evidence(a.device).shifted(a.stream.origin),
-                                                  self._streams.rhythm(a.device))
+                                                  qrs.shifted(a.stream.origin), rhythm)
         mark = self._published.get(a.device)
         if mark is not None and not (at_or_before(a.window.seq, mark.seq) and end <= mark.end + SAME_TIME_S):
             del self._published[a.device]  # past its mark: published from here on
