@@ -198,14 +198,15 @@ def best_correlation(beats: NDArray[np.float32], template: NDArray[np.float32], 
     `max_shift` samples either way (the overlapping parts); 0 where either is flat."""
     n = beats.shape[1]
     best = np.full(len(beats), -1.0)
-    for shift in range(-max_shift, max_shift + 1):
-        a = beats[:, max(shift, 0): n + min(shift, 0)].astype(np.float64)
-        b = template[:, max(-shift, 0): n + min(-shift, 0)].astype(np.float64)
-        a = a - a.mean(axis=1, keepdims=True)
-        b = b - b.mean(axis=1, keepdims=True)
-        denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-        r = np.where(denominator > 0, (a * b).sum(axis=1) / np.maximum(denominator, 1e-12), 0.0)
-        best = np.maximum(best, r)
+    beats64, template64 = beats.astype(np.float64), template.astype(np.float64)
+    for shift in range(max_shift + 1):  # the shifts +shift and -shift together: their overlaps are as long
+        a = np.stack([beats64[:, shift:], beats64[:, :n - shift]])
+        b = np.stack([template64[:, :n - shift], template64[:, shift:]])
+        a = a - a.mean(axis=2, keepdims=True)
+        b = b - b.mean(axis=2, keepdims=True)
+        denominator = np.sqrt((a * a).sum(axis=2) * (b * b).sum(axis=2))
+        r = np.where(denominator > 0, (a * b).sum(axis=2) / np.maximum(denominator, 1e-12), 0.0)
+        best = np.maximum(best, r.max(axis=0))
     return best
 
 
