@@ -25,7 +25,7 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
             for every in (0.0, 5.0)]
     for run in core:  # the stages add up to the whole, and every device holds state
         assert sum(run.stages_us_per_device_s.values()) == pytest.approx(run.us_per_device_s, rel=0.02)
-        assert run.python_bytes_per_device > 0 and run.sampled_s > 0
+        assert run.python_bytes_per_device > 0 and run.samples > 0
         assert 1 <= run.batch_mean < 30  # windows handed over at the live pace: batches of a few devices, not all
     figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
                "core": [asdict(run) for run in core], "mqtt_us": mqtt_costs(rate=500, seconds=2),

@@ -320,14 +320,17 @@ class BeatStreams:
         judged = ~np.isnan(self._rhythm_p[slots, 0])
         usable = judged & self._usable(slots)
         judged &= ~self._lead_flat[slots]
+        owner = np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])  # each lead row's device
+        any_usable = np.bincount(owner[usable], minlength=len(rows)) > 0
+        use = np.where(any_usable[owner], usable, judged)  # the lead rows each device's rhythm comes from
+        n_used = np.bincount(owner[use], minlength=len(rows))
+        single = np.zeros(len(rows), dtype=np.int64)
+        single[owner[use]] = np.flatnonzero(use)  # a device's one row where it has one
         out: list[dict[str, float] | None] = []
-        for device_rows in rows:
-            use = usable[device_rows] if usable[device_rows].any() else judged[device_rows]
-            if not use.any():
-                out.append(None)
-                continue
-            p = self._rhythm_p[slots[device_rows][use]]
-            out.append(dict(zip(stage.classes, (p[0] if len(p) == 1 else p.mean(axis=0)).tolist(), strict=True)))
+        for device_rows, n, row in zip(rows, n_used.tolist(), single.tolist(), strict=True):
+            p = None if n == 0 else self._rhythm_p[slots[row]] if n == 1 else \
+                self._rhythm_p[slots[device_rows][use[device_rows]]].mean(axis=0)
+            out.append(None if p is None else dict(zip(stage.classes, p.tolist(), strict=True)))
         return out
 
     def p_wave_consistency(self, stream_id: str) -> float | None:

@@ -35,7 +35,7 @@ from pipeline.analysis.model import BeatModel
 from pipeline.analysis.recent import RecentSignal
 from pipeline.analysis.streams import BeatStreams
 from pipeline.io.mqtt import MqttClient, Topics
-from pipeline.tools.bench_core import memory_table, run_core, stage_table, stat_cpu_s
+from pipeline.tools.bench_core import SAMPLE_HZ, memory_table, run_core, stage_table, stat_cpu_s
 from pipeline.tools.broker import LocalBroker, free_port
 
 log = logging.getLogger(__name__)
@@ -356,8 +356,8 @@ mosquitto, default config but the beats cadence), {core[0]['devices']} devices f
 windows of real MIT-BIH signal, after {45} s of warm-up (every rule live, the AF detector
 included), {core[0]['seconds']:g} s measured with each second's windows handed over evenly across a
 second, as they arrive live (so the worker forms the batches it forms live). Stage costs from a
-sampling profile of the worker thread (every 1 ms, each sample charged with the time since the
-last: {core[0]['sampled_s']:.1f} s sampled) times its CPU time; paho's network thread read apart
+sampling profile of the worker thread (py-spy, {SAMPLE_HZ} samples per second read from outside the
+GIL: {core[0]['samples']:,} samples of it busy) times its CPU time; paho's network thread read apart
 (/proc). paho-mqtt's cost to receive a window is measured apart (a client receiving 5,000
 windows/s), for each MQTT version, and added.
 

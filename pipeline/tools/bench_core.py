@@ -9,10 +9,11 @@ live daemon forms. What paho-mqtt costs to receive a window is measured apart
 
 Devices first run `warmup_s` of signal (handed over at once), so that every rule (the AF detector needs 33 beats)
 is live; then `seconds` more are handed over at the live pace and the process CPU time until the last is
-analysed, per device-second, is the figure. Meanwhile a sampler thread looks at the worker thread's stack every
-millisecond and charges each sample to the innermost stage function on it (a sampling profile: numpy and ONNX
-Runtime are not slowed down as under a tracing profiler); each stage's share of the sampled time times the
-worker's CPU time is its cost; paho's network thread is read apart (/proc).
+analysed, per device-second, is the figure. Meanwhile py-spy samples this process's threads from outside
+(SAMPLE_HZ; it reads their stacks without the GIL, so Python code that never lets the GIL go is seen as often as
+numpy or ONNX Runtime, which do) and each sample of the worker thread is charged to the innermost stage function on
+its stack; each stage's share of the worker's samples times the worker's CPU time is its cost; paho's network
+thread is read apart (/proc).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
+import subprocess
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -84,7 +86,7 @@ LEVERS = {
 }
 PAHO_LEVER = ("MQTT 3.1.1 (`mqtt.protocol`); beyond it paho's pure-Python packet handling: several devices' windows "
               "per message from a gateway, or a client in C")
-SAMPLE_S = 0.001
+SAMPLE_HZ = 200  # py-spy's samples per second
 PACE_STEPS = 100  # hand-overs per second of signal at the live pace
 
 
@@ -150,31 +152,38 @@ class CoreFigures:
     stages_us_per_device_s: dict[str, float]
     python_bytes_per_device: float  # Python and numpy allocations (tracemalloc) per device, steady state
     python_bytes_by_module: dict[str, float]  # ... by the module that allocated them
-    sampled_s: float  # time the sampler charged to stages (s)
+    samples: int  # py-spy's samples of the busy worker thread
     batch_mean: float  # windows per batch the worker formed while measured
 
 
-def _stage_of(frame: Any) -> str:
-    while frame is not None:
-        stage = STAGES.get(frame.f_code.co_qualname)
+def _stage_of(stack: list[str]) -> str:
+    """The stage of a sampled stack (outermost first): its innermost function that names one."""
+    for name in reversed(stack):
+        stage = STAGES.get(name)
         if stage is not None:
             return stage
-        frame = frame.f_back
     return OTHER
 
 
-def _sample(worker: threading.Thread, stop: threading.Event, counts: dict[str, float]) -> None:
-    """Charge the time since the last sample to the stage the worker is in now. Time, not a count: while the
-    worker holds the GIL (Python code) the sampler waits for it, and a count would favour the stages that
-    let it go (numpy, ONNX Runtime); the stage found on waking is the one that held it."""
-    last = time.perf_counter()
-    while not stop.wait(SAMPLE_S):
-        frame = sys._current_frames().get(worker.ident or -1)
-        now = time.perf_counter()
-        if frame is not None:
-            stage = _stage_of(frame)
-            counts[stage] = counts.get(stage, 0.0) + now - last
-        last = now
+def _profile(seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling this process's threads for `seconds` (raw stacks to `out`, idle samples left out)."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--threads", "--nonblocking", "--format",
+                             "raw", "--rate", str(SAMPLE_HZ), "--duration", str(seconds), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _stage_counts(profile: Path, thread: threading.Thread) -> dict[str, int]:
+    """Samples of `thread` per stage in a py-spy raw profile (lines `thread (tid): name;frame;...;frame count`,
+    each frame `qualified.name (file:line)`)."""
+    counts: dict[str, int] = {}
+    prefix = f"thread ({thread.native_id})"
+    for line in profile.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if frames[0].startswith(prefix):
+            stage = _stage_of([frame.split(" (", 1)[0] for frame in frames[1:]])
+            counts[stage] = counts.get(stage, 0) + int(n)
+    return counts
 
 
 def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
@@ -218,32 +227,31 @@ def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20,
             payloads = [second(k) for k in range(warmup_s, warmup_s + seconds)]
             worker = next(t for t in threading.enumerate() if t.name == "ecgmon-worker")
             paho_thread = next(t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client-"))
-            counts: dict[str, float] = {}  # stage -> seconds
-            stop = threading.Event()
-            sampler = threading.Thread(target=_sample, args=(worker, stop, counts), name="bench-sampler")
             cpu, paho_cpu = time.process_time(), thread_cpu_s(paho_thread)
             batches_before = daemon.metrics.batch_size.totals()
-            sampler.start()
-            hand_over_cpu = _hand_over(daemon, source, names, payloads, paced=True)
-            stop.set()
-            sampler.join()
-            total = time.process_time() - cpu
+            with tempfile.TemporaryDirectory() as tmp:
+                spy = _profile(seconds, Path(tmp) / "profile.txt")
+                hand_over_cpu = _hand_over(daemon, source, names, payloads, paced=True)
+                total = time.process_time() - cpu
+                _, spy_errors = spy.communicate()
+                if spy.returncode != 0:
+                    raise RuntimeError(f"py-spy could not sample this process: {spy_errors.decode()[-500:]}")
+                counts = _stage_counts(Path(tmp) / "profile.txt", worker)
             paho_s = thread_cpu_s(paho_thread) - paho_cpu
             batches, windows = (after - before for after, before in zip(daemon.metrics.batch_size.totals(),
                                                                          batches_before, strict=True))
         finally:
             daemon.stop()
             logging.getLogger("pipeline").setLevel(logging.NOTSET)
-    busy = {stage: n for stage, n in counts.items() if stage != IDLE}
+    busy = {stage: n for stage, n in counts.items() if stage != IDLE} or {OTHER: 1}  # none sampled: all unknown
     worker_s = max(total - hand_over_cpu - paho_s, 0.0)
     per = 1e6 / (devices * seconds)
-    busy_s = sum(busy.values()) or 1.0
-    stages = {stage: worker_s * seconds_in / busy_s * per for stage, seconds_in in busy.items()}
+    stages = {stage: worker_s * n / sum(busy.values()) * per for stage, n in busy.items()}
     stages["hand-off (source thread: queue)"] = hand_over_cpu * per
     stages[PAHO_THREAD] = paho_s * per
     return CoreFigures(devices, beats_every_s, seconds, total * per, dict(sorted(stages.items())),
                        sum(by_module.values()), dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
-                       sum(counts.values()), windows / batches if batches else float("nan"))
+                       sum(busy.values()), windows / batches if batches else float("nan"))
 
 
 def stat_cpu_s(stat: Path) -> float:
