@@ -67,13 +67,19 @@ LEVERS = {
                                   "cross-validated accuracy",
     "decode (binary payload -> window)": "decode a batch of payloads in one numpy call, on the source thread (the "
                                          "second core)",
-    "VF and signal-quality detectors": "one spectrum for both detectors; judge every 2 s instead of every window",
-    "beat stage (context features, ONNX Runtime)": "one ONNX Runtime call per batch for all beats of a window (a "
-                                                   "sequence input) instead of one per beat rank",
+    "VF and signal-quality detectors": "the second QRS detector steps complex by complex (one numpy pass per "
+                                       "complex of the busiest lead in the batch): a compiled loop; judging the "
+                                       "4 s every 2 s instead of every window would halve the rest, but changes "
+                                       "alarm timing",
+    "beat stage (context features, ONNX Runtime)": "the shape and P-wave correlations over every shift in one "
+                                                   "array operation, and one ONNX Runtime call per batch for all "
+                                                   "beats of a window (a sequence input) instead of one per beat "
+                                                   "rank",
     "alarm rules": "per-device alarm state in slot arrays and the rules vectorised over the batch",
     OTHER: "fewer Python objects per window (window, admission and beat records as arrays of the batch)",
     "AF detector": "beat times in per-slot ring arrays instead of lists built per window",
-    "DSP (filter, resample, frames)": "one filter call for the whole batch at 360 Hz (no per-device resampler)",
+    "DSP (filter, resample, frames)": "the filter already runs once per batch; the resampler and framer still run "
+                                      "lead by lead in Python",
     "signal check (flat, saturation)": "computed from the int16 payload, before conversion to mV",
     "beats messages (build, JSON)": "`output.beats_every_s` (the second column)",
     "beat picking": "-",
