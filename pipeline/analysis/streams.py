@@ -299,11 +299,15 @@ class BeatStreams:
         """Whether the last `pipeline.analysis.recent.RECENT_S` of `stream_id`, as of its latest window, look like
         ventricular fibrillation in any usable lead (in any lead with signal when none is usable); always False for a
         model without a VF detector."""
-        slots = self._lead_array(stream_id)
-        judged = slots[self._usable(slots)]
-        if not len(judged):
-            judged = slots[~self._lead_flat[slots]]
-        return bool(self._vf_found[judged].any())
+        return self.vf_found_many([stream_id])[0]
+
+    def vf_found_many(self, stream_ids: list[str]) -> list[bool]:
+        """`vf_found` of each device, computed together."""
+        slots, owner = self._lead_owners(stream_ids)
+        usable = self._usable(slots)
+        judged = np.where(self._count_per(owner[usable], len(stream_ids))[owner] > 0, usable, ~self._lead_flat[slots])
+        found: list[bool] = (self._count_per(owner[judged & self._vf_found[slots]], len(stream_ids)) > 0).tolist()
+        return found
 
     def rhythm(self, stream_id: str) -> dict[str, float] | None:
         """The rhythm stage's (`pipeline.detectors.rhythm`) probability of each rhythm class in `stream_id` as of
@@ -321,9 +325,8 @@ class BeatStreams:
         usable = judged & self._usable(slots)
         judged &= ~self._lead_flat[slots]
         owner = np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])  # each lead row's device
-        any_usable = np.bincount(owner[usable], minlength=len(rows)) > 0
-        use = np.where(any_usable[owner], usable, judged)  # the lead rows each device's rhythm comes from
-        n_used = np.bincount(owner[use], minlength=len(rows))
+        use = np.where(self._count_per(owner[usable], len(rows))[owner] > 0, usable, judged)  # rows each device uses
+        n_used = self._count_per(owner[use], len(rows))
         single = np.zeros(len(rows), dtype=np.int64)
         single[owner[use]] = np.flatnonzero(use)  # a device's one row where it has one
         out: list[dict[str, float] | None] = []
@@ -346,12 +349,25 @@ class BeatStreams:
         """Whether the signal the beats of `stream_id` come from is too noisy for them to be trusted, as of its latest
         window: its primary lead (every lead with signal, for a model trained on fused leads). Always False for a
         model without a signal-quality detector."""
-        slots = self._lead_array(stream_id)
-        primary = self._primary.get(stream_id)
-        if not self._fused and primary in self._leads[stream_id]:
-            slots = slots[[self._leads[stream_id].index(primary)]]
-        with_signal = slots[~self._lead_flat[slots]]
-        return bool(len(with_signal) and self._unreadable[with_signal].all())
+        return self.unreadable_many([stream_id])[0]
+
+    def unreadable_many(self, stream_ids: list[str]) -> list[bool]:
+        """`unreadable` of each device, computed together."""
+        slots, owner = self._lead_owners(stream_ids)
+        considered = np.ones(len(slots), dtype=bool)
+        if not self._fused:
+            at = 0
+            for stream_id in stream_ids:
+                leads, primary = self._leads[stream_id], self._primary.get(stream_id)
+                if primary in leads:
+                    considered[at:at + len(leads)] = False
+                    considered[at + leads.index(primary)] = True
+                at += len(leads)
+        with_signal = considered & ~self._lead_flat[slots]
+        n_signal = self._count_per(owner[with_signal], len(stream_ids))
+        n_unreadable = self._count_per(owner[with_signal & self._unreadable[slots]], len(stream_ids))
+        unreadable: list[bool] = ((n_signal > 0) & (n_unreadable == n_signal)).tolist()
+        return unreadable
 
     def unreadable_leads(self, stream_id: str) -> list[str]:
         """The leads of `stream_id` with signal that the signal-quality detector judges unreadable, but the primary
@@ -374,14 +390,29 @@ class BeatStreams:
         organized = heard & ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
         times = self._qrs.times_s[slots]
         recent = heard[:, None] & (self._qrs.seen[slots, None] / self._qrs.fs - times <= RATE_WINDOW_S)
+        owner = np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])  # each lead row's device
         restart = self._restart_s[[self._devices.of[i] for i in stream_ids]]
-        out = []
-        for device_rows, origin in zip(rows, restart, strict=True):
-            found = times[device_rows][recent[device_rows]]  # one lead's are ascending already
-            found = found if device_rows.stop - device_rows.start == 1 else np.sort(found)
-            out.append(QrsEvidence(times_s=tuple((origin + found).tolist()),
-                                   organized=bool(organized[device_rows].any())))
+        found = (restart[owner, None] + times)[recent].tolist()  # row by row, each row's ascending
+        ends = np.cumsum(np.bincount(owner, weights=recent.sum(axis=1), minlength=len(rows))).astype(int).tolist()
+        any_organized = (self._count_per(owner[organized], len(rows)) > 0).tolist()
+        out, start = [], 0
+        for device_rows, end, org in zip(rows, ends, any_organized, strict=True):
+            device_found = found[start:end]  # one lead's are ascending already; several leads' are merged
+            out.append(QrsEvidence(times_s=tuple(device_found if device_rows.stop - device_rows.start == 1
+                                                 else sorted(device_found)), organized=org))
+            start = end
         return out
+
+    def _lead_owners(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """The lead slots of the devices one after the other, and the device (index in `stream_ids`) of each."""
+        slots, rows = self._lead_arrays(stream_ids)
+        return slots, np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])
+
+    @staticmethod
+    def _count_per(owners: NDArray[np.int64], n: int) -> NDArray[np.int64]:
+        """How many of `owners` name each of n devices."""
+        counts: NDArray[np.int64] = np.bincount(owners, minlength=n)
+        return counts
 
     def _lead_arrays(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], list[slice]]:
         """The lead slots of the devices one after the other, and each device's rows among them."""
@@ -465,6 +496,12 @@ class BeatStreams:
         self._judge_signal(lead_slots, frames)
         fused, primary_frames, at = [], [], 0
         for stream_id, slots, _ in group:
+            if len(slots) == 1:  # one lead: its probabilities, and it is the primary lead (as `_pick_primary` says)
+                self._primary[stream_id] = self._leads[stream_id][0]
+                fused.append(probs[at])
+                primary_frames.append(frames[at])
+                at += 1
+                continue
             rows = slice(at, at + len(slots))
             usable = self._usable(slots)
             primary = self._leads[stream_id].index(self._pick_primary(stream_id, usable if self._fused else

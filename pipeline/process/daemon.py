@@ -613,20 +613,21 @@ class Daemon:
         for beat in self._streams.process([(a.device, a.window.leads, a.window.samples_mv) for a in group]):
             found[beat.stream_id].append(beat)
         beats = [[(a.stream.origin + b.time_s, b.class_name, b.confidence) for b in found[a.device]] for a in group]
-        checks = SignalCheck.batch([a.window for a in group], [self._streams.unreadable(a.device) for a in group],
-                                   [self._streams.unreadable_leads(a.device) for a in group], self.config.alarms)
+        devices = [a.device for a in group]
+        checks = SignalCheck.batch([a.window for a in group], self._streams.unreadable_many(devices),
+                                   [self._streams.unreadable_leads(d) for d in devices], self.config.alarms)
         p_af = af_probabilities(self.model.info.af_detector, [self._alarms[a.device] for a in group],
                                 [[(t, c) for t, c, _ in b] for b in beats],
                                 [self._streams.p_wave_consistency(a.device) for a in group])
-        devices = [a.device for a in group]
         analysed_until = self._streams.analysed_until_many(devices)
-        evidence = zip(self._streams.qrs_evidence_many(devices), self._streams.rhythm_many(devices), strict=True)
+        evidence = zip(self._streams.vf_found_many(devices), self._streams.qrs_evidence_many(devices),
+                       self._streams.rhythm_many(devices), strict=True)
         reported: list[Admitted] = []
         done: dict[str, Progress] = {}
-        for a, check, window_beats, p, until, (qrs, rhythm) in zip(group, checks, beats, p_af, analysed_until,
-                                                                   evidence, strict=True):
+        for a, check, window_beats, p, until, (vf, qrs, rhythm) in zip(group, checks, beats, p_af, analysed_until,
+                                                                       evidence, strict=True):
             try:
-                progress = self._report(a, check, window_beats, p, a.stream.origin + until, qrs, rhythm)
+                progress = self._report(a, check, window_beats, p, a.stream.origin + until, vf, qrs, rhythm)
                 if progress is not None:
                     done[a.device] = progress
             except Exception as err:  # any bug in the output stage: contained to this window
@@ -646,7 +647,8 @@ class Daemon:
         self._count("windows", len(group))
 
     def _report(self, a: Admitted, check: SignalCheck, beats: list[tuple[float, str, float]], p_af: float | None,
-                analysed_until: float, qrs: QrsEvidence, rhythm: dict[str, float] | None) -> Progress | None:
+                analysed_until: float, vf_found: bool, qrs: QrsEvidence, rhythm: dict[str, float] | None
+                ) -> Progress | None:
         """Publish a window's beats (R-peak time s, AAMI class, confidence), gathered with the next windows' at the
         `output.beats_every_s` cadence, then run its device's alarm rules and publish their events; returns how far
         the device's results have gone. A window that comes again up to its device's mark in `_published` updates
@@ -654,8 +656,7 @@ class Daemon:
         assert self._streams is not None
         end = a.window.t0 + a.window.duration_s
         events = self._alarms[a.device].on_window(check, [(t, c) for t, c, _ in beats], end, analysed_until,
-                                                  self._streams.vf_found(a.device), p_af,
-                                                  qrs.shifted(a.stream.origin), rhythm)
+                                                  vf_found, p_af, qrs.shifted(a.stream.origin), rhythm)
         mark = self._published.get(a.device)
         if mark is not None and not (at_or_before(a.window.seq, mark.seq) and end <= mark.end + SAME_TIME_S):
             del self._published[a.device]  # past its mark: published from here on
