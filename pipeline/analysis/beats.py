@@ -190,6 +190,9 @@ def fuse_leads(probs: NDArray[np.float32], weight: NDArray[np.floating[Any]]) ->
         probs: (n_leads, n_frames, n_classes) probabilities of each lead, from the same frames in time.
         weight: (n_leads,) weight of each lead.
     """
+    if len(probs) == 1:  # one lead: its own (the weighted mean of one lead is itself)
+        one: NDArray[np.float32] = probs[0]
+        return one
     w = np.asarray(weight, dtype=np.float32)
     if not w.sum() > 0:
         w = np.ones_like(w)

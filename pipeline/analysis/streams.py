@@ -303,7 +303,7 @@ class BeatStreams:
 
     def vf_found_many(self, stream_ids: list[str]) -> list[bool]:
         """`vf_found` of each device, computed together."""
-        slots, owner = self._lead_owners(stream_ids)
+        slots, _, owner = self._lead_arrays(stream_ids)
         usable = self._usable(slots)
         judged = np.where(self._count_per(owner[usable], len(stream_ids))[owner] > 0, usable, ~self._lead_flat[slots])
         found: list[bool] = (self._count_per(owner[judged & self._vf_found[slots]], len(stream_ids)) > 0).tolist()
@@ -320,11 +320,10 @@ class BeatStreams:
         stage = self.info.rhythm_stage
         if stage is None:
             return [None] * len(stream_ids)
-        slots, rows = self._lead_arrays(stream_ids)
+        slots, rows, owner = self._lead_arrays(stream_ids)
         judged = ~np.isnan(self._rhythm_p[slots, 0])
         usable = judged & self._usable(slots)
         judged &= ~self._lead_flat[slots]
-        owner = np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])  # each lead row's device
         use = np.where(self._count_per(owner[usable], len(rows))[owner] > 0, usable, judged)  # rows each device uses
         n_used = self._count_per(owner[use], len(rows))
         single = np.zeros(len(rows), dtype=np.int64)
@@ -353,7 +352,7 @@ class BeatStreams:
 
     def unreadable_many(self, stream_ids: list[str]) -> list[bool]:
         """`unreadable` of each device, computed together."""
-        slots, owner = self._lead_owners(stream_ids)
+        slots, _, owner = self._lead_arrays(stream_ids)
         considered = np.ones(len(slots), dtype=bool)
         if not self._fused:
             at = 0
@@ -384,16 +383,15 @@ class BeatStreams:
 
     def qrs_evidence_many(self, stream_ids: list[str]) -> list[QrsEvidence]:
         """`qrs_evidence` of each device, computed together."""
-        slots, rows = self._lead_arrays(stream_ids)
+        slots, rows, owner = self._lead_arrays(stream_ids)
         heard = self._usable(slots) & self._clean[slots]
         rate = self._qrs.rate_bpm(slots)
         organized = heard & ~self._vf_found[slots] & (rate >= ORGANIZED_BPM[0]) & (rate <= ORGANIZED_BPM[1])
         times = self._qrs.times_s[slots]
         recent = heard[:, None] & (self._qrs.seen[slots, None] / self._qrs.fs - times <= RATE_WINDOW_S)
-        owner = np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])  # each lead row's device
         restart = self._restart_s[[self._devices.of[i] for i in stream_ids]]
         found = (restart[owner, None] + times)[recent].tolist()  # row by row, each row's ascending
-        ends = np.cumsum(np.bincount(owner, weights=recent.sum(axis=1), minlength=len(rows))).astype(int).tolist()
+        ends = np.cumsum(self._count_per(owner[np.nonzero(recent)[0]], len(rows))).tolist()
         any_organized = (self._count_per(owner[organized], len(rows)) > 0).tolist()
         out, start = [], 0
         for device_rows, end, org in zip(rows, ends, any_organized, strict=True):
@@ -403,24 +401,22 @@ class BeatStreams:
             start = end
         return out
 
-    def _lead_owners(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """The lead slots of the devices one after the other, and the device (index in `stream_ids`) of each."""
-        slots, rows = self._lead_arrays(stream_ids)
-        return slots, np.repeat(np.arange(len(rows)), [r.stop - r.start for r in rows])
+    def _lead_arrays(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], list[slice], NDArray[np.int64]]:
+        """The lead slots of the devices one after the other, each device's rows among them, and the device (index
+        in `stream_ids`) of each row."""
+        leads = [self._leads[i] for i in stream_ids]
+        slots = np.array([self._lead_slots.of[(i, lead)] for i, names in zip(stream_ids, leads, strict=True)
+                          for lead in names], dtype=np.int64)
+        counts = [len(names) for names in leads]
+        ends = np.cumsum(counts).tolist()
+        rows = [slice(end - n, end) for end, n in zip(ends, counts, strict=True)]
+        return slots, rows, np.repeat(np.arange(len(stream_ids)), counts)
 
     @staticmethod
     def _count_per(owners: NDArray[np.int64], n: int) -> NDArray[np.int64]:
         """How many of `owners` name each of n devices."""
         counts: NDArray[np.int64] = np.bincount(owners, minlength=n)
         return counts
-
-    def _lead_arrays(self, stream_ids: list[str]) -> tuple[NDArray[np.int64], list[slice]]:
-        """The lead slots of the devices one after the other, and each device's rows among them."""
-        leads = [self._leads[i] for i in stream_ids]
-        slots = np.array([self._lead_slots.of[(i, lead)] for i, names in zip(stream_ids, leads, strict=True)
-                          for lead in names], dtype=np.int64)
-        ends = np.cumsum([len(names) for names in leads]).tolist()
-        return slots, [slice(end - len(names), end) for end, names in zip(ends, leads, strict=True)]
 
     def primary_lead(self, stream_id: str) -> str | None:
         """The lead the beat stage reads the beat shape from (None before the first window)."""
@@ -495,17 +491,12 @@ class BeatStreams:
             array[:, lead_slots] = new
         self._judge_signal(lead_slots, frames)
         fused, primary_frames, at = [], [], 0
+        usable_rows = self._usable(lead_slots)
+        live_rows = usable_rows if self._fused else self._live(lead_slots)
         for stream_id, slots, _ in group:
-            if len(slots) == 1:  # one lead: its probabilities, and it is the primary lead (as `_pick_primary` says)
-                self._primary[stream_id] = self._leads[stream_id][0]
-                fused.append(probs[at])
-                primary_frames.append(frames[at])
-                at += 1
-                continue
             rows = slice(at, at + len(slots))
-            usable = self._usable(slots)
-            primary = self._leads[stream_id].index(self._pick_primary(stream_id, usable if self._fused else
-                                                                      self._live(slots)))
+            usable = usable_rows[rows]
+            primary = self._leads[stream_id].index(self._pick_primary(stream_id, live_rows[rows]))
             fused.append(fuse_leads(probs[rows], lead_weights(usable, primary, self._fused)))
             primary_frames.append(frames[at + primary])
             at += len(slots)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import re
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -264,32 +266,23 @@ def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[floa
             "environment": environment()}
 
 
-_BATCH_MEMORY = """
-import sys
-import numpy as np
-from pathlib import Path
-from pipeline.analysis.model import BeatModel
-from pipeline.analysis.streams import BeatStreams
-batch = int(sys.argv[2])
-streams = BeatStreams(BeatModel(Path(sys.argv[1])), batch)
-rng = np.random.default_rng(0)
-for i in range(batch):
-    streams.open(str(i), 360.0)
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-before = rss_mb()
-for _ in range(3):
-    streams.process([(str(i), ["MLII"], rng.normal(0, 0.3, (1, 360))) for i in range(batch)])
-print(rss_mb() - before)
-"""
+def _batch_memory_here(model: Path, batch: int) -> float:
+    """How much this process's RSS grows (MB) once it has run the analysis at `batch` windows at a time."""
+    streams = BeatStreams(BeatModel(model), batch)
+    rng = np.random.default_rng(0)
+    for i in range(batch):
+        streams.open(str(i), 360.0)
+    before = _proc_rss_mb(os.getpid())
+    for _ in range(3):
+        streams.process([(str(i), ["MLII"], rng.normal(0, 0.3, (1, 360))) for i in range(batch)])
+    return _proc_rss_mb(os.getpid()) - before
 
 
 def batch_memory_mb(model: Path, batch: int) -> float:
     """How much a process's RSS grows (MB) once it has run the model at `batch` windows at a time (ONNX
     Runtime keeps buffers for the largest batch it has seen), measured in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _BATCH_MEMORY, str(model), str(batch)], capture_output=True,
-                         text=True, check=True)
-    return float(out.stdout.strip())
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(_batch_memory_here, model, batch).result()
 
 
 def write_report(figures: dict[str, Any], out: Path, command: str) -> str:
