@@ -294,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.leads:
         from pipeline.tools.bench import run_leads_bench, write_leads_report
 
-        leads = run_leads_bench(args.records, args.physionet_dir, args.core_devices)
+        leads = run_leads_bench(args.records, args.physionet_dir, args.core_devices, args.duration_s)
         print(write_leads_report(leads, args.out, "ecgmon " + " ".join(sys.argv[1:])))
         return 0
     if args.station:

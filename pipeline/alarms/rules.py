@@ -282,17 +282,13 @@ class DeviceAlarms:
             events += self._af_rule(now, p_af)
         return events + self._asystole(analysed_until)
 
-    def af_row(self, beats: list[tuple[float, str]]) -> tuple[list[float], list[bool]] | None:
-        """The last AF_BEATS + 1 beat times and whether each is S or V, once `beats` are added; None when `beats` is
-        empty or there are fewer. The times are relative to the row's first beat and rounded to RR_RESOLUTION_S
-        (s): the daemon's beat times are Unix times (near 1.8e9 s, float steps of 2.4e-7 s), offline ones start at
-        0, and P(AF) must not differ between the two in its last bits."""
+    def af_row(self, beats: list[tuple[float, str]]) -> tuple[list[float], list[str]] | None:
+        """The last AF_BEATS + 1 beat times (s) and classes once `beats` are added; None when `beats` is empty or
+        there are fewer."""
         if not beats or len(self.times) + len(beats) <= AF_BEATS:
             return None
-        absolute = [*self.times, *(t for t, _ in beats)][-(AF_BEATS + 1):]
-        times = [round((t - absolute[0]) / RR_RESOLUTION_S) * RR_RESOLUTION_S for t in absolute]
-        ectopic = [c in "SV" for c in [*self.classes, *(c for _, c in beats)][-(AF_BEATS + 1):]]
-        return times, ectopic
+        return ([*self.times, *(t for t, _ in beats)][-(AF_BEATS + 1):],
+                [*self.classes, *(c for _, c in beats)][-(AF_BEATS + 1):])
 
     def _fibrillation(self, vf_found: bool, now: float) -> list[AlarmEvent]:
         """VF raised once the detector has said VF for `vf_confirm_s`, cleared after `vf_clear_s` without it.
@@ -559,7 +555,7 @@ class DeviceAlarms:
     def _take_qrs(self, qrs: QrsEvidence, now: float) -> None:
         """Keep the second QRS detector's complexes of the last QRS_KEEP_S (s), one per complex: a detection within
         REFRACTORY_S of the last one kept is the same complex seen on another lead."""
-        kept = [t for t in self.qrs_times if t >= now - QRS_KEEP_S]
+        kept = self.qrs_times[bisect.bisect_left(self.qrs_times, now - QRS_KEEP_S):]  # ascending
         for t in qrs.times_s:
             if not kept or t > kept[-1] + REFRACTORY_S:
                 kept.append(t)
@@ -569,7 +565,7 @@ class DeviceAlarms:
     def _missed(self, start: float, end: float) -> list[float]:
         """The second QRS detector's complexes in (start, end] (s) that match no beat (QRS_MATCH_S): complexes on
         a readable lead the network did not call beats. (Plain Python: a handful of numbers per beat.)"""
-        q = [t for t in self.qrs_times if start < t <= end]
+        q = self.qrs_times[bisect.bisect_right(self.qrs_times, start):bisect.bisect_right(self.qrs_times, end)]
         beats, n = self.times, len(self.times)
         if not q or not n:
             return q
@@ -743,9 +739,13 @@ def af_probabilities(detector: AfDetectorInfo | None, devices: list[DeviceAlarms
         return out
     rows = [(i, row) for i, (d, b) in enumerate(zip(devices, beats, strict=True)) if (row := d.af_row(b)) is not None]
     if rows:
-        times = np.array([r[0] for _, r in rows])
-        ectopic = np.array([r[1] for _, r in rows])
-        features = af_feature_rows(times, ectopic, [p_wave[i] for i, _ in rows])
+        # Times relative to each row's first beat, rounded to RR_RESOLUTION_S (s): the daemon's beat times are Unix
+        # times (near 1.8e9 s, float steps of 2.4e-7 s), offline ones start at 0, and P(AF) must not differ between
+        # the two in its last bits.
+        absolute = np.array([r[0] for _, r in rows])
+        times = np.round((absolute - absolute[:, :1]) / RR_RESOLUTION_S) * RR_RESOLUTION_S
+        classes = np.array([r[1] for _, r in rows])
+        features = af_feature_rows(times, (classes == "S") | (classes == "V"), [p_wave[i] for i, _ in rows])
         for (i, _), p in zip(rows, detector.probability(features), strict=True):
             out[i] = float(p)
     return out

@@ -63,8 +63,8 @@ def af_feature_rows(times_s: NDArray[np.float64], ectopic: NDArray[np.bool_], p_
     bins = np.minimum(((scaled + 0.5) * 8).astype(np.int64), 7)
     bins -= scaled < ENTROPY_EDGES[bins]
     bins += (scaled >= ENTROPY_EDGES[bins + 1]) & (bins != 7)
-    counts = np.zeros((len(rr), 8))
-    np.add.at(counts, (np.repeat(np.arange(len(rr)), bins.shape[1]), bins.ravel()), 1.0)
+    counts = np.bincount((bins + 8 * np.arange(len(rr))[:, None]).ravel(), minlength=8 * len(rr)
+                         ).reshape(len(rr), 8).astype(np.float64)
     share = counts / counts.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(share > 0, share * np.log2(share), 0.0).sum(axis=1)

@@ -37,8 +37,8 @@ from pipeline.io.mqtt import MqttClient, Topics
 from pipeline.io.rabbit import Partitions
 from pipeline.process.daemon import Daemon
 from pipeline.process.state import decode_state
-from pipeline.tools.bench import CLUSTER_HEADING, P99_LIMIT_S, Point, proc_cpu_s, run_point, write_section
-from pipeline.tools.bench_core import EncodingSink, HandSource
+from pipeline.tools.bench import CLUSTER_HEADING, ONE_LEAD, P99_LIMIT_S, Point, proc_cpu_s, run_point, write_section
+from pipeline.tools.bench_core import OFFSET_STEP_S, EncodingSink, HandSource
 from pipeline.tools.rabbit_cluster import RabbitCluster
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,8 @@ def run_cluster_point(cluster: RabbitCluster, daemons: int, devices: int, durati
                 [sys.executable, "-m", "pipeline.cli", "replay", "--broker",
                  f"{cluster.host}:{cluster.nodes[2].mqtt_port}", "--mqtt-protocol", "3.1.1", "--records", *records,
                  "--physionet-dir", str(physionet_dir), "--devices", str(devices), "--duration-s", str(duration_s),
-                 "--offset-step-s", "37", "--qos", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 "--offset-step-s", f"{OFFSET_STEP_S:g}", "--qos", "1", "--leads", *ONE_LEAD],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             killed_at = None
             if kill:
                 time.sleep(duration_s / 2)

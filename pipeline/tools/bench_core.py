@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models import SHIPPED_MODEL
 from pipeline.config import DaemonConfig
 from pipeline.io.codec import encode_binary
@@ -39,6 +37,7 @@ from pipeline.io.mqtt import DEVICE_ID, encode_json
 from pipeline.io.sources import Acknowledge, Deliver, Progress
 from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker
+from pipeline.tools.replay import ReplaySignal, assign
 
 # Innermost function on the worker's stack -> stage. Qualified names (co_qualname) of the daemon's code.
 STAGES = {
@@ -94,6 +93,7 @@ PAHO_LEVER = ("MQTT 3.1.1 (`mqtt.protocol`); beyond it paho's pure-Python packet
               "per message from a gateway, or a client in C")
 SAMPLE_HZ = 200  # py-spy's samples per second
 PACE_STEPS = 100  # hand-overs per second of signal at the live pace
+OFFSET_STEP_S = 37.0  # signal between one device's start in a record and the next's (s), as `ecgmon bench` replays
 
 
 class HandSource:
@@ -192,20 +192,23 @@ def _stage_counts(profile: Path, thread: threading.Thread) -> dict[str, int]:
     return counts
 
 
-def run_core(devices: int, signals_mv: np.ndarray, fs: float, seconds: int = 20, warmup_s: int = 45,
+def run_core(devices: int, signals: list[ReplaySignal], seconds: int = 20, warmup_s: int = 45,
              beats_every_s: float = 0.0, model: Path = SHIPPED_MODEL) -> CoreFigures:
-    """`devices` devices through the daemon core, each sending the leads of `signals_mv` ((n_leads, n_samples) mV at
-    `fs` Hz): `warmup_s` of signal, then `seconds` measured at the live pace."""
-    adc = np.round(signals_mv * 200).astype(np.int16)
-    leads, gains, baselines = [f"L{k + 1}" for k in range(len(adc))], [200.0] * len(adc), [0] * len(adc)
-    window, n = round(fs), adc.shape[1]
+    """`devices` devices through the daemon core, sending the records `signals` as `ecgmon replay` does (device i
+    record i mod len(signals), OFFSET_STEP_S further into it; from its start again at its end): `warmup_s` of
+    signal, then `seconds` measured at the live pace."""
     names = [f"bench-{i}" for i in range(devices)]
     assert all(DEVICE_ID.match(n) for n in names)
+    assigned = assign(signals, devices, OFFSET_STEP_S)
 
     def second(k: int) -> list[bytes]:
-        starts = [(37 * i + k) * window % (n - window) for i in range(devices)]
-        return [encode_binary(k, 1_700_000_000.0 + k, fs, leads, adc[:, a:a + window], gains, baselines)
-                for a in starts]
+        out = []
+        for signal, offset in assigned:
+            window, n = round(signal.fs), signal.adc.shape[1]
+            a = (offset + k * window) % (n - window)
+            out.append(encode_binary(k, 1_700_000_000.0 + k, signal.fs, signal.leads, signal.adc[:, a:a + window],
+                                     signal.gain, signal.baseline))
+        return out
 
     with LocalBroker() as broker:
         config = DaemonConfig.model_validate({

@@ -41,6 +41,12 @@ class ReplaySignal:
     def duration_s(self) -> float:
         return float(self.adc.shape[1] / self.fs)
 
+    @property
+    def samples_mv(self) -> NDArray[np.float64]:
+        """The leads in mV, (n_leads, n_samples)."""
+        mv: NDArray[np.float64] = (self.adc - np.array(self.baseline)[:, None]) / np.array(self.gain)[:, None]
+        return mv
+
 
 def load_signals(specs: list[str], physionet_dir: Path, leads: list[str] | None) -> list[ReplaySignal]:
     """Read records ("db/record", "mitdb/DS2", ...) as ADC samples, downloading when missing; `leads`: names or
@@ -77,6 +83,13 @@ def device_ids(signals: list[ReplaySignal], plan: ReplayPlan) -> list[str]:
     return [f"{plan.device_prefix}{signals[i % len(signals)].name}-{i:05d}" for i in range(plan.devices)]
 
 
+def assign(signals: list[ReplaySignal], devices: int, offset_step_s: float) -> list[tuple[ReplaySignal, int]]:
+    """Each device's record (device i replays record i mod len(signals)) and first sample: i * offset_step_s (s)
+    into it, modulo its duration."""
+    assigned = [signals[i % len(signals)] for i in range(devices)]
+    return [(s, round(((i * offset_step_s) % s.duration_s) * s.fs)) for i, s in enumerate(assigned)]
+
+
 def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan: ReplayPlan,
            stop: threading.Event | None = None) -> int:
     """Publish windows for every device until the records (or duration_s) end; returns windows sent."""
@@ -84,8 +97,7 @@ def replay(client: MqttClient, topics: Topics, signals: list[ReplaySignal], plan
     t0 = time.time() if plan.t0 is None else plan.t0
     started = time.monotonic()
     phases = [plan.window_s * i / plan.devices for i in range(plan.devices)]  # s of signal time
-    assigned = [signals[i % len(signals)] for i in range(plan.devices)]
-    offsets = [round(((i * plan.offset_step_s) % s.duration_s) * s.fs) for i, s in enumerate(assigned)]
+    assigned, offsets = zip(*assign(signals, plan.devices, plan.offset_step_s), strict=True)
     longest = max(s.duration_s for s in assigned)
     n_windows = int((plan.duration_s or longest) / plan.window_s)
     sent = 0
