@@ -26,7 +26,8 @@ def test_small_benchmark_answers_every_window(physionet: Path, tmp_path: Path) -
         assert sum(run.stages_us_per_device_s.values()) == pytest.approx(run.us_per_device_s, rel=0.02)
         assert run.python_bytes_per_device > 0 and run.samples > 0
         assert 1 <= run.batch_mean < 30  # windows handed over at the live pace: batches of a few devices, not all
-    figures = {"points": [asdict(point) | {"ok": point.ok}], "capacity": {"batched": 50, "naive": 0},
+    figures = {"records": ["mitdb/101", "mitdb/106"], "points": [asdict(point) | {"ok": point.ok}],
+               "capacity": {"batched": 50, "naive": 0},
                "core": [asdict(run) for run in core], "mqtt_us": mqtt_costs(rate=500, seconds=2),
                "batch_memory_mb": {"256": 1.0, "4096": 2.0}, "analysis_ceiling_device_s_per_cpu_s": {"1": 1.0},
                "state_bytes_per_device": 1, "environment": environment()}

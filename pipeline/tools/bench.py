@@ -263,8 +263,9 @@ def run_bench(devices: list[int], naive_devices: list[int], windows_s: list[floa
     signals = load_signals(records, physionet_dir, list(ONE_LEAD))
     ceiling = {str(b): analysis_ceiling(model, b, signals[0].samples_mv, signals[0].fs) for b in (1, 256, 1024)}
     core = [asdict(run_core(core_devices, signals, beats_every_s=every, model=model)) for every in (0.0, 5.0)]
-    return {"points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity, "core": core,
-            "mqtt_us": mqtt_costs(), "batch_memory_mb": {str(b): batch_memory_mb(model, b) for b in (256, 4096)},
+    return {"records": records, "points": [asdict(p) | {"ok": p.ok} for p in points], "capacity": capacity,
+            "core": core, "mqtt_us": mqtt_costs(),
+            "batch_memory_mb": {str(b): batch_memory_mb(model, b) for b in (256, 4096)},
             "analysis_ceiling_device_s_per_cpu_s": ceiling, "state_bytes_per_device": state_bytes_per_device(model),
             "environment": environment()}
 
@@ -351,9 +352,10 @@ Two leads: `ecgmon bench --leads` (its section below; issue 25 asks ≤ 130 µs 
 `pipeline/tools/bench_core.py`: the daemon in one process as `ecgmon serve` runs it (worker
 thread, queue, batching, its MQTT sink publishing every result over paho (MQTT 5) to a local
 mosquitto, default config but the beats cadence), {core[0]['devices']} devices fed binary 1 s
-windows of real MIT-BIH signal, after {45} s of warm-up (every rule live, the AF detector
-included), {core[0]['seconds']:g} s measured with each second's windows handed over evenly across a
-second, as they arrive live (so the worker forms the batches it forms live). Stage costs from a
+windows of what the live points below replay ({', '.join(figures['records'])}, each record's first lead, device i
+record i mod n, {OFFSET_STEP_S:g} s further into it than device i - n), after {45} s of warm-up (every rule
+live, the AF detector included), {core[0]['seconds']:g} s measured with each second's windows handed over evenly
+across a second, as they arrive live (so the worker forms the batches it forms live). Stage costs from a
 sampling profile of the worker thread (py-spy, {SAMPLE_HZ} samples per second read from outside the
 GIL: {core[0]['samples']:,} samples of it busy) times its CPU time; paho's network thread read apart
 (/proc). paho-mqtt's cost to receive a window is measured apart (a client receiving 5,000
@@ -370,10 +372,10 @@ The same run, allocations traced (tracemalloc) while the devices warm up, per de
 ## Devices end to end
 
 Set-up: mosquitto, the daemon (`ecgmon serve`, shipped model, 1 ONNX Runtime thread) and the
-load generator (`ecgmon replay`: MIT-BIH records, 360 Hz, binary windows, devices offset by 37 s
-of signal and spread evenly over each second) each in its own process; ECG windows and beats
-at MQTT QoS 0. Latency is measured per window from the time its last sample exists to the
-arrival of its results on the beats topic at a subscriber. A point is kept in real time when
+load generator (`ecgmon replay`: {', '.join(figures['records'])}, each record's first lead, 360 Hz,
+binary windows, devices offset by {OFFSET_STEP_S:g} s of signal and spread evenly over each second)
+each in its own process; ECG windows and beats at MQTT QoS 0. Latency is measured per window from the time its
+last sample exists to the arrival of its results on the beats topic at a subscriber. A point is kept in real time when
 p99 ≤ {P99_LIMIT_S * 1000:.0f} ms and every window is answered. The naive design is the same daemon with
 batching off (`batching.max_batch: 1`, one model call per message) fed JSON windows. These
 points measure the harness as much as the daemon: the generator, the probe and mosquitto
