@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +134,7 @@ def test_af_judges_beat_times_relative_to_the_stream(physionet: Path) -> None:
         device = DeviceAlarms("d", AlarmConfig(), "v", origin)
         row = []
         for i in range(33, 600):
-            device.times.extend((origin + times[i - 33:i]).tolist())
-            device.classes.extend(["N"] * 33)
+            device.times, device.classes = array("d", (origin + times[i - 33:i]).tolist()), "N" * 33
             row.append(af_probabilities(detector, [device], [[(origin + times[i], "N")]], [0.5])[0])
         p.append(row)
     assert p[0] == p[1]

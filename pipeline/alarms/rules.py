@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import statistics
-from collections import deque
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -208,9 +208,9 @@ class DeviceAlarms:
     started: float  # signal time the stream (re)started (s)
     af: AfDetectorInfo | None = None  # the model's AF detector (None: no AF alarm)
     rhythm_thresholds: dict[str, float] = field(default_factory=dict)  # the model's rhythm stage: class -> threshold
-    times: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
-    classes: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY_BEATS))
-    v_times: deque[float] = field(default_factory=deque)
+    times: array[float] = field(default_factory=lambda: array("d"))  # the last HISTORY_BEATS beats (s)
+    classes: str = ""  # their AAMI classes, one letter each
+    v_times: array[float] = field(default_factory=lambda: array("d"))  # the V beats of the last minute (s)
     active: dict[str, _Active] = field(default_factory=dict)
     gap_since: float | None = None
     rate_from: float = 0.0  # rate rules use beats from here on: a pause that was an asystole is not a bradycardia (s)
@@ -252,8 +252,8 @@ class DeviceAlarms:
         alarms.lead_fault_last = doc["lead_fault_last"]
         alarms.qrs_times, alarms.organized = list(doc["qrs_times"]), bool(doc["organized"])
         alarms.rhythm_vt_since, alarms.rhythm_vt_last = doc["rhythm_vt"]
-        alarms.times.extend(doc["times"])
-        alarms.classes.extend(doc["classes"])
+        alarms.times.extend(doc["times"][-HISTORY_BEATS:])
+        alarms.classes = "".join(doc["classes"])[-HISTORY_BEATS:]
         alarms.v_times.extend(doc["v_times"])
         alarms.active = {t: _Active(*a) for t, a in doc["active"].items() if t in ALARM_TYPES}
         return alarms
@@ -329,7 +329,7 @@ class DeviceAlarms:
         if self.rhythm_vt_since is not None and now - self.rhythm_vt_since >= c.rhythm_vt_confirm_s:
             return self._set("ventricular_tachycardia", True, now, {"rhythm_stage_since": self.rhythm_vt_since})
         if "ventricular_tachycardia" in self.active and not self._rhythm_holds_vt(now) \
-                and "V" not in list(self.classes)[-c.clear_after_beats:]:
+                and "V" not in self.classes[-c.clear_after_beats:]:
             return self._set("ventricular_tachycardia", False, now, {})
         return []
 
@@ -350,7 +350,9 @@ class DeviceAlarms:
         for t, cls in beats:
             events += self._asystole(t, ended=True)  # a pause seen whole only now, between two windows' checks
             self.times.append(t)
-            self.classes.append(cls)
+            if len(self.times) > HISTORY_BEATS:
+                del self.times[0]
+            self.classes = (self.classes + cls)[-HISTORY_BEATS:]
             if cls == "V":
                 self.v_times.append(t)
             events += self._evaluate(t, new_beat=True)
@@ -360,7 +362,7 @@ class DeviceAlarms:
 
     def _evaluate(self, now: float, new_beat: bool) -> list[AlarmEvent]:
         while self.v_times and self.v_times[0] < now - 60.0:
-            self.v_times.popleft()
+            del self.v_times[0]
         if self._held_back(lethal=True) or now - self.started < self.config.warmup_s:
             return []
         events: list[AlarmEvent] = []
@@ -461,20 +463,21 @@ class DeviceAlarms:
         """Forget the beats found in noise, but the last one (as class Q, for the asystole clock): the non-lethal
         rules start afresh, the lethal ones carry on."""
         last = self.times[-1] if self.times else None
-        self.times.clear()
-        self.classes.clear()
-        self.v_times.clear()
+        self._forget_history()
         self.af_since = self.af_last = None
         self.rate_from = now
         if last is not None:
             self.times.append(last)
-            self.classes.append("Q")
+            self.classes = "Q"
+
+    def _forget_history(self) -> None:
+        """Drop the beats kept (times, classes, V beats)."""
+        del self.times[:], self.v_times[:]
+        self.classes = ""
 
     def _restart(self, now: float) -> None:
         """Forget the beats: after a technical problem the rhythm context is unreliable (warm-up again)."""
-        self.times.clear()
-        self.classes.clear()
-        self.v_times.clear()
+        self._forget_history()
         self.vf_since = self.vf_last = self.af_since = self.af_last = self.rhythm_vt_since = self.rhythm_vt_last = None
         self.started = now
 
@@ -556,7 +559,8 @@ class DeviceAlarms:
         """Keep the second QRS detector's complexes of the last QRS_KEEP_S (s), one per complex: a detection within
         REFRACTORY_S of the last one kept is the same complex seen on another lead."""
         kept = self.qrs_times[bisect.bisect_left(self.qrs_times, now - QRS_KEEP_S):]  # ascending
-        for t in qrs.times_s:
+        times = qrs.times_s  # ascending: those within REFRACTORY_S of the last kept are skipped at once
+        for t in times[bisect.bisect_right(times, kept[-1] + REFRACTORY_S) if kept else 0:]:
             if not kept or t > kept[-1] + REFRACTORY_S:
                 kept.append(t)
         self.qrs_times = kept
@@ -626,7 +630,7 @@ class DeviceAlarms:
             return []
         c = self.config
         events: list[AlarmEvent] = []
-        classes = list(self.classes)
+        classes = self.classes
         for alarm_type, cls, n, bpm in (("ventricular_tachycardia", "V", c.vt_beats, c.vt_bpm),
                                         ("svt", "S", c.svt_beats, c.svt_bpm)):
             if alarm_type == "svt" and "atrial_fibrillation" in self.active:  # early beats in AF are not SVT runs

@@ -59,7 +59,7 @@ class QrsEvidence:
 
     def shifted(self, origin_s: float) -> QrsEvidence:
         """The same evidence on a time line that starts at `origin_s` (s)."""
-        return QrsEvidence(tuple(origin_s + t for t in self.times_s), self.organized)
+        return QrsEvidence(tuple([origin_s + t for t in self.times_s]), self.organized)
 
 
 class QrsDetectorBank:

@@ -425,8 +425,8 @@ Set-up (`pipeline/tools/bench_cluster.py`): a 3-node RabbitMQ 3.10 cluster on lo
 rabbit-cluster`), {PARTITIONS} partitions; 1, 2 or 3 daemons (`ecgmon serve`, `source: rabbitmq`,
 each reading from its own node first and publishing its results there over AMQP in committed
 batches, for the MQTT plugin to deliver); the load generator (`ecgmon replay`, MIT-BIH DS1
-records, 1 s binary windows, MQTT 3.1.1 at QoS 1) publishing to node 3; a subscriber on node 2
-timing every window from its last sample to its beats and counting every alarm event. Every process
+records, each record's first lead, 1 s binary windows, MQTT 3.1.1 at QoS 1) publishing to node 3; a
+subscriber on node 2 timing every window from its last sample to its beats and counting every alarm event. Every process
 shares the same cores. "Lost" counts windows sent and never analysed; "analysed again", windows a
 killed daemon had taken since its last checkpoint that its successor analysed again without
 publishing their results (the daemons' `replayed` count, from their last stats messages; in the kill
