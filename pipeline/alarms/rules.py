@@ -192,9 +192,10 @@ def _lead_checks(windows: list[Window], rows: list[tuple[int, int]], config: Ala
             adc = np.rint(x[reach] * gain[reach] + baseline[reach])
             at_limits[reach] = (adc <= INT16_RAILS[0]) | (adc >= INT16_RAILS[1])
         on_rail = (near_high & at_high[:, None]) | (near_low & at_low[:, None]) | at_limits
-        for n, k in enumerate(ks):
-            flat[k], saturated[k] = bool(ptp[n] < config.flat_mv), bool(at_high[n] | at_low[n] | reach[n])
-            ptp_of[k], share_of[k] = float(ptp[n]), float(on_rail[n].mean())
+        found = zip((ptp < config.flat_mv).tolist(), (at_high | at_low | reach).tolist(), ptp.tolist(),
+                    on_rail.mean(axis=1).tolist(), strict=True)
+        for k, (is_flat, is_saturated, peak_to_peak, share) in zip(ks, found, strict=True):
+            flat[k], saturated[k], ptp_of[k], share_of[k] = is_flat, is_saturated, peak_to_peak, share
     return flat, saturated, ptp_of, share_of
 
 

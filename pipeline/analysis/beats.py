@@ -171,10 +171,10 @@ def r_peak_time_s(frame: NDArray[np.int64], config: ModelConfig) -> NDArray[np.f
 LEAD_FUSION = "mean of per-lead probabilities over usable leads"  # `fuse_leads`, named in a model's metadata
 
 
-def lead_weights(usable: NDArray[np.bool_], primary: int, fused: bool) -> NDArray[np.float32]:
-    """Weight of each lead of a device in `fuse_leads`: every usable lead for a model trained on fused leads
-    (metadata `lead_fusion`: LEAD_FUSION), else the primary lead (index `primary`) alone, the only way a model
-    trained on one lead at a time has been shown to work."""
+def lead_weights(usable: NDArray[np.bool_], primary: NDArray[np.int64] | int, fused: bool) -> NDArray[np.float32]:
+    """Weight of each lead in `fuse_leads`, for the leads of many devices one after the other: every usable lead for
+    a model trained on fused leads (metadata `lead_fusion`: LEAD_FUSION), else each device's primary lead (its
+    index among all, `primary`) alone, the only way a model trained on one lead at a time has been shown to work."""
     if fused:
         return usable.astype(np.float32)
     weight = np.zeros(len(usable), dtype=np.float32)

@@ -464,7 +464,8 @@ class BeatStreams:
         a device that starts there)."""
         device = self._devices.of[stream_id]
         n = samples.shape[1]
-        flat = [n == 0 or float(x.max() - x.min()) < self.flat_mv for x in samples]
+        flat = ([True] * len(samples) if n == 0 else
+                ((samples.max(axis=1) - samples.min(axis=1)).astype(np.float64) < self.flat_mv).tolist())
         if self._flat[device] and not all(flat):
             for slot in lead_slots:
                 self._dsp.open(slot, float(self._fs[device]))
@@ -490,16 +491,15 @@ class BeatStreams:
         for array, new in zip(self._state, new_state, strict=True):
             array[:, lead_slots] = new
         self._judge_signal(lead_slots, frames)
-        fused, primary_frames, at = [], [], 0
         usable_rows = self._usable(lead_slots)
-        live_rows = usable_rows if self._fused else self._live(lead_slots)
-        for stream_id, slots, _ in group:
-            rows = slice(at, at + len(slots))
-            usable = usable_rows[rows]
-            primary = self._leads[stream_id].index(self._pick_primary(stream_id, live_rows[rows]))
-            fused.append(fuse_leads(probs[rows], lead_weights(usable, primary, self._fused)))
-            primary_frames.append(frames[at + primary])
-            at += len(slots)
+        live_rows = (usable_rows if self._fused else self._live(lead_slots)).tolist()
+        ends = np.cumsum([len(slots) for _, slots, _ in group]).tolist()
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each device's rows
+        primary_rows = np.array([a + self._leads[i].index(self._pick_primary(i, live_rows[a:b]))
+                                 for i, (a, b) in zip(ids, spans, strict=True)], dtype=np.int64)
+        weights = lead_weights(usable_rows, primary_rows, self._fused)
+        fused = [fuse_leads(probs[a:b], weights[a:b]) for a, b in spans]
+        primary_frames = frames[primary_rows]
         device_slots = np.array([self._devices.of[i] for i in ids], dtype=np.int64)
         picked = pick_beats(np.stack(fused), self._picker, device_slots, self.info.decision)
         time_s = r_peak_time_s(picked.frame, self.info)
@@ -509,19 +509,19 @@ class BeatStreams:
             names = np.array(self.info.class_names)[picked.class_index[real]]
             confidence = picked.confidence[real]
         else:
-            signal = self._context.window(device_slots, np.stack(primary_frames))
+            signal = self._context.window(device_slots, primary_frames)
             names, confidence = self._beat_stage(device_slots[row], row, time_s, picked, real, signal)
         time_s = time_s + self._restart_s[device_slots[row]]  # since the device's first sample, not its restart
         return [Beat(ids[r], float(t), str(c), float(p)) for r, t, c, p in zip(row, time_s, names, confidence,
                                                                               strict=True)]
 
-    def _pick_primary(self, stream_id: str, usable: NDArray[np.bool_]) -> str:
+    def _pick_primary(self, stream_id: str, usable: list[bool]) -> str:
         """The device's primary lead: its first `usable` lead in the order it sends them (back to the first as soon
         as that is usable again); with none, the last one while it is still sent, else the first."""
         leads = self._leads[stream_id]
         current = self._primary.get(stream_id)
-        if usable.any() or current not in leads:
-            current = leads[int(np.argmax(usable))] if usable.any() else leads[0]
+        if True in usable or current not in leads:
+            current = leads[usable.index(True)] if True in usable else leads[0]
             self._primary[stream_id] = current
         return current
 

@@ -76,7 +76,8 @@ LEVERS = {
                                                    "rank",
     "alarm rules": "per-device alarm state in slot arrays and the rules vectorised over the batch",
     OTHER: "fewer Python objects per window (window, admission and beat records as arrays of the batch)",
-    "AF detector": "beat times in per-slot ring arrays instead of lists built per window",
+    "AF detector": "each device's last 33 beats gathered from its alarm state into a row per window: beat times in "
+                   "slot arrays of the batch instead",
     "DSP (filter, resample, frames)": "the filter already runs once per batch; the resampler and framer still run "
                                       "lead by lead in Python",
     "signal check (flat, saturation)": "computed from the int16 payload, before conversion to mV",
@@ -351,8 +352,8 @@ def memory_table(run: dict[str, Any], batch_memory_mb: dict[str, float], state_b
     batch = "; ".join(f"{mb:.0f} MB after batches of {b}" for b, mb in batch_memory_mb.items())
     return "\n".join(lines) + (
         f"\n\nNot per device but per batch: ONNX Runtime keeps buffers for the largest batch it has run ({batch}); "
-        "`batching.max_batch` (256 by default) bounds it.\n\nWhat would reduce the per-device part: the alarm "
-        "state's beat history as Python floats and strings in deques (pipeline/alarms/rules.py) in per-slot arrays "
-        "(33 float64 + 33 bytes); the beat context's 1.5 s look-back of float32 signal at 360 Hz "
-        "(pipeline/analysis/beat_context.py) and the detectors' 4 s at 90 Hz (pipeline/analysis/recent.py) as float16; "
+        "`batching.max_batch` (256 by default) bounds it.\n\nWhat would reduce the per-device part: the beat "
+        "context's 1.5 s look-back of float32 signal at 360 Hz (pipeline/analysis/beat_context.py) and the detectors' "
+        "4 s at 90 Hz (pipeline/analysis/recent.py) as float16 (half their bytes; the signal would keep about 3 "
+        "significant digits, so the features change and the DS2 report may: not tried); "
         "the per-device Python objects (pipeline/process/daemon.py, \"other\": dataclass instances) as slot arrays.")
