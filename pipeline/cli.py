@@ -576,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", action="store_true", help="instead: --devices over 1, 2 and 3 daemons on a local "
                    "3-node RabbitMQ cluster, then 3 runs with a daemon killed and 3 with a node killed (its section "
                    "of --out only)")
-    p.add_argument("--leads", action="store_true", help="instead: the daemon core with 1 and with 2 leads per "
-                   "device, --core-devices devices, the first of --records (its section of --out only)")
+    p.add_argument("--leads", action="store_true", help="instead: the live daemon and its core with 1 and with 2 "
+                   "leads per device, --core-devices devices replaying --records (its section of --out only)")
     p.add_argument("--station", action="store_true", help="instead: --station-beds beds replaying --records on one "
                    "central station page in headless chromium, for --duration-s (its section of --out only)")
     p.add_argument("--station-beds", type=int, default=64)
