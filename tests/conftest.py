@@ -170,7 +170,8 @@ def serve_process(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[...,
     def start(**sections: Any) -> subprocess.Popen[str]:
         """`ecgmon serve` on the test broker (config sections merged in); its log goes to serve-<n>.log."""
         mqtt = {"host": broker.host, "port": broker.port, "keepalive_s": 5, **sections.pop("mqtt", {})}
-        config = write_config(tmp_path, mqtt=mqtt, metrics={"port": free_port()}, **sections)
+        metrics = {"port": free_port(), **sections.pop("metrics", {})}
+        config = write_config(tmp_path, mqtt=mqtt, metrics=metrics, **sections)
         with (tmp_path / f"serve-{len(procs)}.log").open("w") as log:
             procs.append(subprocess.Popen(serve_command(config), stdout=log, stderr=subprocess.STDOUT, text=True))
         return procs[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from pipeline.io.mqtt import MqttClient, Topics
 from pipeline.process.daemon import Daemon
 from pipeline.tools.broker import LocalBroker, free_port
-from tests.conftest import T0, Collector, serve_command, wait_for_log, wait_online, write_config
+from tests.conftest import T0, Collector, serve_command, wait_for_log, wait_online, wait_until, write_config
 from tests.wire import binary_v1, json_v1
 
 TOPICS = Topics("ecgmon")
@@ -92,24 +93,30 @@ def test_start_up_failure_exits_non_zero(tmp_path: Path, problem: str) -> None:
     assert ("model file not found" if problem == "missing_model" else "cannot reach MQTT broker") in res.stderr
 
 
-def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable[[], subprocess.Popen[str]],
+def test_sigterm_drains_publishes_offline_and_exits_zero(serve_process: Callable[..., subprocess.Popen[str]],
                                                          publisher: MqttClient, collect: Callable[[str], Collector],
                                                          tmp_path: Path) -> None:
     status, beats = collect(TOPICS.status), collect(TOPICS.beats())
-    proc = serve_process()
+    metrics_port = free_port()
+    proc = serve_process(metrics={"port": metrics_port})
     wait_online(status)
     rng = np.random.default_rng(0)
-    sent = [publisher.publish(TOPICS.ecg("bed"), json_v1(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)),
-                              qos=1) for seq in range(20)]
-    for info in sent:  # every window at the broker (and so on its way to the daemon) before the signal
-        info.wait_for_publish(timeout=30)
-    beats.wait_for(lambda d: len(d) >= 1)
+    for seq in range(20):
+        publisher.publish(TOPICS.ecg("bed"), json_v1(seq, T0 + seq, 360.0, "MLII", rng.normal(0, 0.05, 360)), qos=1)
+    wait_until(lambda: received(metrics_port) == 20)  # every window taken by the daemon before the signal
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert len(beats.wait_for(lambda d: len(d) == 20)) == 20  # in-flight windows were finished
     final = status.wait_for(lambda d: d[-1]["state"] == "offline")[-1]
     assert "reason" not in final  # published by the daemon itself, not the last will
     assert "shutting down gracefully" in (tmp_path / "serve-0.log").read_text()
+
+
+def received(metrics_port: int) -> float:
+    """The daemon's count of ECG window messages received (its metrics endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        found = re.search(r"^ecgmon_messages_in_total (\S+)$", response.read().decode(), re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_second_signal_cuts_the_drain_short_and_still_tears_down(
