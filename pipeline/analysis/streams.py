@@ -408,9 +408,13 @@ class BeatStreams:
         slots = np.array([self._lead_slots.of[(i, lead)] for i, names in zip(stream_ids, leads, strict=True)
                           for lead in names], dtype=np.int64)
         counts = [len(names) for names in leads]
+        return slots, self._rows_of(counts), np.repeat(np.arange(len(stream_ids)), counts)
+
+    @staticmethod
+    def _rows_of(counts: list[int]) -> list[slice]:
+        """Each device's rows among the leads of several devices one after the other (`counts` leads each)."""
         ends = np.cumsum(counts).tolist()
-        rows = [slice(end - n, end) for end, n in zip(ends, counts, strict=True)]
-        return slots, rows, np.repeat(np.arange(len(stream_ids)), counts)
+        return [slice(end - n, end) for end, n in zip(ends, counts, strict=True)]
 
     @staticmethod
     def _count_per(owners: NDArray[np.int64], n: int) -> NDArray[np.int64]:
@@ -493,12 +497,11 @@ class BeatStreams:
         self._judge_signal(lead_slots, frames)
         usable_rows = self._usable(lead_slots)
         live_rows = (usable_rows if self._fused else self._live(lead_slots)).tolist()
-        ends = np.cumsum([len(slots) for _, slots, _ in group]).tolist()
-        spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each device's rows
-        primary_rows = np.array([a + self._leads[i].index(self._pick_primary(i, live_rows[a:b]))
-                                 for i, (a, b) in zip(ids, spans, strict=True)], dtype=np.int64)
+        rows = self._rows_of([len(slots) for _, slots, _ in group])
+        primary_rows = np.array([r.start + self._leads[i].index(self._pick_primary(i, live_rows[r]))
+                                 for i, r in zip(ids, rows, strict=True)], dtype=np.int64)
         weights = lead_weights(usable_rows, primary_rows, self._fused)
-        fused = [fuse_leads(probs[a:b], weights[a:b]) for a, b in spans]
+        fused = [fuse_leads(probs[r], weights[r]) for r in rows]
         primary_frames = frames[primary_rows]
         device_slots = np.array([self._devices.of[i] for i in ids], dtype=np.int64)
         picked = pick_beats(np.stack(fused), self._picker, device_slots, self.info.decision)

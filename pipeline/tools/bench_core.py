@@ -70,10 +70,10 @@ LEVERS = {
                                        "complex of the busiest lead in the batch): a compiled loop; judging the "
                                        "4 s every 2 s instead of every window would halve the rest, but changes "
                                        "alarm timing",
-    "beat stage (context features, ONNX Runtime)": "the shape and P-wave correlations over every shift in one "
-                                                   "array operation, and one ONNX Runtime call per batch for all "
-                                                   "beats of a window (a sequence input) instead of one per beat "
-                                                   "rank",
+    "beat stage (context features, ONNX Runtime)": "one ONNX Runtime call per batch for all beats of a window (a "
+                                                   "sequence input) instead of one per beat rank (the correlations "
+                                                   "over every shift in one array operation were tried: slower at "
+                                                   "these sizes, and not the same bits)",
     "alarm rules": "per-device alarm state in slot arrays and the rules vectorised over the batch",
     OTHER: "fewer Python objects per window (window, admission and beat records as arrays of the batch)",
     "AF detector": "each device's last 33 beats gathered from its alarm state into a row per window: beat times in "
